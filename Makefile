@@ -1,0 +1,32 @@
+# Agent Runner: `make test` runs the whole suite, `make demo` the quick start.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test lint demo bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: $(VENV)/.installed
+	$(PY) manage.py migrate --noinput -v 0
+	$(PY) -m agentrunner.demo
+
+bench: $(VENV)/.installed
+	$(PY) bench/pool.py
+	$(PY) bench/artifacts.py
+	$(PY) bench/runner.py
+
+clean:
+	rm -rf var

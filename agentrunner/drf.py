@@ -1,0 +1,100 @@
+"""DRF plumbing shared by every app: error mapping, pagination, parsers.
+
+No import of rest_framework.views at module level: DRF imports this module while loading views."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from rest_framework import exceptions, parsers, serializers
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.response import Response
+
+from common.errors import DomainError, UnavailableError
+
+
+class Pagination(PageNumberPagination):
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = 413
+    default_detail = "Request body too large."
+    default_code = "too_large"
+
+
+class LimitedJSONParser(parsers.JSONParser):
+    """JSON bodies are small: refuse one larger than DATA_UPLOAD_MAX_MEMORY_SIZE before reading it."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        request = (parser_context or {}).get("request")
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if request is not None and limit is not None:
+            try:
+                length = int(request.META.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                length = 0
+            if length > limit:
+                raise PayloadTooLarge(f"Request body of {length} bytes exceeds the limit of {limit} bytes.")
+        return super().parse(stream, media_type, parser_context)
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    code = serializers.CharField()
+    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False)
+
+
+def _body(detail: str, code: str, errors: dict | None = None) -> dict:
+    body = {"detail": detail, "code": code}
+    if errors:
+        body["errors"] = errors
+    return body
+
+
+def exception_handler(exc, context):
+    """One mapping from errors to JSON responses: ``{"detail", "code", "errors": {field: [...]}}``."""
+    if isinstance(exc, DomainError):
+        errors = {exc.field: [exc.message]} if exc.field else None
+        response = Response(_body(exc.message, exc.code, errors), status=exc.status_code)
+        if isinstance(exc, UnavailableError):
+            response["Retry-After"] = str(exc.retry_after)
+        return response
+    if isinstance(exc, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response(_body(f"Request body exceeds the limit of {limit} bytes.", "too_large"), status=413)
+    if isinstance(exc, DjangoValidationError):
+        errors = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+        return Response(_body("Invalid input.", "invalid", errors), status=400)
+    from rest_framework.views import exception_handler as drf_exception_handler
+
+    if isinstance(exc, (Http404, PermissionDenied)):
+        exc = exceptions.NotFound() if isinstance(exc, Http404) else exceptions.PermissionDenied()
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.ValidationError):
+        data = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
+        response.data = _body("Invalid input.", "invalid", _stringify(data))
+    elif isinstance(exc, exceptions.APIException):
+        codes = exc.get_codes()
+        response.data = _body(str(exc.detail), codes if isinstance(codes, str) else "error")
+    return response
+
+
+def _stringify(data):
+    if isinstance(data, dict):
+        return {key: _stringify(value) for key, value in data.items()}
+    if isinstance(data, list):
+        if all(not isinstance(item, (dict, list)) for item in data):
+            return [str(item) for item in data]
+        return [_stringify(item) for item in data]
+    return [str(data)]
+
+
+# Standard error responses for the schema, so each endpoint lists every code it can return.
+def errors(*codes: int) -> dict:
+    return {code: ErrorSerializer for code in codes}

@@ -1,0 +1,205 @@
+"""Every setting of Agent Runner, read from the environment in this one module.
+
+Defaults are safe for a laptop: SQLite under ``var/``, Celery tasks run eagerly in-process,
+artifacts on local disk. Production sets ``DJANGO_DEBUG=0`` and must then set a secret key.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+DEBUG = env.bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off "
+            "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+        )
+    SECRET_KEY = "insecure-development-key-do-not-use-in-production"
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+
+# --- Data on disk -------------------------------------------------------------------------------
+DATA_DIR = Path(env.str("AGENTRUNNER_DATA_DIR", default=str(BASE_DIR / "var"))).resolve()
+REPO_POOL_ROOT = Path(env.str("REPO_POOL_ROOT", default=str(DATA_DIR / "pool"))).resolve()
+RESULTS_ROOT = Path(env.str("AGENTRUNNER_RESULTS_DIR", default=str(DATA_DIR / "results"))).resolve()
+ARTIFACTS_ROOT = Path(env.str("ARTIFACTS_ROOT", default=str(DATA_DIR / "artifacts"))).resolve()
+SPOOL_ROOT = DATA_DIR / "spool"
+TMP_ROOT = DATA_DIR / "tmp"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "repopool",
+    "artifacts",
+    "registry",
+    "agentrunner",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "agentrunner.urls"
+WSGI_APPLICATION = "agentrunner.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -----------------------------------------------------------------------------------
+DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several runner threads write at once: take the write lock at BEGIN (no upgrade deadlocks)
+    # and wait for it instead of failing with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+# Request bodies: JSON bodies are small; artifacts stream to temporary files, never memory.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("AGENTRUNNER_MAX_JSON_BODY", default=1024 * 1024)
+FILE_UPLOAD_MAX_MEMORY_SIZE = 0
+FILE_UPLOAD_TEMP_DIR = str(TMP_ROOT)
+FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHandler"]
+
+# --- Artifact storage ---------------------------------------------------------------------------
+ARTIFACTS_STORAGE_BACKEND = env.str("ARTIFACTS_STORAGE", default="local")  # local | s3
+ARTIFACTS_MAX_SIZE = env.int("ARTIFACTS_MAX_SIZE", default=5 * 1024**3)
+ARTIFACTS_INLINE_PREVIEW_MAX = env.int("ARTIFACTS_INLINE_PREVIEW_MAX", default=256 * 1024)
+if ARTIFACTS_STORAGE_BACKEND == "s3":
+    _artifact_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env.str("ARTIFACTS_S3_BUCKET"),
+            "endpoint_url": env.str("ARTIFACTS_S3_ENDPOINT_URL", default=None),
+            "region_name": env.str("ARTIFACTS_S3_REGION", default=None),
+            "access_key": env.str("ARTIFACTS_S3_ACCESS_KEY_ID", default=None),
+            "secret_key": env.str("ARTIFACTS_S3_SECRET_ACCESS_KEY", default=None),
+            "file_overwrite": True,
+            "default_acl": None,
+        },
+    }
+elif ARTIFACTS_STORAGE_BACKEND == "local":
+    _artifact_storage = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        # Content-addressed keys: a second write of the same key is the same bytes.
+        "OPTIONS": {"location": str(ARTIFACTS_ROOT), "allow_overwrite": True},
+    }
+else:
+    raise ImproperlyConfigured("ARTIFACTS_STORAGE must be 'local' or 's3'")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "artifacts": _artifact_storage,
+}
+
+# --- REST API -----------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "agentrunner.drf.LimitedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "agentrunner.drf.Pagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "agentrunner.drf.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Agent Runner API",
+    "DESCRIPTION": "Tasks, repository pools and artifacts of a self-hosted AI coding task runner.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStatusEnum": "registry.states.TaskStatus.choices",
+        "FailureReasonEnum": "registry.states.FailureReason.choices",
+        "SlotStateEnum": "repopool.models.SlotState.choices",
+        "ArtifactKindEnum": "artifacts.models.ArtifactKind.choices",
+    },
+}
+
+# --- Celery -------------------------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="")
+CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Enqueue a Celery job when a task becomes runnable (only meaningful with a broker).
+AGENTRUNNER_AUTO_ENQUEUE = env.bool("AGENTRUNNER_AUTO_ENQUEUE", default=bool(CELERY_BROKER_URL))
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default="agentrunner")
+# --- Repo pool ----------------------------------------------------------------------------------
+AGENTRUNNER_HOST = env.str("AGENTRUNNER_HOST", default=socket.gethostname())
+REPO_POOL_SETUP_TIMEOUT = env.int("REPO_POOL_SETUP_TIMEOUT", default=900)
+REPO_POOL_GIT_TIMEOUT = env.int("REPO_POOL_GIT_TIMEOUT", default=600)
+REPO_POOL_MAX_LEASE_SECONDS = env.int("REPO_POOL_MAX_LEASE_SECONDS", default=24 * 3600)
+REPO_POOL_MAX_WAIT_SECONDS = env.int("REPO_POOL_MAX_WAIT_SECONDS", default=600)
+# A slot stuck in cloning/resetting this long (its worker died mid-operation) is reaped.
+REPO_POOL_STUCK_SECONDS = env.int("REPO_POOL_STUCK_SECONDS", default=1800)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("AGENTRUNNER_LOG_LEVEL", default="INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}},
+}
+
+# --- Runner -------------------------------------------------------------------------------------
+# A running attempt whose runner has not heartbeated for this long is lost (its task runs again).
+AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS", default=120)

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from agentrunner.drf import errors
+from registry import services
+from registry.models import Task
+from registry.serializers import (
+    AttemptSerializer,
+    TaskArtifactSerializer,
+    TaskCreateSerializer,
+    TaskDependenciesSerializer,
+    TaskEventSerializer,
+    TaskSerializer,
+)
+from registry.states import TaskStatus
+from repopool.models import Repository
+
+UUID_REGEX = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+
+
+class TaskFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=TaskStatus.choices, required=False)
+    repository = serializers.CharField(required=False, help_text="Repository id or name.")
+
+
+class EventsQuerySerializer(serializers.Serializer):
+    after = serializers.IntegerField(required=False, min_value=0, default=0)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=500)
+
+
+class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = TaskSerializer
+    lookup_value_regex = UUID_REGEX
+
+    def get_queryset(self):
+        queryset = Task.objects.select_related("repository").prefetch_related("depends_on")
+        if self.action == "list":
+            query = TaskFilterSerializer(data=self.request.query_params)
+            query.is_valid(raise_exception=True)
+            if "status" in query.validated_data:
+                queryset = queryset.filter(status=query.validated_data["status"])
+            repo = query.validated_data.get("repository")
+            if repo:
+                repo_ids = Repository.objects.filter(name=repo).values_list("pk", flat=True)
+                if repo.isdigit():
+                    repo_ids = [int(repo), *repo_ids]
+                queryset = queryset.filter(repository_id__in=list(repo_ids))
+        return queryset
+
+    @extend_schema(
+        parameters=[TaskFilterSerializer], responses={200: TaskSerializer(many=True), **errors(400, 401, 403)}
+    )
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(responses={200: TaskSerializer, **errors(401, 403, 404)})
+    def retrieve(self, request, *args, **kwargs):
+        return super().retrieve(request, *args, **kwargs)
+
+    @extend_schema(request=TaskCreateSerializer, responses={201: TaskSerializer, **errors(400, 401, 403, 413, 415)})
+    def create(self, request):
+        data = TaskCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        task = services.task_create(**data.validated_data)
+        return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: TaskSerializer, **errors(401, 403, 404, 409)})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        task = services.task_cancel(task_id=self.get_object().pk)
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(request=None, responses={200: TaskSerializer, **errors(401, 403, 404, 409)})
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        task = services.task_retry(task_id=self.get_object().pk)
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(
+        request=TaskDependenciesSerializer, responses={200: TaskSerializer, **errors(400, 401, 403, 404, 409, 413, 415)}
+    )
+    @action(detail=True, methods=["put"], url_path="dependencies")
+    def dependencies(self, request, pk=None):
+        task = self.get_object()
+        data = TaskDependenciesSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        task = services.task_set_dependencies(task_id=task.pk, depends_on=data.validated_data["depends_on"])
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(
+        parameters=[EventsQuerySerializer],
+        responses={200: TaskEventSerializer(many=True), **errors(400, 401, 403, 404)},
+        description="Events after sequence number `after`, in order; poll with the last seq seen to tail a task.",
+    )
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def events(self, request, pk=None):
+        task = self.get_object()
+        query = EventsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        events = task.events.filter(seq__gt=query.validated_data["after"]).order_by("seq")[
+            : query.validated_data["limit"]
+        ]
+        return Response(TaskEventSerializer(events, many=True).data)
+
+    @extend_schema(responses={200: AttemptSerializer(many=True), **errors(401, 403, 404)})
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def attempts(self, request, pk=None):
+        return Response(AttemptSerializer(self.get_object().attempts.order_by("number"), many=True).data)
+
+    @extend_schema(responses={200: TaskArtifactSerializer(many=True), **errors(401, 403, 404)})
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def artifacts(self, request, pk=None):
+        links = self.get_object().artifact_links.select_related("artifact").order_by("created_at")
+        return Response(TaskArtifactSerializer(links, many=True).data)

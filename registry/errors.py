@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from common.errors import ConflictError, DomainError, NotFoundError
+
+
+class InvalidTransition(ConflictError):
+    code = "invalid_transition"
+
+
+class TaskNotFound(NotFoundError):
+    code = "task_not_found"
+
+
+class DependencyCycle(DomainError):
+    code = "dependency_cycle"
+    field = "depends_on"
+
+
+class NothingToClaim(DomainError):
+    code = "nothing_to_claim"

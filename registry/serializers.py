@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from registry.models import Attempt, Task, TaskArtifact, TaskEvent
+from repopool.models import Repository
+
+
+@extend_schema_field(OpenApiTypes.STR)
+class RepositoryRefField(serializers.Field):
+    """A repository given by id or by name."""
+
+    default_error_messages = {"unknown": "Unknown repository {value!r}.", "invalid": "Give a repository id or name."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, str)) or data == "":
+            self.fail("invalid")
+        if isinstance(data, str) and "\x00" in data:
+            self.fail("invalid")
+        repo = None
+        if isinstance(data, int) or data.isdigit():
+            repo = Repository.objects.filter(pk=int(data)).first()
+        if repo is None and isinstance(data, str):
+            repo = Repository.objects.filter(name=data).first()
+        if repo is None:
+            self.fail("unknown", value=data)
+        return repo
+
+    def to_representation(self, value):
+        return value.name
+
+
+class TaskCreateSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    instructions = serializers.CharField(max_length=200_000)
+    repository = RepositoryRefField(help_text="Repository id or name.")
+    base_ref = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    test_command = serializers.CharField(max_length=10_000, required=False, allow_blank=True, default="")
+    priority = serializers.IntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
+    max_attempts = serializers.IntegerField(required=False, default=3, min_value=1, max_value=100)
+    timeout_seconds = serializers.IntegerField(required=False, default=1800, min_value=1, max_value=7 * 24 * 3600)
+    max_iterations = serializers.IntegerField(required=False, default=3, min_value=1, max_value=50)
+    llm_model = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    max_steps = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1, max_value=10_000)
+    max_tokens = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=1, max_value=1_000_000_000
+    )
+    max_cost_usd = serializers.DecimalField(
+        max_digits=12, decimal_places=6, required=False, allow_null=True, default=None, min_value=0
+    )
+    depends_on = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=1000)
+
+    def validate_instructions(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("Instructions may not be empty.")
+        return value
+
+    def validate_depends_on(self, value):
+        ids = set(value)
+        tasks = list(Task.objects.filter(pk__in=ids))
+        missing = ids - {task.pk for task in tasks}
+        if missing:
+            raise serializers.ValidationError(f"Unknown task(s): {', '.join(sorted(map(str, missing)))}.")
+        return tasks
+
+    def validate(self, attrs):
+        if not attrs.get("title"):
+            first_line = attrs["instructions"].strip().splitlines()[0]
+            attrs["title"] = first_line[:200]
+        return attrs
+
+
+class TaskDependenciesSerializer(serializers.Serializer):
+    depends_on = serializers.ListField(child=serializers.UUIDField(), max_length=1000)
+    validate_depends_on = TaskCreateSerializer.validate_depends_on
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    repository = serializers.CharField(source="repository.name", read_only=True)
+    repository_id = serializers.IntegerField(read_only=True)
+    depends_on = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    total_tokens = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Task
+        fields = [
+            "id", "title", "instructions", "repository", "repository_id", "base_ref", "test_command",
+            "priority", "max_attempts", "timeout_seconds", "max_iterations", "llm_model", "max_steps",
+            "max_tokens", "max_cost_usd", "depends_on", "status", "failure_reason", "failure_message",
+            "cancel_requested", "attempts_count", "result_branch", "result_commit", "result_fetch",
+            "tests_passed", "summary", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
+            "cost_unknown", "created_at", "updated_at", "queued_at", "started_at", "finished_at",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class AttemptSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Attempt
+        fields = [
+            "id", "number", "runner_id", "slot", "started_at", "heartbeat_at", "finished_at", "outcome",
+            "failure_reason", "message", "metrics",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class TaskEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TaskEvent
+        fields = ["seq", "type", "message", "data", "created_at"]
+        read_only_fields = fields
+
+
+class TaskArtifactSerializer(serializers.ModelSerializer):
+    id = serializers.UUIDField(source="artifact.id", read_only=True)
+    name = serializers.CharField(source="artifact.name", read_only=True)
+    kind = serializers.CharField(source="artifact.kind", read_only=True)
+    size = serializers.IntegerField(source="artifact.size", read_only=True)
+    sha256 = serializers.CharField(source="artifact.sha256", read_only=True)
+    content_type = serializers.CharField(source="artifact.content_type", read_only=True)
+    content_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TaskArtifact
+        fields = [
+            "id",
+            "role",
+            "attempt_number",
+            "name",
+            "kind",
+            "size",
+            "sha256",
+            "content_type",
+            "content_url",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_content_url(self, link) -> str:
+        return f"/api/artifacts/{link.artifact_id}/content/"

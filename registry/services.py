@@ -1,0 +1,426 @@
+"""Every write to the task registry.
+
+Invariants:
+- A status changes only through ``_transition``: one conditional UPDATE whose WHERE lists the
+  allowed source statuses, so two writers can never both apply a transition.
+- Event sequence numbers are handed out under the task row's lock (``event_append``), so per task
+  they only grow and never repeat, even with concurrent writers on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from registry.errors import DependencyCycle, InvalidTransition, TaskNotFound
+from registry.models import Attempt, AttemptOutcome, Task, TaskArtifact, TaskEvent
+from registry.signals import task_queued
+from registry.states import TERMINAL, FailureReason, TaskStatus, can_transition, sources_for
+
+log = logging.getLogger(__name__)
+S = TaskStatus
+
+
+# --- events -------------------------------------------------------------------------------------
+def event_append(*, task_id: uuid.UUID, type: str, message: str = "", data: dict[str, Any] | None = None) -> TaskEvent:
+    """Append one event; its ``seq`` is the task's next number, unique and increasing."""
+    with transaction.atomic():
+        # The UPDATE takes the task row lock until commit: concurrent appenders queue here.
+        updated = Task.objects.filter(pk=task_id).update(event_seq=F("event_seq") + 1)
+        if not updated:
+            raise TaskNotFound(f"task {task_id} does not exist")
+        seq = Task.objects.filter(pk=task_id).values_list("event_seq", flat=True).get()
+        return TaskEvent.objects.create(task_id=task_id, seq=seq, type=type, message=message, data=data or {})
+
+
+# --- status machine -----------------------------------------------------------------------------
+def _get(task_id: uuid.UUID | str) -> Task:
+    try:
+        return Task.objects.get(pk=task_id)
+    except (Task.DoesNotExist, ValueError, TypeError):
+        raise TaskNotFound(f"task {task_id} does not exist") from None
+
+
+def _transition(task: Task, new: str, *, message: str = "", data: dict | None = None, **fields: Any) -> Task:
+    """Move ``task`` to ``new`` if allowed from its current status; refuse otherwise (409)."""
+    if not can_transition(task.status, new):
+        raise InvalidTransition(f"cannot move task from {task.status} to {new}")
+    now = timezone.now()
+    fields.setdefault("updated_at", now)
+    if new == S.QUEUED:
+        fields.setdefault("queued_at", now)
+    if new in TERMINAL:
+        fields.setdefault("finished_at", now)
+    with transaction.atomic():
+        updated = Task.objects.filter(pk=task.pk, status__in=sources_for(new)).update(status=new, **fields)
+        if not updated:
+            current = Task.objects.filter(pk=task.pk).values_list("status", flat=True).first()
+            raise InvalidTransition(f"cannot move task from {current} to {new}")
+        old = task.status
+        event_append(
+            task_id=task.pk,
+            type="status",
+            message=message or f"{old} -> {new}",
+            data={"from": old, "to": new, **(data or {})},
+        )
+        if new == S.QUEUED:
+            task_id = task.pk
+            transaction.on_commit(lambda: task_queued.send(sender=Task, task_id=task_id))
+    task.refresh_from_db()
+    return task
+
+
+def _dependencies_satisfied(task: Task) -> bool:
+    return not task.depends_on.exclude(status=S.SUCCEEDED).exists()
+
+
+def _promote_if_ready(task: Task) -> Task:
+    """pending -> queued when every dependency has succeeded; fail it when one cannot."""
+    if task.status != S.PENDING:
+        return task
+    blocked = task.depends_on.filter(status__in=[S.FAILED, S.CANCELLED]).first()
+    if blocked is not None:
+        return _fail_for_dependency(task, blocked)
+    if _dependencies_satisfied(task):
+        return _transition(task, S.QUEUED)
+    return task
+
+
+def _fail_for_dependency(task: Task, dependency: Task) -> Task:
+    task = _transition(
+        task,
+        S.FAILED,
+        failure_reason=FailureReason.DEPENDENCY_FAILED,
+        failure_message=f"dependency {dependency.pk} ({dependency.title}) {dependency.status}",
+        data={"dependency": str(dependency.pk)},
+    )
+    _propagate_terminal(task)
+    return task
+
+
+def _propagate_terminal(task: Task) -> None:
+    """After ``task`` ended, unblock or fail the tasks waiting for it (recursively)."""
+    for dependent in task.dependents.filter(status__in=[S.PENDING, S.QUEUED]):
+        if task.status == S.SUCCEEDED:
+            _promote_if_ready(dependent)
+        else:
+            try:
+                _fail_for_dependency(dependent, task)
+            except InvalidTransition:
+                pass  # it moved on meanwhile (claimed or cancelled): nothing to do
+
+
+def _check_no_cycle(task: Task, depends_on: Iterable[Task]) -> None:
+    seen: set[uuid.UUID] = set()
+    frontier = [dep.pk for dep in depends_on]
+    while frontier:
+        current = frontier.pop()
+        if current == task.pk:
+            raise DependencyCycle("these dependencies would form a cycle")
+        if current in seen:
+            continue
+        seen.add(current)
+        frontier.extend(
+            Task.depends_on.through.objects.filter(from_task_id=current).values_list("to_task_id", flat=True)
+        )
+
+
+# --- tasks --------------------------------------------------------------------------------------
+def task_create(
+    *,
+    title: str,
+    instructions: str,
+    repository: Any,
+    base_ref: str = "",
+    test_command: str = "",
+    priority: int = 0,
+    max_attempts: int = 3,
+    timeout_seconds: int = 1800,
+    max_iterations: int = 3,
+    llm_model: str = "",
+    max_steps: int | None = None,
+    max_tokens: int | None = None,
+    max_cost_usd: Decimal | None = None,
+    depends_on: Iterable[Task] = (),
+) -> Task:
+    """Create a task; it is queued at once when it has no unfinished dependency."""
+    depends_on = list(depends_on)
+    with transaction.atomic():
+        task = Task.objects.create(
+            title=title,
+            instructions=instructions,
+            repository=repository,
+            base_ref=base_ref or repository.default_branch,
+            test_command=test_command,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_seconds=timeout_seconds,
+            max_iterations=max_iterations,
+            llm_model=llm_model,
+            max_steps=max_steps,
+            max_tokens=max_tokens,
+            max_cost_usd=max_cost_usd,
+        )
+        _check_no_cycle(task, depends_on)
+        task.depends_on.set(depends_on)
+        event_append(
+            task_id=task.pk,
+            type="created",
+            message=f"task created for {repository.name}",
+            data={"depends_on": [str(d.pk) for d in depends_on]},
+        )
+        task = _promote_if_ready(task)
+    return task
+
+
+def task_set_dependencies(*, task_id: uuid.UUID, depends_on: Iterable[Task]) -> Task:
+    """Replace the dependencies of a task that has not started; refuses cycles."""
+    depends_on = list(depends_on)
+    with transaction.atomic():
+        task = Task.objects.select_for_update().get(pk=_get(task_id).pk)
+        if task.status not in (S.PENDING, S.QUEUED):
+            raise InvalidTransition(f"dependencies of a {task.status} task cannot change")
+        _check_no_cycle(task, depends_on)
+        task.depends_on.set(depends_on)
+        event_append(task_id=task.pk, type="dependencies", data={"depends_on": [str(d.pk) for d in depends_on]})
+        if task.status == S.QUEUED and not _dependencies_satisfied(task):
+            task = _transition(task, S.PENDING, message="waiting for new dependencies")
+        return _promote_if_ready(task)
+
+
+def task_cancel(*, task_id: uuid.UUID | str, reason: str = "cancelled by request") -> Task:
+    """Cancel a pending or queued task at once; ask a running one to stop (the runner honours it)."""
+    task = _get(task_id)
+    if task.status == S.RUNNING:
+        with transaction.atomic():
+            Task.objects.filter(pk=task.pk).update(cancel_requested=True, updated_at=timezone.now())
+            event_append(task_id=task.pk, type="cancel_requested", message=reason)
+        task.refresh_from_db()
+        return task
+    with transaction.atomic():
+        task = _transition(
+            task, S.CANCELLED, failure_reason=FailureReason.CANCELLED, failure_message=reason, message=reason
+        )
+        _propagate_terminal(task)
+    return task
+
+
+def task_retry(*, task_id: uuid.UUID | str) -> Task:
+    """Send a failed or cancelled task back to pending (and its dependency-failed dependents)."""
+    task = _get(task_id)
+    with transaction.atomic():
+        task = _transition(
+            task,
+            S.PENDING,
+            failure_reason="",
+            failure_message="",
+            cancel_requested=False,
+            finished_at=None,
+            # A manual retry always grants at least one more attempt.
+            max_attempts=max(task.max_attempts, task.attempts_count + 1),
+            message="retry requested",
+        )
+        for dependent in task.dependents.filter(status=S.FAILED, failure_reason=FailureReason.DEPENDENCY_FAILED):
+            task_retry(task_id=dependent.pk)
+        task = _promote_if_ready(task)
+    return task
+
+
+def task_is_cancel_requested(*, task_id: uuid.UUID) -> bool:
+    return Task.objects.filter(pk=task_id, cancel_requested=True).exists()
+
+
+# --- claiming and attempts ----------------------------------------------------------------------
+def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tuple[Task, Attempt] | None:
+    """Claim the next runnable task (highest priority, then oldest), or the one named.
+
+    Returns None when nothing is runnable. Concurrency: the candidate row is locked with
+    ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite serialises writers with
+    BEGIN IMMEDIATE) and moved with a conditional UPDATE, so no two runners get one task.
+    """
+    with transaction.atomic():
+        candidates = Task.objects.filter(status=S.QUEUED)
+        if task_id is not None:
+            task = _get(task_id)
+            if task.status != S.QUEUED:
+                raise InvalidTransition(f"task {task.pk} is {task.status}, not queued: it cannot be claimed")
+            candidates = candidates.filter(pk=task.pk)
+        task = candidates.order_by("-priority", "created_at").select_for_update(skip_locked=True).first()
+        if task is None:
+            return None
+        now = timezone.now()
+        number = task.attempts_count + 1
+        updated = Task.objects.filter(pk=task.pk, status=S.QUEUED).update(
+            status=S.RUNNING,
+            attempts_count=number,
+            started_at=now,
+            updated_at=now,
+            failure_reason="",
+            failure_message="",
+        )
+        if not updated:
+            return None
+        attempt = Attempt.objects.create(task=task, number=number, runner_id=runner_id, heartbeat_at=now)
+        event_append(
+            task_id=task.pk,
+            type="claimed",
+            message=f"claimed by {runner_id} (attempt {number})",
+            data={"runner_id": runner_id, "attempt": number, "from": S.QUEUED, "to": S.RUNNING},
+        )
+    task.refresh_from_db()
+    return task, attempt
+
+
+def attempt_update(*, attempt_id: int, slot_id: int | None = None, metrics: dict | None = None) -> None:
+    """Record the attempt's slot or merge metrics; doubles as its heartbeat."""
+    fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    if slot_id is not None:
+        fields["slot_id"] = slot_id
+    with transaction.atomic():
+        if metrics:
+            attempt = Attempt.objects.select_for_update().get(pk=attempt_id)
+            fields["metrics"] = {**attempt.metrics, **metrics}
+        Attempt.objects.filter(pk=attempt_id).update(**fields)
+
+
+def task_add_usage(*, task_id: uuid.UUID, prompt_tokens: int, completion_tokens: int, cost_usd: Decimal | None) -> None:
+    """Add one LLM call's usage to the task's totals; a call of unknown cost marks the total unknown."""
+    fields: dict[str, Any] = {
+        "prompt_tokens": F("prompt_tokens") + prompt_tokens,
+        "completion_tokens": F("completion_tokens") + completion_tokens,
+    }
+    if cost_usd is None:
+        fields["cost_unknown"] = True
+    else:
+        task = Task.objects.only("cost_usd").get(pk=task_id)
+        fields["cost_usd"] = (task.cost_usd or Decimal(0)) + Decimal(cost_usd)
+    Task.objects.filter(pk=task_id).update(**fields)
+
+
+def task_finish(
+    *,
+    task_id: uuid.UUID,
+    attempt_id: int,
+    status: str,
+    failure_reason: str = "",
+    message: str = "",
+    retry: bool = False,
+    result: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Task:
+    """End a running attempt.
+
+    ``status`` is succeeded, failed or cancelled. With ``retry`` (a transient failure) the task goes
+    back to pending and is queued again while attempts remain; otherwise it ends in ``status``.
+    """
+    task = _get(task_id)
+    result = result or {}
+    outcome = {S.SUCCEEDED: AttemptOutcome.SUCCEEDED, S.CANCELLED: AttemptOutcome.CANCELLED}.get(
+        status, AttemptOutcome.FAILED
+    )
+    retrying = retry and status == S.FAILED and task.attempts_count < task.max_attempts and not task.cancel_requested
+    with transaction.atomic():
+        attempt = Attempt.objects.select_for_update().get(pk=attempt_id)
+        Attempt.objects.filter(pk=attempt_id).update(
+            finished_at=timezone.now(),
+            outcome=AttemptOutcome.RETRY if retrying else outcome,
+            failure_reason=failure_reason,
+            message=message[:10000],
+            metrics={**attempt.metrics, **(metrics or {})},
+        )
+        result_fields = {
+            key: result[key]
+            for key in ("result_branch", "result_commit", "result_fetch", "tests_passed", "summary")
+            if key in result
+        }
+        if retrying:
+            task = _transition(
+                task,
+                S.PENDING,
+                failure_reason=failure_reason,
+                failure_message=message,
+                message=f"attempt {attempt.number} failed ({failure_reason}); retrying",
+                data={"reason": failure_reason},
+                **result_fields,
+            )
+            task = _promote_if_ready(task)
+        else:
+            task = _transition(
+                task,
+                status,
+                failure_reason=failure_reason if status != S.SUCCEEDED else "",
+                failure_message=message if status != S.SUCCEEDED else "",
+                message=message,
+                data={"reason": failure_reason} if failure_reason else None,
+                **result_fields,
+            )
+            _propagate_terminal(task)
+    return task
+
+
+def attempts_reap_lost(*, stale_after_seconds: int) -> list[Attempt]:
+    """Mark running attempts without a heartbeat for ``stale_after_seconds`` as lost.
+
+    Their tasks go back to pending (queued again) while attempts remain, else fail with
+    ``infrastructure_error``.
+    """
+    cutoff = timezone.now() - timedelta(seconds=stale_after_seconds)
+    lost = list(
+        Attempt.objects.filter(outcome=AttemptOutcome.RUNNING, task__status=S.RUNNING).filter(
+            Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
+        )
+    )
+    reaped = []
+    for attempt in lost:
+        with transaction.atomic():
+            if not Attempt.objects.filter(pk=attempt.pk, outcome=AttemptOutcome.RUNNING).update(
+                outcome=AttemptOutcome.LOST, finished_at=timezone.now(), message="runner stopped heartbeating"
+            ):
+                continue
+            task = Task.objects.get(pk=attempt.task_id)
+            event_append(task_id=task.pk, type="attempt_lost", message=f"attempt {attempt.number} lost: no heartbeat")
+            if task.cancel_requested:
+                task = _transition(
+                    task, S.CANCELLED, failure_reason=FailureReason.CANCELLED, failure_message="cancelled"
+                )
+                _propagate_terminal(task)
+            elif task.attempts_count < task.max_attempts:
+                _promote_if_ready(_transition(task, S.PENDING, message="attempt lost; retrying"))
+            else:
+                task = _transition(
+                    task,
+                    S.FAILED,
+                    failure_reason=FailureReason.INFRASTRUCTURE_ERROR,
+                    failure_message="the runner was lost and no attempts remain",
+                )
+                _propagate_terminal(task)
+        reaped.append(attempt)
+    return reaped
+
+
+def tasks_requeue_stale(*, older_than_seconds: int) -> list[uuid.UUID]:
+    """Tasks queued longer than this: send the signal again so a lost broker message is replaced."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    ids = list(Task.objects.filter(status=S.QUEUED, queued_at__lt=cutoff).values_list("pk", flat=True))
+    for task_id in ids:
+        Task.objects.filter(pk=task_id, status=S.QUEUED).update(queued_at=timezone.now())
+        task_queued.send(sender=Task, task_id=task_id)
+    return ids
+
+
+def task_link_artifact(
+    *, task_id: uuid.UUID, artifact_id: uuid.UUID, role: str = "", attempt_number: int | None = None
+) -> TaskArtifact:
+    _get(task_id)
+    link, _ = TaskArtifact.objects.get_or_create(
+        task_id=task_id, artifact_id=artifact_id, role=role, defaults={"attempt_number": attempt_number}
+    )
+    return link

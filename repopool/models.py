@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import uuid
+
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+
+REPOSITORY_NAME_VALIDATOR = RegexValidator(
+    r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,100}$",
+    "Use 1-100 letters, digits, '-', '_' or '.' (the name becomes a folder name).",
+)
+
+
+class Repository(models.Model):
+    name = models.CharField(max_length=100, unique=True, validators=[REPOSITORY_NAME_VALIDATOR])
+    url = models.CharField(max_length=1000, help_text="A local path or any git URL.")
+    default_branch = models.CharField(max_length=255, default="main")
+    pool_size = models.PositiveIntegerField(default=2, validators=[MinValueValidator(1), MaxValueValidator(64)])
+    setup_command = models.TextField(blank=True, default="")
+    setup_watch_files = models.JSONField(default=list, blank=True)
+    test_command = models.TextField(default="python -m pytest -q")
+    keep_paths = models.JSONField(default=list, blank=True)
+    push_url = models.CharField(
+        max_length=1000,
+        blank=True,
+        default="",
+        help_text="Where result branches are pushed; empty: the bare results repository Agent Runner keeps.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "repositories"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SlotState(models.TextChoices):
+    CLONING = "cloning"
+    FREE = "free"
+    LEASED = "leased"
+    RESETTING = "resetting"
+    BROKEN = "broken"
+
+
+class Slot(models.Model):
+    repository = models.ForeignKey(Repository, on_delete=models.CASCADE, related_name="slots")
+    index = models.PositiveIntegerField()
+    host = models.CharField(max_length=255)
+    path = models.CharField(max_length=2000)
+    state = models.CharField(max_length=16, choices=SlotState.choices, default=SlotState.CLONING)
+    state_changed_at = models.DateTimeField(auto_now_add=True)
+    lease_holder = models.CharField(max_length=255, blank=True, default="")
+    lease_token = models.UUIDField(null=True, blank=True)
+    leased_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    commit = models.CharField(max_length=64, blank=True, default="")
+    base_commit = models.CharField(
+        max_length=64, blank=True, default="", help_text="Commit of the default branch a reset returns to."
+    )
+    setup_hash = models.CharField(max_length=64, blank=True, default="")
+    last_error = models.TextField(blank=True, default="")
+    lease_count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["repository_id", "host", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["repository", "host", "index"], name="slot_unique_index_per_host"),
+        ]
+        indexes = [
+            models.Index(fields=["repository", "host", "state"]),
+            models.Index(fields=["state", "lease_expires_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.repository.name}#{self.index}@{self.host}"
+
+    @staticmethod
+    def new_token() -> uuid.UUID:
+        return uuid.uuid4()

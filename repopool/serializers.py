@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from django.conf import settings
+from rest_framework import serializers
+
+from repopool.models import Repository, Slot
+
+
+def _validate_relative_paths(value):
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise serializers.ValidationError("Give a list of relative paths.")
+    for item in value:
+        if item.startswith("/") or ".." in item.split("/") or "\x00" in item:
+            raise serializers.ValidationError(f"{item!r} must be a relative path inside the repository.")
+    return value
+
+
+class RepositorySerializer(serializers.ModelSerializer):
+    setup_watch_files = serializers.JSONField(required=False, validators=[_validate_relative_paths])
+    keep_paths = serializers.JSONField(required=False, validators=[_validate_relative_paths])
+    slots = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Repository
+        fields = [
+            "id", "name", "url", "default_branch", "pool_size", "setup_command", "setup_watch_files",
+            "test_command", "keep_paths", "push_url", "slots", "created_at", "updated_at",
+        ]  # fmt: skip
+        read_only_fields = ["id", "slots", "created_at", "updated_at"]
+        extra_kwargs = {"default_branch": {"required": False, "allow_blank": True}}
+
+    def get_slots(self, repo) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for state in repo.slots.values_list("state", flat=True):
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+
+class SlotSerializer(serializers.ModelSerializer):
+    repository = serializers.CharField(source="repository.name", read_only=True)
+
+    class Meta:
+        model = Slot
+        fields = [
+            "id", "repository", "repository_id", "index", "host", "path", "state", "state_changed_at",
+            "lease_holder", "leased_at", "lease_expires_at", "commit", "last_error", "lease_count",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class AllocateSerializer(serializers.Serializer):
+    repository = serializers.CharField(help_text="Repository id or name.")
+    holder = serializers.CharField(max_length=255)
+    lease_seconds = serializers.IntegerField(default=3600, min_value=1)
+    wait_seconds = serializers.FloatField(default=0, min_value=0)
+    ref = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+
+    def validate_lease_seconds(self, value):
+        if value > settings.REPO_POOL_MAX_LEASE_SECONDS:
+            raise serializers.ValidationError(f"At most {settings.REPO_POOL_MAX_LEASE_SECONDS} seconds.")
+        return value
+
+    def validate_wait_seconds(self, value):
+        if value > settings.REPO_POOL_MAX_WAIT_SECONDS:
+            raise serializers.ValidationError(f"At most {settings.REPO_POOL_MAX_WAIT_SECONDS} seconds.")
+        return value
+
+
+class LeaseSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    path = serializers.CharField()
+    lease_token = serializers.UUIDField()
+    lease_expires_at = serializers.DateTimeField()
+    commit = serializers.CharField()
+
+
+class TokenSerializer(serializers.Serializer):
+    lease_token = serializers.UUIDField()
+
+
+class RenewSerializer(TokenSerializer):
+    lease_seconds = serializers.IntegerField(default=3600, min_value=1)
+    validate_lease_seconds = AllocateSerializer.validate_lease_seconds

@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import close_old_connections, connection
+
+from registry import services
+from registry.errors import InvalidTransition
+from registry.models import Attempt, Task, TaskEvent
+from registry.states import FailureReason, TaskStatus
+
+
+def make(repository, **kw):
+    kw.setdefault("title", "t")
+    kw.setdefault("instructions", "do it")
+    return services.task_create(repository=repository, **kw)
+
+
+@pytest.mark.django_db
+def test_claim_takes_highest_priority_then_oldest(repository):
+    low = make(repository, priority=0)
+    high_old = make(repository, priority=5)
+    high_new = make(repository, priority=5)
+    order = [services.task_claim(runner_id="r")[0].pk for _ in range(3)]
+    assert order == [high_old.pk, high_new.pk, low.pk]
+    assert services.task_claim(runner_id="r") is None
+    attempts = Attempt.objects.filter(task=high_old)
+    assert [(a.number, a.runner_id) for a in attempts] == [(1, "r")]
+
+
+@pytest.mark.django_db
+def test_claim_named_task_refuses_one_that_is_not_queued(repository):
+    a = make(repository)
+    b = make(repository, depends_on=[a])
+    with pytest.raises(InvalidTransition):
+        services.task_claim(runner_id="r", task_id=b.pk)
+    task, attempt = services.task_claim(runner_id="r", task_id=a.pk)
+    assert task.pk == a.pk and task.status == "running" and attempt.number == 1
+
+
+@pytest.mark.django_db
+def test_dependencies_unblock_on_success_and_fail_on_failure(repository):
+    a = make(repository)
+    b = make(repository, depends_on=[a])
+    c = make(repository, depends_on=[b])
+    assert (b.status, c.status) == ("pending", "pending")
+    _, attempt = services.task_claim(runner_id="r", task_id=a.pk)
+    services.task_finish(task_id=a.pk, attempt_id=attempt.pk, status=TaskStatus.SUCCEEDED)
+    b.refresh_from_db()
+    assert b.status == "queued"
+    _, attempt = services.task_claim(runner_id="r", task_id=b.pk)
+    services.task_finish(task_id=b.pk, attempt_id=attempt.pk, status=TaskStatus.FAILED, failure_reason="tests_failed")
+    c.refresh_from_db()
+    assert c.status == "failed" and c.failure_reason == FailureReason.DEPENDENCY_FAILED
+    assert str(b.pk) in c.failure_message
+    # Retrying the failed dependency revives what failed because of it.
+    services.task_retry(task_id=b.pk)
+    c.refresh_from_db()
+    assert c.status == "pending" and c.failure_reason == ""
+
+
+@pytest.mark.django_db
+def test_cancelling_a_dependency_fails_dependents_transitively(repository):
+    a = make(repository)
+    b = make(repository, depends_on=[a])
+    c = make(repository, depends_on=[b])
+    services.task_cancel(task_id=a.pk)
+    assert Task.objects.get(pk=b.pk).failure_reason == "dependency_failed"
+    assert Task.objects.get(pk=c.pk).failure_reason == "dependency_failed"
+
+
+@pytest.mark.django_db
+def test_transient_failure_requeues_while_attempts_remain(repository):
+    task = make(repository, max_attempts=2)
+    _, first = services.task_claim(runner_id="r")
+    task = services.task_finish(
+        task_id=task.pk, attempt_id=first.pk, status=TaskStatus.FAILED, failure_reason="llm_error", retry=True
+    )
+    assert task.status == "queued"
+    _, second = services.task_claim(runner_id="r")
+    task = services.task_finish(
+        task_id=task.pk, attempt_id=second.pk, status=TaskStatus.FAILED, failure_reason="llm_error", retry=True
+    )
+    assert task.status == "failed" and task.failure_reason == "llm_error"
+    assert [a.outcome for a in task.attempts.order_by("number")] == ["retry", "failed"]
+    # A manual retry grants another attempt even after the budget was used.
+    task = services.task_retry(task_id=task.pk)
+    assert task.status == "queued" and task.max_attempts >= 3
+
+
+@pytest.mark.django_db
+def test_invalid_transitions_are_refused_and_not_applied(repository):
+    task = make(repository)
+    _, attempt = services.task_claim(runner_id="r")
+    services.task_finish(task_id=task.pk, attempt_id=attempt.pk, status=TaskStatus.SUCCEEDED)
+    events_before = TaskEvent.objects.filter(task=task).count()
+    for service in (services.task_cancel, services.task_retry):
+        with pytest.raises(InvalidTransition):
+            service(task_id=task.pk)
+    assert Task.objects.get(pk=task.pk).status == "succeeded"
+    assert TaskEvent.objects.filter(task=task).count() == events_before
+
+
+@pytest.mark.django_db
+def test_lost_attempts_are_reaped_and_task_requeued(repository):
+    task = make(repository, max_attempts=2)
+    _, attempt = services.task_claim(runner_id="dead")
+    Attempt.objects.filter(pk=attempt.pk).update(heartbeat_at="2000-01-01T00:00:00Z")
+    reaped = services.attempts_reap_lost(stale_after_seconds=60)
+    assert [a.pk for a in reaped] == [attempt.pk]
+    attempt.refresh_from_db()
+    task.refresh_from_db()
+    assert attempt.outcome == "lost" and task.status == "queued"
+
+
+def _in_threads(count, target):
+    errors = []
+    barrier = threading.Barrier(count)
+
+    def run(i):
+        try:
+            barrier.wait()
+            target(i)
+        except Exception as exc:  # collected and re-raised in the test thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    close_old_connections()
+    assert not errors, errors
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_claimers_never_share_a_task(require_postgres, repository):
+    tasks = {make(repository, priority=i % 3).pk for i in range(40)}
+    claimed: list[tuple[int, object]] = []
+    lock = threading.Lock()
+
+    def claimer(i):
+        while True:
+            got = services.task_claim(runner_id=f"runner-{i}")
+            if got is None:
+                return
+            with lock:
+                claimed.append((i, got[0].pk))
+
+    _in_threads(8, claimer)
+    ids = [task_id for _, task_id in claimed]
+    assert len(ids) == len(set(ids)) == 40
+    assert set(ids) == tasks
+    assert len({i for i, _ in claimed}) > 1  # really concurrent: several runners won some
+    assert Attempt.objects.count() == 40
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_event_appends_get_unique_increasing_seq(require_postgres, repository):
+    task = make(repository)
+    start = Task.objects.get(pk=task.pk).event_seq
+
+    def appender(i):
+        for n in range(25):
+            services.event_append(task_id=task.pk, type="progress", data={"writer": i, "n": n})
+
+    _in_threads(8, appender)
+    seqs = list(TaskEvent.objects.filter(task=task).order_by("seq").values_list("seq", flat=True))
+    assert seqs == list(range(1, start + 8 * 25 + 1))
+    # Each writer's own events appear in the order it wrote them.
+    for writer in range(8):
+        ns = [e.data["n"] for e in TaskEvent.objects.filter(task=task, type="progress").order_by("seq") if e.data["writer"] == writer]
+        assert ns == list(range(25))
