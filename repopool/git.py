@@ -86,7 +86,14 @@ def _looks_like_sha(ref: str) -> bool:
     return 7 <= len(ref) <= 64 and all(c in "0123456789abcdef" for c in ref.lower())
 
 
-def resolve_or_fetch(path: Path, ref: str) -> str:
+def resolve_or_fetch(path: Path, ref: str, *, refresh: bool = False) -> str:
+    """The commit for ``ref``. A commit id present locally is used as is; with ``refresh`` a
+    branch or tag is fetched first so it names origin's latest (kept local if origin is down)."""
+    if refresh and not _looks_like_sha(ref):
+        try:
+            fetch(path, ref)
+        except GitError:
+            pass  # origin unreachable or not a branch: fall back to what we have
     commit = resolve(path, ref)
     if commit is None:
         try:

@@ -298,8 +298,12 @@ def slot_allocate(
     lease_seconds: int = 3600,
     wait_seconds: float = 0,
     ref: str = "",
+    fetch: bool = True,
 ) -> Lease:
     """Lease a clean slot of this host checked out at ``ref`` (default branch when empty).
+
+    With ``fetch`` a branch name is fetched from origin first, so the lease starts from its latest
+    commit; a commit id already present needs no fetch (the fastest allocation).
 
     Grows the pool on demand up to ``pool_size``; waits up to ``wait_seconds`` for a slot to free
     up, then raises NoSlotAvailable. A slot found corrupted on disk is marked broken and another
@@ -319,7 +323,7 @@ def slot_allocate(
             slot = _grow_on_demand(repository, holder, lease_seconds)
         if slot is not None:
             try:
-                commit = _checkout_for_lease(slot, repository, ref)
+                commit = _checkout_for_lease(slot, repository, ref, fetch)
             except git.RefNotFound:
                 _release_unchanged(slot)
                 raise
@@ -357,11 +361,11 @@ def _grow_on_demand(repository: Repository, holder: str, lease_seconds: int) -> 
     return slot
 
 
-def _checkout_for_lease(slot: Slot, repository: Repository, ref: str) -> str:
+def _checkout_for_lease(slot: Slot, repository: Repository, ref: str, fetch: bool) -> str:
     path = Path(slot.path)
     if not (path / ".git").is_dir():
         raise SlotBroken(f"working copy {path} is missing")
-    commit = git.resolve_or_fetch(path, ref)
+    commit = git.resolve_or_fetch(path, ref, refresh=fetch)
     if commit != slot.commit or git.head(path) != commit:
         git.checkout_detached(path, commit)
     if repository.setup_watch_files and _setup_hash(repository, path) != slot.setup_hash:

@@ -87,7 +87,10 @@ def isolated_data_dir(tmp_path, settings):
     settings.AGENTRUNNER_AUTO_ENQUEUE = False  # the Celery tests turn it on
     storages = dict(settings.STORAGES)
     if storages["artifacts"]["BACKEND"].endswith("FileSystemStorage"):
-        storages["artifacts"] = {**storages["artifacts"], "OPTIONS": {"location": str(data / "artifacts"), "allow_overwrite": True}}
+        storages["artifacts"] = {
+            **storages["artifacts"],
+            "OPTIONS": {"location": str(data / "artifacts"), "allow_overwrite": True},
+        }
     settings.STORAGES = storages
     for folder in ("pool", "results", "artifacts", "spool", "tmp"):
         (data / folder).mkdir(parents=True, exist_ok=True)
@@ -116,7 +119,9 @@ def staff_api(db):
     from django.contrib.auth import get_user_model
     from rest_framework.authtoken.models import Token
 
-    staff = get_user_model().objects.create_user(username="root", password="pw-root-123", is_staff=True, is_superuser=True)
+    staff = get_user_model().objects.create_user(
+        username="root", password="pw-root-123", is_staff=True, is_superuser=True
+    )
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff).key}")
     client.user = staff

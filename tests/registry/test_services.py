@@ -172,5 +172,9 @@ def test_concurrent_event_appends_get_unique_increasing_seq(require_postgres, re
     assert seqs == list(range(1, start + 8 * 25 + 1))
     # Each writer's own events appear in the order it wrote them.
     for writer in range(8):
-        ns = [e.data["n"] for e in TaskEvent.objects.filter(task=task, type="progress").order_by("seq") if e.data["writer"] == writer]
+        ns = [
+            e.data["n"]
+            for e in TaskEvent.objects.filter(task=task, type="progress").order_by("seq")
+            if e.data["writer"] == writer
+        ]
         assert ns == list(range(25))
