@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.utils.html import format_html
 
 from common.errors import DomainError
 from registry import services
@@ -44,8 +45,16 @@ class AttemptInline(ReadOnlyInline):
 
 class TaskArtifactInline(ReadOnlyInline):
     model = TaskArtifact
-    fields = ["role", "artifact", "attempt_number", "created_at"]
+    fields = ["role", "artifact", "attempt_number", "created_at", "links"]
     readonly_fields = fields
+
+    @admin.display(description="open")
+    def links(self, obj):
+        return format_html(
+            '<a href="/admin/artifacts/artifact/{0}/change/">view</a> · '
+            '<a href="/admin/artifacts/artifact/{0}/download/">download</a>',
+            obj.artifact_id,
+        )
 
 
 def _apply(modeladmin, request, queryset, service, verb):

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from common.errors import DomainError, NotFoundError
+
+
+class ChecksumMismatch(DomainError):
+    code = "checksum_mismatch"
+    field = "sha256"
+
+
+class ArtifactTooLarge(DomainError):
+    status_code = 413
+    code = "too_large"
+
+
+class IncompleteUpload(DomainError):
+    code = "incomplete_upload"
+
+
+class ArtifactNotFound(NotFoundError):
+    code = "artifact_not_found"

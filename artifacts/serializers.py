@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from artifacts.models import Artifact, ArtifactKind
+
+
+def validate_json_metadata(value):
+    """JSON that PostgreSQL's jsonb accepts: an object, no NUL characters anywhere."""
+    if not isinstance(value, dict):
+        raise serializers.ValidationError("Metadata must be a JSON object.")
+
+    def walk(node):
+        if isinstance(node, str) and "\x00" in node:
+            raise serializers.ValidationError("Null characters are not allowed.")
+        if isinstance(node, dict):
+            for key, item in node.items():
+                walk(key)
+                walk(item)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(value)
+    return value
+
+
+class ArtifactSerializer(serializers.ModelSerializer):
+    content_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Artifact
+        fields = ["id", "name", "kind", "size", "sha256", "content_type", "metadata", "created_at", "content_url"]
+        read_only_fields = fields
+
+    def get_content_url(self, artifact) -> str:
+        return f"/api/artifacts/{artifact.pk}/content/"
+
+
+class UploadParamsSerializer(serializers.Serializer):
+    """Fields of an upload, from the form (multipart) or the query string (raw body)."""
+
+    name = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
+    kind = serializers.ChoiceField(choices=ArtifactKind.choices, default=ArtifactKind.OTHER)
+    task = serializers.UUIDField(required=False, allow_null=True, default=None)
+    role = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    metadata = serializers.JSONField(required=False, default=dict, binary=True, validators=[validate_json_metadata])
+    sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False, allow_blank=True, default="")
+
+
+class MultipartUploadSerializer(UploadParamsSerializer):
+    file = serializers.FileField()
+
+
+class ArtifactFilterSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=ArtifactKind.choices, required=False)
+    task = serializers.UUIDField(required=False)

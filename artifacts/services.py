@@ -1,0 +1,218 @@
+"""Writing and removing artifacts: nothing partial, nothing unverified.
+
+Bytes stream in chunks to a temporary file under ``AGENTRUNNER_DATA_DIR/tmp`` while sha256 and size
+are computed; only a complete, verified file is moved (renamed, on local disk) to its final,
+content-addressed key, and only then is the database row created. An interrupted write leaves at
+most a temporary file, which ``artifacts_gc`` removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+import os
+import re
+import tempfile
+import time
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from django.conf import settings
+from django.core.files import File
+from django.db import transaction
+
+from artifacts.errors import ArtifactNotFound, ArtifactTooLarge, ChecksumMismatch, IncompleteUpload
+from artifacts.models import Artifact, ArtifactKind
+from artifacts.storage import blob_storage, key_for, walk
+
+log = logging.getLogger(__name__)
+CHUNK = 1024 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _TempBlob(File):
+    """A finished temporary file; ``temporary_file_path`` lets FileSystemStorage rename it."""
+
+    def __init__(self, path: Path):
+        super().__init__(open(path, "rb"), name=path.name)
+        self._path = path
+
+    def temporary_file_path(self) -> str:
+        return str(self._path)
+
+
+def sanitize_name(name: str) -> str:
+    """A display filename: no folders, no control characters, bounded; never used as a path."""
+    name = unicodedata.normalize("NFC", name or "")
+    name = name.replace("\\", "/").split("/")[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip().strip(".")
+    return name[:200] or "artifact"
+
+
+def normalize_sha256(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    value = value.strip().lower()
+    if not _SHA256.match(value):
+        raise ChecksumMismatch("expected sha256 must be 64 hexadecimal characters")
+    return value
+
+
+def _chunks_of(source: BinaryIO | bytes | str | Path | Iterable[bytes]) -> Iterable[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), CHUNK):
+            yield source[start : start + CHUNK]
+        return
+    if isinstance(source, (str, Path)):
+        with open(source, "rb") as fh:
+            yield from iter(lambda: fh.read(CHUNK), b"")
+        return
+    if hasattr(source, "read"):
+        yield from iter(lambda: source.read(CHUNK), b"")
+        return
+    yield from source
+
+
+def _spool_to_temp(chunks: Iterable[bytes], *, max_size: int, expected_size: int | None) -> tuple[Path, str, int]:
+    """Write chunks to a temp file, hashing on the way. Removes the file on any failure."""
+    tmp_root = Path(settings.TMP_ROOT)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=tmp_root)
+    path = Path(name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > max_size:
+                    raise ArtifactTooLarge(f"artifact exceeds the maximum size of {max_size} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        if expected_size is not None and size != expected_size:
+            raise IncompleteUpload(f"upload ended after {size} of {expected_size} bytes")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, digest.hexdigest(), size
+
+
+def artifact_store(
+    *,
+    source: BinaryIO | bytes | str | Path | Iterable[bytes],
+    name: str,
+    kind: str = ArtifactKind.OTHER,
+    content_type: str = "",
+    metadata: dict | None = None,
+    expected_sha256: str | None = None,
+    expected_size: int | None = None,
+    max_size: int | None = None,
+    on_stored: Callable[[Artifact], None] | None = None,
+) -> Artifact:
+    """Store bytes from a file object, bytes, a path or an iterable of chunks.
+
+    Guarantees: the content is streamed (never held whole in memory); a size over ``max_size``
+    raises ArtifactTooLarge, a checksum other than ``expected_sha256`` raises ChecksumMismatch,
+    a short stream raises IncompleteUpload, and in each case nothing is recorded and no file is
+    left under a final name. ``on_stored`` runs in the transaction that creates the row (a link
+    to a task, say), so the record and its links appear together or not at all.
+    """
+    if kind not in ArtifactKind.values:
+        from common.errors import DomainError
+
+        raise DomainError(f"unknown kind {kind!r}; one of {', '.join(ArtifactKind.values)}", field="kind")
+    expected_sha256 = normalize_sha256(expected_sha256)
+    max_size = settings.ARTIFACTS_MAX_SIZE if max_size is None else max_size
+    if expected_size is not None and expected_size > max_size:
+        raise ArtifactTooLarge(f"artifact of {expected_size} bytes exceeds the maximum size of {max_size} bytes")
+    name = sanitize_name(name)
+    temp, sha256, size = _spool_to_temp(_chunks_of(source), max_size=max_size, expected_size=expected_size)
+    try:
+        if expected_sha256 and expected_sha256 != sha256:
+            raise ChecksumMismatch(f"content sha256 is {sha256}, not the expected {expected_sha256}")
+        key = key_for(sha256)
+        storage = blob_storage()
+        # Local disk: always rename (cheap, and re-creates a blob a concurrent delete removed).
+        if hasattr(storage, "path") or not storage.exists(key):
+            blob = _TempBlob(temp)
+            try:
+                saved = storage.save(key, blob)
+            finally:
+                blob.close()
+            if saved != key:  # a storage that renames instead of overwriting: keep its name
+                key = saved
+        with transaction.atomic():
+            artifact = Artifact.objects.create(
+                name=name,
+                kind=kind,
+                content_type=content_type or mimetypes.guess_type(name)[0] or "application/octet-stream",
+                size=size,
+                sha256=sha256,
+                storage_key=key,
+                metadata=metadata or {},
+            )
+            if on_stored is not None:
+                on_stored(artifact)
+    finally:
+        temp.unlink(missing_ok=True)
+    return artifact
+
+
+def artifact_get(*, artifact_id: uuid.UUID | str) -> Artifact:
+    try:
+        return Artifact.objects.get(pk=artifact_id)
+    except (Artifact.DoesNotExist, ValueError, TypeError):
+        raise ArtifactNotFound(f"artifact {artifact_id} does not exist") from None
+
+
+def artifact_open(*, artifact: Artifact):
+    return blob_storage().open(artifact.storage_key, "rb")
+
+
+def artifact_delete(*, artifact_id: uuid.UUID | str) -> None:
+    """Delete the record; the blob goes too unless another record shares it."""
+    artifact = artifact_get(artifact_id=artifact_id)
+    with transaction.atomic():
+        artifact.delete()
+        shared = Artifact.objects.filter(storage_key=artifact.storage_key).exists()
+    if not shared:
+        blob_storage().delete(artifact.storage_key)
+
+
+def artifacts_gc(*, grace_seconds: int = 3600, dry_run: bool = False) -> dict[str, list[str]]:
+    """Remove temporary leftovers and stored blobs no record points to, older than the grace
+    period (so an upload in flight, whose bytes land before its row, is never touched)."""
+    cutoff = time.time() - grace_seconds
+    removed: dict[str, list[str]] = {"temporary": [], "blobs": []}
+    tmp_root = Path(settings.TMP_ROOT)
+    if tmp_root.is_dir():
+        for path in tmp_root.iterdir():
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    removed["temporary"].append(path.name)
+                    if not dry_run:
+                        path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
+    storage = blob_storage()
+    known = set(Artifact.objects.values_list("storage_key", flat=True))
+    cutoff_dt = datetime.now(UTC) - timedelta(seconds=grace_seconds)
+    for key in walk(storage):
+        if key in known:
+            continue
+        try:
+            modified = storage.get_modified_time(key)
+        except (FileNotFoundError, NotImplementedError):
+            continue
+        if modified.tzinfo is None:
+            modified = modified.replace(tzinfo=UTC)
+        if modified < cutoff_dt and not Artifact.objects.filter(storage_key=key).exists():
+            removed["blobs"].append(key)
+            if not dry_run:
+                storage.delete(key)
+    return removed
