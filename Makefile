@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint demo bench clean
+.PHONY: test test-live lint demo bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,6 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf var
+
+test-live: $(VENV)/.installed  ## the live_llm tests against the real API (needs OPENAI_API_KEY)
+	$(PY) -m pytest -m live_llm tests/agent/test_live_llm.py

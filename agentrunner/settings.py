@@ -205,3 +205,17 @@ LOGGING = {
 # --- Runner -------------------------------------------------------------------------------------
 # A running attempt whose runner has not heartbeated for this long is lost (its task runs again).
 AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS", default=120)
+
+# --- LLM ----------------------------------------------------------------------------------------
+AGENTRUNNER_LLM_PROVIDER = env.str("AGENTRUNNER_LLM_PROVIDER", default="openai")  # openai | replay
+AGENTRUNNER_LLM_REPLAY_FILE = env.str("AGENTRUNNER_LLM_REPLAY_FILE", default="")
+OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
+OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="")
+AGENTRUNNER_LLM_MODEL = env.str("AGENTRUNNER_LLM_MODEL", default="gpt-4o-mini")
+AGENTRUNNER_LLM_TIMEOUT = env.float("AGENTRUNNER_LLM_TIMEOUT", default=120.0)
+AGENTRUNNER_LLM_MAX_RETRIES = env.int("AGENTRUNNER_LLM_MAX_RETRIES", default=4)
+AGENTRUNNER_LLM_MAX_RETRY_WAIT = env.float("AGENTRUNNER_LLM_MAX_RETRY_WAIT", default=120.0)
+AGENTRUNNER_LLM_MAX_OUTPUT_TOKENS = env.int("AGENTRUNNER_LLM_MAX_OUTPUT_TOKENS", default=4096)
+AGENTRUNNER_LLM_TEMPERATURE = env.float("AGENTRUNNER_LLM_TEMPERATURE", default=0.0)
+# JSON: {"model": [usd_per_million_input, usd_per_million_output], ...}; merged over the defaults.
+AGENTRUNNER_LLM_PRICES = env.json("AGENTRUNNER_LLM_PRICES", default={})
