@@ -20,7 +20,11 @@ def enqueue_queued_task(sender, task_id, **kwargs) -> None:
         return
     try:
         from agentrunner.tasks import run_agent_task
+        from registry.models import Task
 
-        run_agent_task.delay(str(task_id))
+        timeout = Task.objects.filter(pk=task_id).values_list("timeout_seconds", flat=True).first() or 3600
+        # Soft limit a little after the task's own wall clock (the pipeline stops itself first),
+        # hard limit after that, so a wedged worker still frees its slot through the reaper.
+        run_agent_task.apply_async(args=[str(task_id)], soft_time_limit=timeout + 300, time_limit=timeout + 600)
     except Exception as exc:  # broker down: the task stays queued; beat re-enqueues stale ones
         log.warning("could not enqueue task %s: %s", task_id, type(exc).__name__)

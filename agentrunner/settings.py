@@ -184,6 +184,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Enqueue a Celery job when a task becomes runnable (only meaningful with a broker).
 AGENTRUNNER_AUTO_ENQUEUE = env.bool("AGENTRUNNER_AUTO_ENQUEUE", default=bool(CELERY_BROKER_URL))
 CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default="agentrunner")
+# Redis redelivers a message not acknowledged within the visibility timeout: it must exceed the
+# longest task (7 days, the API's bound) so a running task is never started twice by the broker.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 8 * 24 * 3600}
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # --- Repo pool ----------------------------------------------------------------------------------
 AGENTRUNNER_HOST = env.str("AGENTRUNNER_HOST", default=socket.gethostname())
 REPO_POOL_SETUP_TIMEOUT = env.int("REPO_POOL_SETUP_TIMEOUT", default=900)
@@ -215,7 +219,23 @@ AGENTRUNNER_LLM_MODEL = env.str("AGENTRUNNER_LLM_MODEL", default="gpt-4o-mini")
 AGENTRUNNER_LLM_TIMEOUT = env.float("AGENTRUNNER_LLM_TIMEOUT", default=120.0)
 AGENTRUNNER_LLM_MAX_RETRIES = env.int("AGENTRUNNER_LLM_MAX_RETRIES", default=4)
 AGENTRUNNER_LLM_MAX_RETRY_WAIT = env.float("AGENTRUNNER_LLM_MAX_RETRY_WAIT", default=120.0)
+AGENTRUNNER_LLM_BACKOFF_BASE = env.float("AGENTRUNNER_LLM_BACKOFF_BASE", default=1.0)
 AGENTRUNNER_LLM_MAX_OUTPUT_TOKENS = env.int("AGENTRUNNER_LLM_MAX_OUTPUT_TOKENS", default=4096)
 AGENTRUNNER_LLM_TEMPERATURE = env.float("AGENTRUNNER_LLM_TEMPERATURE", default=0.0)
 # JSON: {"model": [usd_per_million_input, usd_per_million_output], ...}; merged over the defaults.
 AGENTRUNNER_LLM_PRICES = env.json("AGENTRUNNER_LLM_PRICES", default={})
+AGENTRUNNER_RUNNER_ID = env.str("AGENTRUNNER_RUNNER_ID", default="")  # default: host:pid
+AGENTRUNNER_LEASE_SECONDS = env.int("AGENTRUNNER_LEASE_SECONDS", default=120)
+AGENTRUNNER_SLOT_WAIT_SECONDS = env.float("AGENTRUNNER_SLOT_WAIT_SECONDS", default=30)
+AGENTRUNNER_DEFAULT_MAX_STEPS = env.int("AGENTRUNNER_DEFAULT_MAX_STEPS", default=50)
+AGENTRUNNER_TEST_TIMEOUT = env.int("AGENTRUNNER_TEST_TIMEOUT", default=900)
+AGENTRUNNER_GIT_AUTHOR_NAME = env.str("AGENTRUNNER_GIT_AUTHOR_NAME", default="Agent Runner")
+AGENTRUNNER_GIT_AUTHOR_EMAIL = env.str("AGENTRUNNER_GIT_AUTHOR_EMAIL", default="agent-runner@localhost")
+AGENTRUNNER_PUBLIC_URL = env.str("AGENTRUNNER_PUBLIC_URL", default="http://127.0.0.1:8000")
+# Beat: how often to reap, and when a queued task counts as lost by the broker.
+AGENTRUNNER_REAP_INTERVAL = env.int("AGENTRUNNER_REAP_INTERVAL", default=60)
+AGENTRUNNER_REQUEUE_AFTER = env.int("AGENTRUNNER_REQUEUE_AFTER", default=900)
+CELERY_BEAT_SCHEDULE = {
+    "reap-leases": {"task": "agentrunner.reap", "schedule": float(AGENTRUNNER_REAP_INTERVAL)},
+    "requeue-stale": {"task": "agentrunner.requeue_stale", "schedule": float(AGENTRUNNER_REQUEUE_AFTER) / 3},
+}

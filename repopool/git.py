@@ -158,3 +158,59 @@ def is_repository_url_valid(url: str) -> bool:
         return True
     except GitError:
         return False
+
+
+# --- operations the runner performs on a leased working copy -------------------------------------
+def create_branch(path: Path, branch: str) -> None:
+    git("checkout", "--quiet", "-B", branch, cwd=path)
+
+
+def _pathspec_excluding(keep_paths: list[str]) -> list[str]:
+    return ["--", ".", *[f":(exclude){p.strip('/')}" for p in keep_paths]]
+
+
+def has_changes(path: Path, keep_paths: list[str]) -> bool:
+    return bool(git("status", "--porcelain", "--untracked-files=all", *_pathspec_excluding(keep_paths), cwd=path))
+
+
+def commit_all(path: Path, message: str, *, author_name: str, author_email: str, keep_paths: list[str]) -> str:
+    """Stage every change (never the keep paths, such as the slot's .venv) and commit it."""
+    git("add", "--all", *_pathspec_excluding(keep_paths), cwd=path)
+    identity = ["-c", f"user.name={author_name}", "-c", f"user.email={author_email}"]
+    git(*identity, "commit", "--quiet", "--no-verify", "-m", message, cwd=path)
+    return head(path)
+
+
+def changed_files(path: Path, base: str) -> list[str]:
+    out = git("diff", "--name-only", base, "HEAD", cwd=path)
+    return [line for line in out.splitlines() if line]
+
+
+def format_patch(path: Path, base: str, output: Path) -> None:
+    """The change against ``base`` as ``git format-patch`` mail, which ``git am`` applies."""
+    data = git_bytes("format-patch", "--stdout", "--binary", f"{base}..HEAD", cwd=path)
+    output.write_bytes(data)
+
+
+def git_bytes(*args: str, cwd: Path) -> bytes:
+    proc = subprocess.run(
+        ["git", *BASE_CONFIG, *args],
+        cwd=str(cwd),
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=settings.REPO_POOL_GIT_TIMEOUT,
+    )
+    if proc.returncode != 0:
+        raise GitError(f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip()[-2000:]}")
+    return proc.stdout
+
+
+def ensure_bare(path: Path) -> None:
+    if not (path / "HEAD").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        git("init", "--quiet", "--bare", str(path))
+
+
+def push(path: Path, remote: str, branch: str) -> None:
+    git("push", "--quiet", "--force", remote, f"HEAD:refs/heads/{branch}", cwd=path)

@@ -171,7 +171,8 @@ def _prepare_new_slot(slot: Slot, repository: Repository) -> tuple[str, str]:
     path = Path(slot.path)
     git.clone(repository.url, path)
     commit = git.resolve_or_fetch(path, repository.default_branch)
-    git.checkout_detached(path, commit)
+    # The same state a reset leaves: detached at the commit, no local branches.
+    git.reset_clean(path, commit, list(repository.keep_paths))
     _run_setup(repository, path)
     return commit, _setup_hash(repository, path)
 

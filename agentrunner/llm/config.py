@@ -36,6 +36,7 @@ def from_settings(**overrides) -> LLMConfig:
         request_timeout=settings.AGENTRUNNER_LLM_TIMEOUT,
         max_retries=settings.AGENTRUNNER_LLM_MAX_RETRIES,
         max_retry_wait=settings.AGENTRUNNER_LLM_MAX_RETRY_WAIT,
+        backoff_base=settings.AGENTRUNNER_LLM_BACKOFF_BASE,
         max_output_tokens=settings.AGENTRUNNER_LLM_MAX_OUTPUT_TOKENS,
         temperature=settings.AGENTRUNNER_LLM_TEMPERATURE,
         prices={**DEFAULT_PRICES, **settings.AGENTRUNNER_LLM_PRICES},

@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from decimal import Decimal, InvalidOperation
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+
+from common.errors import DomainError
+
+
+def _money(value: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise CommandError(f"--max-cost: {value!r} is not a number") from None
+    if amount < 0:
+        raise CommandError("--max-cost must not be negative")
+    return amount
+
+
+class Command(BaseCommand):
+    help = "Run agent tasks: one by id, the next runnable (--next), continuously (--loop), or a new one (--repo)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("task_id", nargs="?", help="Run this task now, in the foreground.")
+        parser.add_argument("--next", action="store_true", help="Claim and run the next runnable task.")
+        parser.add_argument("--loop", action="store_true", help="Keep claiming and running tasks.")
+        parser.add_argument(
+            "--concurrency", type=int, default=1, help="With --loop: tasks at once, each in its own slot."
+        )
+        parser.add_argument("--until-idle", action="store_true", help="With --loop: stop when nothing is runnable.")
+        parser.add_argument("--repo", help="Path or URL of a repository: register it if needed and create a task.")
+        parser.add_argument("--instructions", help="With --repo: what the agent should do.")
+        parser.add_argument("--title", default="")
+        parser.add_argument("--test-command", default="", help="With --repo: the command that runs the tests.")
+        parser.add_argument("--base-ref", default="")
+        parser.add_argument("--model", default="", help="LLM model for this task.")
+        parser.add_argument("--max-steps", type=int)
+        parser.add_argument("--max-tokens", type=int)
+        parser.add_argument("--max-cost", type=_money, help="USD.")
+        parser.add_argument("--timeout", type=int, default=1800, help="Task wall clock in seconds.")
+        parser.add_argument("--max-iterations", type=int, default=3)
+        parser.add_argument(
+            "--enqueue", action="store_true", help="Hand the task to Celery instead of running it here."
+        )
+        parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
+        parser.add_argument("--quiet", action="store_true", help="No live progress.")
+
+    def handle(self, *args, **opts):
+        self.opts = opts
+        modes = sum(bool(x) for x in (opts["task_id"], opts["next"], opts["loop"], opts["repo"]))
+        if modes != 1:
+            raise CommandError("give exactly one of: a task id, --next, --loop, or --repo with --instructions")
+        if opts["concurrency"] < 1:
+            raise CommandError("--concurrency must be at least 1")
+        for name in ("max_steps", "max_tokens", "timeout", "max_iterations"):
+            if opts[name] is not None and opts[name] < 1:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+        task_id = opts["task_id"]
+        if opts["repo"]:
+            task_id = self._create_task()
+        if opts["enqueue"]:
+            return self._enqueue(task_id)
+        if opts["loop"]:
+            failures = self._loop()
+            if failures:
+                sys.exit(1)
+            return
+        try:
+            from agentrunner.runner.pipeline import run_task
+
+            summary = run_task(task_id=task_id, progress=None if opts["quiet"] else self._progress)
+        except DomainError as exc:
+            raise CommandError(exc.message) from None
+        if summary is None:
+            self.stderr.write("nothing to run: no queued task")
+            sys.exit(3)
+        self._print_summary(summary)
+        if summary.status != "succeeded":
+            sys.exit(1)
+
+    # --- modes ----------------------------------------------------------------------------------
+    def _create_task(self) -> str:
+        from registry import services as registry
+        from repopool import services as pool
+
+        opts = self.opts
+        if not opts["instructions"] or not opts["instructions"].strip():
+            raise CommandError("--repo needs --instructions")
+        try:
+            repo = pool.repository_find_or_create_for_url(url=opts["repo"], test_command=opts["test_command"])
+            task = registry.task_create(
+                title=opts["title"] or opts["instructions"].strip().splitlines()[0][:200],
+                instructions=opts["instructions"],
+                repository=repo,
+                base_ref=opts["base_ref"],
+                test_command=opts["test_command"],
+                llm_model=opts["model"],
+                max_steps=opts["max_steps"],
+                max_tokens=opts["max_tokens"],
+                max_cost_usd=opts["max_cost"],
+                timeout_seconds=opts["timeout"],
+                max_iterations=opts["max_iterations"],
+            )
+        except DomainError as exc:
+            raise CommandError(exc.message) from None
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        self.stderr.write(f"task {task.pk} created for repository {repo.name}")
+        return str(task.pk)
+
+    def _enqueue(self, task_id):
+        from agentrunner.tasks import run_agent_task
+
+        if not task_id:
+            raise CommandError("--enqueue needs a task id or --repo")
+        if not settings.CELERY_BROKER_URL:
+            self.stderr.write("no CELERY_BROKER_URL: Celery runs eagerly, so the task runs here and now")
+        run_agent_task.delay(str(task_id))
+        self.stdout.write(
+            json.dumps({"task_id": str(task_id), "enqueued": True}) if self.opts["json"] else f"enqueued {task_id}"
+        )
+
+    def _loop(self) -> int:
+        from agentrunner.runner.pipeline import run_task
+
+        failures = {"n": 0}
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def worker(n: int) -> None:
+            try:
+                while not stop.is_set():
+                    summary = run_task(progress=None if self.opts["quiet"] else self._progress)
+                    if summary is None:
+                        if self.opts["until_idle"]:
+                            return
+                        stop.wait(1.0)
+                        continue
+                    with lock:
+                        self._print_summary(summary)
+                        if summary.status != "succeeded":
+                            failures["n"] += 1
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(self.opts["concurrency"])]
+        for thread in threads:
+            thread.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for thread in threads:
+                    thread.join(timeout=0.5)
+        except KeyboardInterrupt:
+            self.stderr.write("stopping after the running tasks finish (Ctrl-C again to abort)")
+            stop.set()
+            for thread in threads:
+                thread.join()
+        return failures["n"]
+
+    # --- output ---------------------------------------------------------------------------------
+    def _progress(self, info: dict) -> None:
+        parts = [f"[{info.get('elapsed', 0):7.1f}s]", info.get("phase", "")]
+        if info.get("step") is not None:
+            parts.append(f"step {info['step']}")
+        if info.get("tokens") is not None:
+            parts.append(f"{info['tokens']:,} tokens")
+        if info.get("cost") is not None:
+            parts.append(f"${info['cost']:.4f}")
+        self.stderr.write(" · ".join(p for p in parts if p))
+
+    def _print_summary(self, summary) -> None:
+        if self.opts["json"]:
+            self.stdout.write(json.dumps(summary.as_dict(), default=str))
+            return
+        w = self.stdout.write
+        w("")
+        w(f"task      {summary.task_id}  {summary.title}")
+        status = summary.status + (f" ({summary.failure_reason})" if summary.failure_reason else "")
+        w(f"status    {status}  attempt {summary.attempt}")
+        if summary.message and summary.status != "succeeded":
+            w(f"reason    {summary.message}")
+        if summary.branch:
+            w(f"branch    {summary.branch} @ {summary.commit[:12]}")
+            w(f"fetch     {summary.fetch}")
+        if summary.files_changed:
+            w(f"files     {', '.join(summary.files_changed)}")
+        if summary.tests_passed is not None:
+            w(f"tests     {'passed' if summary.tests_passed else 'failed'}")
+        cost = f"${Decimal(summary.cost_usd):.4f}" if summary.cost_usd is not None else "cost unknown"
+        w(
+            f"llm       {summary.llm_calls} calls · {summary.prompt_tokens + summary.completion_tokens:,} tokens · {cost}"
+        )
+        timings = " ".join(f"{k}={v:.2f}s" for k, v in summary.timings.items())
+        w(f"timings   {timings}")
+        if summary.spooled:
+            w(f"spooled   {', '.join(summary.spooled)} (uploaded by a later attempt)")
+        w(f"api       {summary.api_url}")
+        w(f"admin     {summary.admin_url}")

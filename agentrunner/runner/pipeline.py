@@ -1,0 +1,577 @@
+"""The runner pipeline: claim -> lease -> prepare -> agent -> tests -> commit/push -> artifacts ->
+finish -> release. ``run_task`` is the one entry point; the command and the Celery task wrap it.
+
+Guarantees: the slot is released with its token on every path (success, failure, cancellation,
+an exception here); every attempt ends in ``finish`` with a reason; transient failures go back to
+the queue while attempts remain; artifacts that could not be stored are spooled, not lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from agentrunner.agent.loop import Agent, Budget
+from agentrunner.agent.workspace import Workspace
+from agentrunner.llm.client import LLMClient, Transcript
+from agentrunner.llm.config import from_settings
+from agentrunner.runner.ports import ClaimedTask, Ports, SlotLease
+from common.procs import run_command, safe_env
+from repopool import git
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_LLM_KINDS = {"rate_limited", "timeout", "connection", "server_error", "malformed_response"}
+
+
+def default_runner_id() -> str:
+    return settings.AGENTRUNNER_RUNNER_ID or f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Outcome:
+    status: str  # succeeded | failed | cancelled
+    reason: str = ""
+    message: str = ""
+    retry: bool = False
+
+
+@dataclass
+class RunSummary:
+    task_id: str
+    title: str
+    attempt: int
+    status: str
+    failure_reason: str = ""
+    message: str = ""
+    branch: str = ""
+    commit: str = ""
+    fetch: str = ""
+    files_changed: list[str] = field(default_factory=list)
+    tests_passed: bool | None = None
+    tests_tail: str = ""
+    summary: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: str | None = None
+    llm_calls: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    spooled: list[str] = field(default_factory=list)
+    api_url: str = ""
+    admin_url: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RunLog:
+    """The run's own log: timestamped lines in a file (the `log` artifact), mirrored to logging."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.monotonic() - self._started:8.3f}s] {message}"
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+        log.info(message)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class Heartbeat(threading.Thread):
+    """Renews the slot lease at a third of its length, heartbeats the attempt and watches for a
+    cancel request (once a second) while the task runs."""
+
+    def __init__(self, run: TaskRun):
+        super().__init__(daemon=True, name=f"heartbeat-{run.task.short_id}")
+        self.run_ = run
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        run = self.run_
+        lease_seconds = settings.AGENTRUNNER_LEASE_SECONDS
+        renew_every = max(1.0, lease_seconds / 3)
+        last_renew = time.monotonic()
+        try:
+            while not self.stop_event.wait(1.0):
+                try:
+                    if run.ports.registry.cancel_requested(task_id=run.task.id):
+                        if not run.cancel.is_set():
+                            run.log("cancel requested")
+                        run.cancel.set()
+                    if time.monotonic() - last_renew >= renew_every and run.lease is not None:
+                        run.ports.pool.renew(
+                            slot_id=run.lease.slot_id, token=run.lease.token, lease_seconds=lease_seconds
+                        )
+                        run.ports.registry.heartbeat(attempt_id=run.task.attempt_id)
+                        last_renew = time.monotonic()
+                except Exception as exc:
+                    from repopool.errors import StaleLease
+
+                    if isinstance(exc, StaleLease):
+                        run.log("lease lost: another holder has the slot now; stopping")
+                        run.lease_lost = True
+                        run.cancel.set()
+                        return
+                    run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+
+class TaskRun:
+    def __init__(self, task: ClaimedTask, ports: Ports, runner_id: str, progress: Callable[[dict], None] | None):
+        self.task = task
+        self.ports = ports
+        self.runner_id = runner_id
+        self.progress = progress or (lambda info: None)
+        self.cancel = threading.Event()
+        self.lease: SlotLease | None = None
+        self.lease_lost = False
+        self.started = time.monotonic()
+        self.deadline = self.started + task.timeout_seconds
+        self.phases: dict[str, float] = {}
+        self.workdir = Path(settings.TMP_ROOT) / f"run-{task.id.hex}-{task.attempt_number}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.workdir / "run.log")
+        self.transcript_path = self.workdir / "transcript.jsonl"
+        self.test_log: Path | None = None
+        self.patch_path: Path | None = None
+        self.summary = RunSummary(task_id=str(task.id), title=task.title, attempt=task.attempt_number, status="running")
+        self.client: LLMClient | None = None
+        self.base_commit = ""
+        self.branch = f"agent/{task.short_id}"
+        self.test_runs = 0
+        self._feedback = ""
+
+    # --- helpers --------------------------------------------------------------------------------
+    def event(self, type: str, message: str = "", data: dict | None = None) -> None:
+        try:
+            self.ports.registry.event(task_id=self.task.id, type=type, message=message, data=data)
+        except Exception as exc:  # an event that cannot be written must not end the run
+            self.log(f"could not record event {type}: {type(exc).__name__}")
+
+    def phase(self, name: str):
+        run = self
+
+        class _Phase:
+            def __enter__(self_inner):
+                self_inner.started = time.monotonic()
+                run.log(f"phase {name}")
+                run.progress({"phase": name, "elapsed": time.monotonic() - run.started})
+                return self_inner
+
+            def __exit__(self_inner, *exc):
+                run.phases[name] = run.phases.get(name, 0.0) + time.monotonic() - self_inner.started
+                return False
+
+        return _Phase()
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    # --- steps ----------------------------------------------------------------------------------
+    def run_tests(self, extra_args: list[str], *, final: bool) -> tuple[int | None, str]:
+        """The repository's test command in the slot: own process group, timeout, safe env."""
+        assert self.lease is not None
+        self.test_runs += 1
+        output = self.workdir / f"tests-{self.test_runs}.log"
+        command = self.task.test_command
+        if extra_args:
+            import shlex
+
+            command = f"{command} {' '.join(shlex.quote(a) for a in extra_args)}"
+        timeout = max(1.0, min(self.remaining(), settings.AGENTRUNNER_TEST_TIMEOUT))
+        env = safe_env({"PYTHONDONTWRITEBYTECODE": "1", "CI": "true", "AGENT_RUNNER": "1"})
+        result = run_command(
+            command, cwd=self.lease.path, timeout=timeout, output_path=output, env=env, should_stop=self.cancel.is_set
+        )
+        if final:
+            self.test_log = output
+        status = "cancelled" if result.cancelled else "timed out" if result.timed_out else f"exit {result.exit_code}"
+        self.log(f"tests ({command}): {status} in {result.duration:.2f}s")
+        self.event(
+            "tests",
+            f"{'final ' if final else ''}test run: {status}",
+            {
+                "exit_code": result.exit_code,
+                "timed_out": result.timed_out,
+                "duration": round(result.duration, 3),
+                "final": final,
+            },
+        )
+        return (None if (result.timed_out or result.cancelled) else result.exit_code), result.tail
+
+    def on_agent_event(self, type: str, message: str, data: dict) -> None:
+        self.event(type, message, data)
+        if type == "llm_call" and self.client is not None:
+            totals = self.client.totals
+            self.progress({
+                "phase": "agent", "step": data.get("step"), "tokens": totals.total_tokens,
+                "cost": None if totals.cost_unknown else float(totals.cost), "elapsed": time.monotonic() - self.started,
+            })  # fmt: skip
+
+    def agent_phase(self) -> tuple[Outcome | None, str]:
+        task = self.task
+        config = from_settings(model=task.llm_model or None)
+        self.client = LLMClient(config, transcript=Transcript(self.transcript_path, secret=config.api_key))
+        agent = Agent(
+            client=self.client,
+            workspace=Workspace(self.lease.path),
+            run_tests=lambda args: self.run_tests(args, final=False),
+            model=task.llm_model or None,
+            on_event=self.on_agent_event,
+            should_cancel=self.cancel.is_set,
+        )
+        budget = Budget(
+            max_steps=task.max_steps or settings.AGENTRUNNER_DEFAULT_MAX_STEPS,
+            max_tokens=task.max_tokens,
+            max_cost=task.max_cost_usd,
+            deadline=self.deadline,
+        )
+        summary = ""
+        for iteration in range(1, task.max_iterations + 1):
+            with self.phase("agent"):
+                result = (
+                    agent.start(task.instructions, budget) if iteration == 1 else agent.resume(self._feedback, budget)
+                )
+            self.log(f"agent round {iteration}: {result.outcome} ({result.message})")
+            if not result.ok:
+                return self._agent_failure(result), summary
+            summary = result.summary
+            if not git.has_changes(self.lease.path, task.keep_paths):
+                return Outcome(
+                    "failed", "implementation_failed", "the agent finished without changing anything"
+                ), summary
+            with self.phase("tests"):
+                code, tail = self.run_tests([], final=True)
+            self.summary.tests_tail = tail[-2000:]
+            if self.cancel.is_set():
+                return self._cancelled(), summary
+            if code == 0:
+                self.summary.tests_passed = True
+                return None, summary
+            self.summary.tests_passed = False
+            if code is None and self.remaining() <= 0:
+                return Outcome("failed", "timeout", "the task's time ran out while the tests ran"), summary
+            if iteration < task.max_iterations:
+                self._feedback = (
+                    f"The test command `{task.test_command}` failed ({'timed out' if code is None else f'exit code {code}'}). "
+                    f"The end of its output:\n\n{tail[-6000:]}\n\nFix the code so the tests pass, then call finish."
+                )
+                self.event("iteration", f"tests failed; agent round {iteration + 1} of {task.max_iterations}")
+        return Outcome("failed", "tests_failed", f"the tests still fail after {task.max_iterations} round(s)"), summary
+
+    def _cancelled(self) -> Outcome:
+        if self.lease_lost:
+            return Outcome("failed", "infrastructure_error", "the slot lease was lost (the runner stalled)", retry=True)
+        return Outcome("cancelled", "cancelled", "cancelled by request")
+
+    def _agent_failure(self, result) -> Outcome:
+        if result.outcome == "cancelled":
+            return self._cancelled()
+        if result.outcome == "llm_error":
+            kind = result.llm_error.kind if result.llm_error else ""
+            return Outcome("failed", "llm_error", result.message, retry=kind in TRANSIENT_LLM_KINDS)
+        return Outcome("failed", result.failure_reason, result.message)
+
+    def commit_and_push(self, summary: str) -> None:
+        task = self.task
+        with self.phase("commit"):
+            message = f"{task.title}\n\n{summary.strip() or 'Changes made by Agent Runner.'}\n\nAgent-Runner-Task: {task.id}\n"
+            commit = git.commit_all(
+                self.lease.path, message, author_name=settings.AGENTRUNNER_GIT_AUTHOR_NAME,
+                author_email=settings.AGENTRUNNER_GIT_AUTHOR_EMAIL, keep_paths=task.keep_paths,
+            )  # fmt: skip
+            self.summary.commit = commit
+            self.summary.branch = self.branch
+            self.summary.files_changed = git.changed_files(self.lease.path, self.base_commit)
+            remote = self.ports.pool.results_remote(repository_name=task.repository_name, push_url=task.push_url)
+            git.push(self.lease.path, remote, self.branch)
+            self.summary.fetch = f"git fetch {remote} {self.branch}"
+            self.patch_path = self.workdir / f"{task.short_id}.patch"
+            git.format_patch(self.lease.path, self.base_commit, self.patch_path)
+            self.event(
+                "committed",
+                f"{commit[:12]} pushed to {self.branch}",
+                {"commit": commit, "branch": self.branch, "files": self.summary.files_changed},
+            )
+
+    def store_artifacts(self) -> bool:
+        """Store and link every artifact of this attempt; spool what fails. True when all stored."""
+        files = [
+            (self.patch_path, "patch", f"{self.task.short_id}.patch", "text/x-diff"),
+            (self.test_log, "test_report", f"tests-attempt{self.task.attempt_number}.log", "text/plain"),
+            (
+                self.transcript_path,
+                "transcript",
+                f"transcript-attempt{self.task.attempt_number}.jsonl",
+                "application/x-ndjson",
+            ),
+            (self.log.path, "log", f"run-attempt{self.task.attempt_number}.log", "text/plain"),
+        ]
+        ok = True
+        with self.phase("artifacts"):
+            for path, kind, name, content_type in files:
+                if path is None or not path.exists():
+                    continue
+                if kind == "log":
+                    self.log("storing artifacts")
+                try:
+                    artifact_id = self.ports.artifacts.store(
+                        path=path,
+                        name=name,
+                        kind=kind,
+                        content_type=content_type,
+                        metadata={"task": str(self.task.id), "attempt": self.task.attempt_number},
+                    )
+                    self.ports.registry.link_artifact(
+                        task_id=self.task.id,
+                        artifact_id=artifact_id,
+                        role=kind,
+                        attempt_number=self.task.attempt_number,
+                    )
+                    self.summary.artifacts[kind] = str(artifact_id)
+                except Exception as exc:
+                    ok = False
+                    spooled = spool_artifact(self.task.id, self.task.attempt_number, path, name, kind, content_type)
+                    self.summary.spooled.append(kind)
+                    self.log(f"could not store {kind} ({type(exc).__name__}: {exc}); kept in the spool at {spooled}")
+                    self.event(
+                        "artifact_spooled",
+                        f"{kind} could not be stored; kept at {spooled} for a later upload",
+                        {"kind": kind, "path": str(spooled)},
+                    )
+        return ok
+
+
+# --- the spool -------------------------------------------------------------------------------------
+def spool_artifact(task_id: uuid.UUID, attempt: int, path: Path, name: str, kind: str, content_type: str) -> Path:
+    folder = Path(settings.SPOOL_ROOT) / task_id.hex / f"{attempt}-{kind}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, folder / "content")
+    (folder / "manifest.json").write_text(
+        json.dumps({"task": str(task_id), "attempt": attempt, "name": name, "kind": kind, "content_type": content_type})
+    )
+    return folder
+
+
+def flush_spool(ports: Ports, task_id: uuid.UUID | None = None) -> list[str]:
+    """Upload spooled artifacts (of one task, or all); each is removed once stored and linked."""
+    root = Path(settings.SPOOL_ROOT)
+    uploaded = []
+    folders = [root / task_id.hex] if task_id else [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    for task_folder in folders:
+        if not task_folder.is_dir():
+            continue
+        for entry in sorted(task_folder.iterdir()):
+            manifest_path = entry / "manifest.json"
+            if not manifest_path.exists():
+                continue
+            manifest = json.loads(manifest_path.read_text())
+            try:
+                artifact_id = ports.artifacts.store(
+                    path=entry / "content",
+                    name=manifest["name"],
+                    kind=manifest["kind"],
+                    content_type=manifest["content_type"],
+                    metadata={"task": manifest["task"], "attempt": manifest["attempt"], "spooled": True},
+                )
+                ports.registry.link_artifact(
+                    task_id=uuid.UUID(manifest["task"]),
+                    artifact_id=artifact_id,
+                    role=manifest["kind"],
+                    attempt_number=manifest["attempt"],
+                )
+                ports.registry.event(
+                    task_id=uuid.UUID(manifest["task"]),
+                    type="artifact_unspooled",
+                    message=f"spooled {manifest['kind']} of attempt {manifest['attempt']} stored",
+                    data={"artifact": str(artifact_id)},
+                )
+            except Exception as exc:
+                log.warning("spooled artifact %s still cannot be stored: %s", entry, type(exc).__name__)
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            uploaded.append(str(artifact_id))
+        if task_folder.is_dir() and not any(task_folder.iterdir()):
+            task_folder.rmdir()
+    return uploaded
+
+
+# --- entry point -----------------------------------------------------------------------------------
+def run_task(
+    *,
+    task_id: uuid.UUID | str | None = None,
+    runner_id: str | None = None,
+    ports: Ports | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> RunSummary | None:
+    """Claim a task (the one named, or the next runnable) and run it to a final state.
+
+    Returns None when nothing was runnable."""
+    ports = ports or Ports.local()
+    runner_id = runner_id or default_runner_id()
+    claim_started = time.monotonic()
+    task = ports.registry.claim(runner_id=runner_id, task_id=task_id)
+    if task is None:
+        return None
+    run = TaskRun(task, ports, runner_id, progress)
+    run.phases["claim"] = time.monotonic() - claim_started
+    run.log(f"claimed task {task.id} ({task.title}) attempt {task.attempt_number} as {runner_id}")
+    heartbeat = Heartbeat(run)
+    outcome: Outcome | None = None
+    summary_text = ""
+    try:
+        if flush_spool(ports, task.id):
+            run.log("uploaded artifacts spooled by an earlier attempt")
+        with run.phase("allocate"):
+            outcome = _allocate(run)
+        if outcome is None:
+            heartbeat.start()
+            run.ports.registry.heartbeat(attempt_id=task.attempt_id, slot_id=run.lease.slot_id)
+            with run.phase("prepare"):
+                outcome = _prepare(run)
+        if outcome is None:
+            outcome, summary_text = run.agent_phase()
+            run.summary.summary = summary_text
+            if outcome is None or outcome.reason == "tests_failed":
+                run.commit_and_push(summary_text)
+    except git.GitError as exc:
+        outcome = Outcome("failed", "git_error", exc.message)
+    except Exception as exc:  # the runner's own failure: recorded, slot still released below
+        run.log("runner error:\n" + traceback.format_exc())
+        outcome = Outcome("failed", "infrastructure_error", f"{type(exc).__name__}: {exc}", retry=True)
+    if outcome is None:
+        outcome = Outcome("succeeded")
+    heartbeat.stop_event.set()
+    if heartbeat.is_alive():
+        heartbeat.join(timeout=10)
+    if run.client is not None:
+        totals = run.client.totals
+        run.summary.prompt_tokens, run.summary.completion_tokens = totals.prompt_tokens, totals.completion_tokens
+        run.summary.cost_usd = None if totals.cost_unknown else str(totals.cost)
+        run.summary.llm_calls = totals.calls
+        try:
+            ports.registry.add_usage(
+                task_id=task.id,
+                prompt_tokens=totals.prompt_tokens,
+                completion_tokens=totals.completion_tokens,
+                cost_usd=None if totals.cost_unknown else totals.cost,
+            )
+        except Exception:
+            run.log("could not record usage:\n" + traceback.format_exc())
+    run.log(f"outcome: {outcome.status} {outcome.reason} {outcome.message}".rstrip())
+    if run.client is not None:
+        run.client.transcript.close()
+    if not run.store_artifacts() and outcome.status == "succeeded":
+        outcome = Outcome(
+            "failed",
+            "infrastructure_error",
+            "artifacts could not be stored (kept in the spool for the next attempt)",
+            retry=True,
+        )
+    _release(run)
+    outcome_message = outcome.message
+    if run.summary.spooled and "spool" not in outcome_message:
+        outcome_message = f"{outcome_message} (artifacts spooled: {', '.join(run.summary.spooled)})".strip()
+    metrics = _metrics(run)
+    with run.phase("finish"):
+        final = ports.registry.finish(
+            task_id=task.id, attempt_id=task.attempt_id, status=outcome.status, failure_reason=outcome.reason,
+            message=outcome_message, retry=outcome.retry,
+            result={
+                "result_branch": run.summary.branch, "result_commit": run.summary.commit, "result_fetch": run.summary.fetch,
+                "tests_passed": run.summary.tests_passed, "summary": summary_text,
+            },
+            metrics=metrics,
+        )  # fmt: skip
+    run.summary.status = final
+    run.summary.failure_reason = outcome.reason if final != "succeeded" else ""
+    run.summary.message = outcome_message
+    run.summary.timings = {k: round(v, 4) for k, v in run.phases.items()} | {
+        "total": round(time.monotonic() - run.started, 4)
+    }
+    base = settings.AGENTRUNNER_PUBLIC_URL.rstrip("/")
+    run.summary.api_url = f"{base}/api/tasks/{task.id}/"
+    run.summary.admin_url = f"{base}/admin/registry/task/{task.id}/change/"
+    run.log.close()
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    return run.summary
+
+
+def _allocate(run: TaskRun) -> Outcome | None:
+    from repopool.errors import NoSlotAvailable, SlotBroken
+
+    task = run.task
+    try:
+        run.lease = run.ports.pool.allocate(
+            repository_id=task.repository_id, holder=f"{run.runner_id} task {task.short_id}",
+            lease_seconds=settings.AGENTRUNNER_LEASE_SECONDS, wait_seconds=settings.AGENTRUNNER_SLOT_WAIT_SECONDS,
+            ref=task.base_ref,
+        )  # fmt: skip
+    except git.RefNotFound as exc:
+        return Outcome("failed", "git_error", exc.message)
+    except NoSlotAvailable as exc:
+        return Outcome("failed", "workspace_error", exc.message, retry=True)
+    except (SlotBroken, git.GitError) as exc:
+        return Outcome("failed", "workspace_error", exc.message, retry=True)
+    run.base_commit = run.lease.commit
+    run.event(
+        "slot_leased",
+        f"slot {run.lease.slot_id} at {run.lease.commit[:12]}",
+        {"slot": run.lease.slot_id, "commit": run.lease.commit, "path": str(run.lease.path)},
+    )
+    return None
+
+
+def _prepare(run: TaskRun) -> Outcome | None:
+    git.create_branch(run.lease.path, run.branch)
+    run.event(
+        "prepared", f"branch {run.branch} from {run.base_commit[:12]}", {"branch": run.branch, "base": run.base_commit}
+    )
+    return None
+
+
+def _release(run: TaskRun) -> None:
+    if run.lease is None:
+        return
+    with run.phase("release"):
+        try:
+            run.ports.pool.release(slot_id=run.lease.slot_id, token=run.lease.token)
+        except Exception as exc:  # stale token: the reaper or another holder owns it now
+            run.log(f"slot release refused: {type(exc).__name__}: {exc}")
+
+
+def _metrics(run: TaskRun) -> dict[str, Any]:
+    totals = run.client.totals.as_dict() if run.client else {}
+    return {
+        "phases": {k: round(v, 4) for k, v in run.phases.items()},
+        "total_seconds": round(time.monotonic() - run.started, 4),
+        "llm": totals,
+        "ports": {k: round(v, 4) for k, v in run.ports.timed.seconds.items()},
+        "test_runs": run.test_runs,
+        "slot": run.lease.slot_id if run.lease else None,
+        "cost_usd": totals.get("cost_usd"),
+    }

@@ -1,0 +1,247 @@
+"""The runner's three ports. The pipeline talks only to these interfaces; ``Local*`` call the
+services in-process. A runner on another machine gets HTTP implementations of the same ports."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    id: uuid.UUID
+    title: str
+    instructions: str
+    repository_id: int
+    repository_name: str
+    base_ref: str
+    test_command: str
+    keep_paths: list[str]
+    push_url: str
+    timeout_seconds: int
+    max_iterations: int
+    llm_model: str
+    max_steps: int | None
+    max_tokens: int | None
+    max_cost_usd: Decimal | None
+    attempt_id: int
+    attempt_number: int
+    max_attempts: int
+
+    @property
+    def short_id(self) -> str:
+        return self.id.hex[:8]
+
+
+@dataclass(frozen=True)
+class SlotLease:
+    slot_id: int
+    path: Path
+    token: uuid.UUID
+    expires_at: datetime
+    commit: str
+
+
+class RegistryPort(Protocol):
+    def claim(self, *, runner_id: str, task_id: uuid.UUID | str | None) -> ClaimedTask | None: ...
+    def event(self, *, task_id: uuid.UUID, type: str, message: str = "", data: dict | None = None) -> None: ...
+    def heartbeat(self, *, attempt_id: int, slot_id: int | None = None, metrics: dict | None = None) -> None: ...
+    def cancel_requested(self, *, task_id: uuid.UUID) -> bool: ...
+    def add_usage(
+        self, *, task_id: uuid.UUID, prompt_tokens: int, completion_tokens: int, cost_usd: Decimal | None
+    ) -> None: ...
+    def link_artifact(self, *, task_id: uuid.UUID, artifact_id: uuid.UUID, role: str, attempt_number: int) -> None: ...
+    def finish(
+        self,
+        *,
+        task_id: uuid.UUID,
+        attempt_id: int,
+        status: str,
+        failure_reason: str,
+        message: str,
+        retry: bool,
+        result: dict,
+        metrics: dict,
+    ) -> str: ...
+
+
+class PoolPort(Protocol):
+    def allocate(
+        self, *, repository_id: int, holder: str, lease_seconds: int, wait_seconds: float, ref: str
+    ) -> SlotLease: ...
+    def renew(self, *, slot_id: int, token: uuid.UUID, lease_seconds: int) -> None: ...
+    def release(self, *, slot_id: int, token: uuid.UUID) -> None: ...
+    def results_remote(self, *, repository_name: str, push_url: str) -> str: ...
+
+
+class ArtifactsPort(Protocol):
+    def store(self, *, path: Path, name: str, kind: str, content_type: str, metadata: dict) -> uuid.UUID: ...
+
+
+@dataclass
+class Timed:
+    """Seconds spent in each port, for the attempt's metrics."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, started: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+
+
+class LocalRegistry:
+    def __init__(self, timed: Timed | None = None):
+        self.timed = timed or Timed()
+
+    def _call(self, fn, **kwargs) -> Any:
+        started = time.monotonic()
+        try:
+            return fn(**kwargs)
+        finally:
+            self.timed.add("registry", started)
+
+    def claim(self, *, runner_id, task_id):
+        from registry import services
+
+        got = self._call(services.task_claim, runner_id=runner_id, task_id=task_id)
+        if got is None:
+            return None
+        task, attempt = got
+        repo = task.repository
+        return ClaimedTask(
+            id=task.pk, title=task.title, instructions=task.instructions, repository_id=repo.pk,
+            repository_name=repo.name, base_ref=task.base_ref or repo.default_branch,
+            test_command=task.test_command or repo.test_command, keep_paths=list(repo.keep_paths),
+            push_url=repo.push_url, timeout_seconds=task.timeout_seconds, max_iterations=task.max_iterations,
+            llm_model=task.llm_model, max_steps=task.max_steps, max_tokens=task.max_tokens,
+            max_cost_usd=task.max_cost_usd, attempt_id=attempt.pk, attempt_number=attempt.number,
+            max_attempts=task.max_attempts,
+        )  # fmt: skip
+
+    def event(self, *, task_id, type, message="", data=None):
+        from registry import services
+
+        self._call(services.event_append, task_id=task_id, type=type, message=message, data=data)
+
+    def heartbeat(self, *, attempt_id, slot_id=None, metrics=None):
+        from registry import services
+
+        self._call(services.attempt_update, attempt_id=attempt_id, slot_id=slot_id, metrics=metrics)
+
+    def cancel_requested(self, *, task_id):
+        from registry import services
+
+        return self._call(services.task_is_cancel_requested, task_id=task_id)
+
+    def add_usage(self, *, task_id, prompt_tokens, completion_tokens, cost_usd):
+        from registry import services
+
+        self._call(
+            services.task_add_usage,
+            task_id=task_id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost_usd,
+        )
+
+    def link_artifact(self, *, task_id, artifact_id, role, attempt_number):
+        from registry import services
+
+        self._call(
+            services.task_link_artifact,
+            task_id=task_id,
+            artifact_id=artifact_id,
+            role=role,
+            attempt_number=attempt_number,
+        )
+
+    def finish(self, *, task_id, attempt_id, status, failure_reason, message, retry, result, metrics):
+        from registry import services
+
+        task = self._call(
+            services.task_finish, task_id=task_id, attempt_id=attempt_id, status=status, failure_reason=failure_reason,
+            message=message, retry=retry, result=result, metrics=metrics,
+        )  # fmt: skip
+        return task.status
+
+
+class LocalPool:
+    def __init__(self, timed: Timed | None = None):
+        self.timed = timed or Timed()
+
+    def allocate(self, *, repository_id, holder, lease_seconds, wait_seconds, ref):
+        from repopool import services
+        from repopool.models import Repository
+
+        started = time.monotonic()
+        try:
+            lease = services.slot_allocate(
+                repository=Repository.objects.get(pk=repository_id), holder=holder, lease_seconds=lease_seconds,
+                wait_seconds=wait_seconds, ref=ref,
+            )  # fmt: skip
+        finally:
+            self.timed.add("pool", started)
+        return SlotLease(lease.slot_id, lease.path, lease.lease_token, lease.lease_expires_at, lease.commit)
+
+    def renew(self, *, slot_id, token, lease_seconds):
+        from repopool import services
+
+        started = time.monotonic()
+        try:
+            services.slot_renew(slot_id=slot_id, lease_token=token, lease_seconds=lease_seconds)
+        finally:
+            self.timed.add("pool", started)
+
+    def release(self, *, slot_id, token):
+        from repopool import services
+
+        started = time.monotonic()
+        try:
+            services.slot_release(slot_id=slot_id, lease_token=token)
+        finally:
+            self.timed.add("pool", started)
+
+    def results_remote(self, *, repository_name, push_url):
+        if push_url:
+            return push_url
+        from django.conf import settings
+
+        from repopool import git
+
+        path = Path(settings.RESULTS_ROOT) / f"{repository_name}.git"
+        git.ensure_bare(path)
+        return str(path)
+
+
+class LocalArtifacts:
+    def __init__(self, timed: Timed | None = None):
+        self.timed = timed or Timed()
+
+    def store(self, *, path, name, kind, content_type, metadata):
+        from artifacts import services
+
+        started = time.monotonic()
+        try:
+            artifact = services.artifact_store(
+                source=path, name=name, kind=kind, content_type=content_type, metadata=metadata
+            )
+        finally:
+            self.timed.add("artifacts", started)
+        return artifact.pk
+
+
+@dataclass
+class Ports:
+    registry: RegistryPort
+    pool: PoolPort
+    artifacts: ArtifactsPort
+    timed: Timed
+
+    @classmethod
+    def local(cls) -> Ports:
+        timed = Timed()
+        return cls(LocalRegistry(timed), LocalPool(timed), LocalArtifacts(timed), timed)
