@@ -85,7 +85,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several runner threads write at once: take the write lock at BEGIN (no upgrade deadlocks)
     # and wait for it instead of failing with "database is locked".
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+        {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
     )
     # Tests use a file too: an in-memory shared-cache database locks whole tables across threads.
     DATABASES["default"].setdefault("TEST", {})["NAME"] = str(DATA_DIR / "test-db.sqlite3")
@@ -196,6 +200,8 @@ REPO_POOL_MAX_LEASE_SECONDS = env.int("REPO_POOL_MAX_LEASE_SECONDS", default=24 
 REPO_POOL_MAX_WAIT_SECONDS = env.int("REPO_POOL_MAX_WAIT_SECONDS", default=600)
 # A slot stuck in cloning/resetting this long (its worker died mid-operation) is reaped.
 REPO_POOL_STUCK_SECONDS = env.int("REPO_POOL_STUCK_SECONDS", default=1800)
+# A slot that fetched a branch from origin less than this many seconds ago does not fetch again.
+REPO_POOL_FETCH_TTL = env.float("REPO_POOL_FETCH_TTL", default=10.0)
 
 LOGGING = {
     "version": 1,

@@ -61,6 +61,7 @@ class Slot(models.Model):
         max_length=64, blank=True, default="", help_text="Commit of the default branch a reset returns to."
     )
     setup_hash = models.CharField(max_length=64, blank=True, default="")
+    fetched_at = models.DateTimeField(null=True, blank=True, help_text="Last fetch from origin.")
     last_error = models.TextField(blank=True, default="")
     lease_count = models.PositiveIntegerField(default=0)
 

@@ -366,13 +366,20 @@ def _checkout_for_lease(slot: Slot, repository: Repository, ref: str, fetch: boo
     path = Path(slot.path)
     if not (path / ".git").is_dir():
         raise SlotBroken(f"working copy {path} is missing")
-    commit = git.resolve_or_fetch(path, ref, refresh=fetch)
-    if commit != slot.commit or git.head(path) != commit:
+    # A slot that fetched moments ago is fresh enough: a busy pool does not pay a fetch per task.
+    ttl = settings.REPO_POOL_FETCH_TTL
+    refresh = fetch and (slot.fetched_at is None or (timezone.now() - slot.fetched_at).total_seconds() >= ttl)
+    commit = git.resolve_or_fetch(path, ref, refresh=refresh)
+    fields: dict = {"commit": commit}
+    if refresh:
+        fields["fetched_at"] = timezone.now()
+    # After a reset HEAD is slot.commit (the reset records it), so an unchanged ref needs no checkout.
+    if commit != slot.commit:
         git.checkout_detached(path, commit)
     if repository.setup_watch_files and _setup_hash(repository, path) != slot.setup_hash:
         _run_setup(repository, path)
-        Slot.objects.filter(pk=slot.pk).update(setup_hash=_setup_hash(repository, path))
-    Slot.objects.filter(pk=slot.pk).update(commit=commit)
+        fields["setup_hash"] = _setup_hash(repository, path)
+    Slot.objects.filter(pk=slot.pk).update(**fields)
     return commit
 
 

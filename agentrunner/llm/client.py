@@ -129,17 +129,34 @@ def fingerprint(messages: list[dict]) -> list[str]:
     return shape
 
 
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _openai_client(config: LLMConfig):
+    """One SDK client per (key, URL, timeout), shared by threads: building one loads TLS
+    certificates and a connection pool, which is too slow to repeat for every task."""
+    import openai
+
+    key = (config.api_key, config.base_url, config.request_timeout)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = openai.OpenAI(
+                api_key=config.api_key or "not-set",
+                base_url=config.base_url or None,
+                timeout=config.request_timeout,
+                max_retries=0,  # retries are ours: bounded, reported, Retry-After aware
+            )
+        return client
+
+
 class OpenAIProvider:
     def __init__(self, config: LLMConfig):
         import openai
 
         self._openai = openai
-        self._client = openai.OpenAI(
-            api_key=config.api_key or "not-set",
-            base_url=config.base_url or None,
-            timeout=config.request_timeout,
-            max_retries=0,  # retries are ours: bounded, reported, Retry-After aware
-        )
+        self._client = _openai_client(config)
         self._secret = config.api_key
 
     def create(self, *, model, messages, tools, max_tokens, temperature, timeout):

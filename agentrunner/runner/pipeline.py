@@ -163,6 +163,7 @@ class TaskRun:
         self.base_commit = ""
         self.branch = f"agent/{task.short_id}"
         self.test_runs = 0
+        self.test_seconds = 0.0
         self._feedback = ""
 
     # --- helpers --------------------------------------------------------------------------------
@@ -207,6 +208,7 @@ class TaskRun:
         result = run_command(
             command, cwd=self.lease.path, timeout=timeout, output_path=output, env=env, should_stop=self.cancel.is_set
         )
+        self.test_seconds += result.duration
         if final:
             self.test_log = output
         status = "cancelled" if result.cancelled else "timed out" if result.timed_out else f"exit {result.exit_code}"
@@ -572,6 +574,7 @@ def _metrics(run: TaskRun) -> dict[str, Any]:
         "llm": totals,
         "ports": {k: round(v, 4) for k, v in run.ports.timed.seconds.items()},
         "test_runs": run.test_runs,
+        "test_seconds": round(run.test_seconds, 4),
         "slot": run.lease.slot_id if run.lease else None,
         "cost_usd": totals.get("cost_usd"),
     }

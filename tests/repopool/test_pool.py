@@ -78,6 +78,24 @@ def test_hanging_setup_is_killed_with_its_process_group(make_repo, settings, tmp
             threading.Event().wait(0.05)
 
 
+def test_fetch_ttl_skips_a_fetch_right_after_one(make_repo, settings):
+    origin = make_repo()
+    repository = services.repository_create(name="ttl", url=str(origin), pool_size=1)
+    lease = services.slot_allocate(repository=repository, holder="a")
+    services.slot_release(slot_id=lease.slot_id, lease_token=lease.lease_token)
+    write_files(origin, {"calc.py": "changed\n"})
+    run_git(origin, "commit", "-qam", "newer")
+    newer = run_git(origin, "rev-parse", "HEAD")
+    settings.REPO_POOL_FETCH_TTL = 3600
+    again = services.slot_allocate(repository=repository, holder="b")
+    assert again.slot_id == lease.slot_id
+    assert again.commit == lease.commit != newer  # fetched moments ago: not fetched again
+    services.slot_release(slot_id=again.slot_id, lease_token=again.lease_token)
+    settings.REPO_POOL_FETCH_TTL = 0
+    fresh = services.slot_allocate(repository=repository, holder="c")
+    assert fresh.commit == newer
+
+
 def test_allocate_checks_out_ref_fetching_new_branches(repository):
     services.pool_warm(repository=repository)
     origin = Path(repository.url)
@@ -216,7 +234,8 @@ def test_corrupted_git_folder_at_release_marks_slot_broken(repository):
     assert slot.state == "broken" and "reset failed" in slot.last_error
 
 
-def test_setup_reruns_only_when_a_watched_file_changes(make_repo):
+def test_setup_reruns_only_when_a_watched_file_changes(make_repo, settings):
+    settings.REPO_POOL_FETCH_TTL = 0
     origin = make_repo({**{"requirements.txt": "a\n"}, "test_x.py": "def test(): pass\n"})
     repo = services.repository_create(
         name="watch",
