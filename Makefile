@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-live lint demo bench clean
+.PHONY: test test-live lint demo demo-live bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed  ## quick start: a sample task, with the model's answers replayed offline
 	$(PY) manage.py migrate --noinput -v 0
-	$(PY) -m agentrunner.demo
+	$(PY) manage.py demo
+
+demo-live: $(VENV)/.installed  ## the same with a real model (OPENAI_API_KEY, optionally OPENAI_BASE_URL)
+	$(PY) manage.py migrate --noinput -v 0
+	$(PY) manage.py demo --live
 
 bench: $(VENV)/.installed
 	$(PY) bench/pool.py

@@ -141,8 +141,16 @@ class Heartbeat(threading.Thread):
 
 
 class TaskRun:
-    def __init__(self, task: ClaimedTask, ports: Ports, runner_id: str, progress: Callable[[dict], None] | None):
+    def __init__(
+        self,
+        task: ClaimedTask,
+        ports: Ports,
+        runner_id: str,
+        progress: Callable[[dict], None] | None,
+        llm_overrides: dict | None = None,
+    ):
         self.task = task
+        self.llm_overrides = llm_overrides or {}
         self.ports = ports
         self.runner_id = runner_id
         self.progress = progress or (lambda info: None)
@@ -236,7 +244,7 @@ class TaskRun:
 
     def agent_phase(self) -> tuple[Outcome | None, str]:
         task = self.task
-        config = from_settings(model=task.llm_model or None)
+        config = from_settings(**{"model": task.llm_model or None, **self.llm_overrides})
         self.client = LLMClient(config, transcript=Transcript(self.transcript_path, secret=config.api_key))
         agent = Agent(
             client=self.client,
@@ -429,6 +437,7 @@ def run_task(
     runner_id: str | None = None,
     ports: Ports | None = None,
     progress: Callable[[dict], None] | None = None,
+    llm_overrides: dict | None = None,
 ) -> RunSummary | None:
     """Claim a task (the one named, or the next runnable) and run it to a final state.
 
@@ -439,7 +448,7 @@ def run_task(
     task = ports.registry.claim(runner_id=runner_id, task_id=task_id)
     if task is None:
         return None
-    run = TaskRun(task, ports, runner_id, progress)
+    run = TaskRun(task, ports, runner_id, progress, llm_overrides)
     run.phases["claim"] = time.monotonic() - claim_started
     run.log(f"claimed task {task.id} ({task.title}) attempt {task.attempt_number} as {runner_id}")
     heartbeat = Heartbeat(run)

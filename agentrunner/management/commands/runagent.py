@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
+from agentrunner.runner.summary import format_summary, quiet_logs
 from common.errors import DomainError
 
 
@@ -53,6 +54,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         self.opts = opts
+        quiet_logs(opts.get("verbosity", 1))
         modes = sum(bool(x) for x in (opts["task_id"], opts["next"], opts["loop"], opts["repo"]))
         if modes != 1:
             raise CommandError("give exactly one of: a task id, --next, --loop, or --repo with --instructions")
@@ -177,28 +179,5 @@ class Command(BaseCommand):
     def _print_summary(self, summary) -> None:
         if self.opts["json"]:
             self.stdout.write(json.dumps(summary.as_dict(), default=str))
-            return
-        w = self.stdout.write
-        w("")
-        w(f"task      {summary.task_id}  {summary.title}")
-        status = summary.status + (f" ({summary.failure_reason})" if summary.failure_reason else "")
-        w(f"status    {status}  attempt {summary.attempt}")
-        if summary.message and summary.status != "succeeded":
-            w(f"reason    {summary.message}")
-        if summary.branch:
-            w(f"branch    {summary.branch} @ {summary.commit[:12]}")
-            w(f"fetch     {summary.fetch}")
-        if summary.files_changed:
-            w(f"files     {', '.join(summary.files_changed)}")
-        if summary.tests_passed is not None:
-            w(f"tests     {'passed' if summary.tests_passed else 'failed'}")
-        cost = f"${Decimal(summary.cost_usd):.4f}" if summary.cost_usd is not None else "cost unknown"
-        w(
-            f"llm       {summary.llm_calls} calls · {summary.prompt_tokens + summary.completion_tokens:,} tokens · {cost}"
-        )
-        timings = " ".join(f"{k}={v:.2f}s" for k, v in summary.timings.items())
-        w(f"timings   {timings}")
-        if summary.spooled:
-            w(f"spooled   {', '.join(summary.spooled)} (uploaded by a later attempt)")
-        w(f"api       {summary.api_url}")
-        w(f"admin     {summary.admin_url}")
+        else:
+            self.stdout.write(format_summary(summary))
