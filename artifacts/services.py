@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 from django.conf import settings
 from django.core.files import File
+from django.core.files.storage import FileSystemStorage
 from django.db import transaction
 
 from artifacts.errors import ArtifactNotFound, ArtifactTooLarge, ChecksumMismatch, IncompleteUpload
@@ -137,8 +138,9 @@ def artifact_store(
             raise ChecksumMismatch(f"content sha256 is {sha256}, not the expected {expected_sha256}")
         key = key_for(sha256)
         storage = blob_storage()
-        # Local disk: always rename (cheap, and re-creates a blob a concurrent delete removed).
-        if hasattr(storage, "path") or not storage.exists(key):
+        # Local disk: always rename (cheap, and re-creates a blob a concurrent delete removed);
+        # an object store: upload only what it does not hold yet.
+        if isinstance(storage, FileSystemStorage) or not storage.exists(key):
             blob = _TempBlob(temp)
             try:
                 saved = storage.save(key, blob)

@@ -102,6 +102,9 @@ def main() -> None:
         dirty(floor_copy, i)
         floor.append(timed(lambda: (git(floor_copy, "reset", "-q", "--hard"), git(floor_copy, "clean", "-ffdxq"))))
 
+    from django.conf import settings
+
+    settings.REPO_POOL_FETCH_TTL = 0  # the branch variant pays its fetch every time
     repo = services.repository_create(name="bench", url=str(origin), pool_size=1)
     services.pool_warm(repository=repo)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=origin, capture_output=True, text=True).stdout.strip()

@@ -178,3 +178,25 @@ def test_concurrent_event_appends_get_unique_increasing_seq(require_postgres, re
             if e.data["writer"] == writer
         ]
         assert ns == list(range(25))
+
+
+@pytest.mark.django_db
+def test_stale_queued_tasks_are_announced_again(repository):
+    from registry.signals import task_queued
+
+    task = make(repository)
+    Task.objects.filter(pk=task.pk).update(queued_at="2000-01-01T00:00:00Z")
+    fresh = make(repository)
+    seen = []
+
+    def receiver(sender, task_id, **kwargs):
+        seen.append(task_id)
+
+    task_queued.connect(receiver)
+    try:
+        assert services.tasks_requeue_stale(older_than_seconds=600) == [task.pk]
+    finally:
+        task_queued.disconnect(receiver)
+    assert seen == [task.pk] and fresh.pk not in seen
+    task.refresh_from_db()
+    assert task.status == "queued" and task.queued_at.year > 2000  # the clock restarts

@@ -190,3 +190,11 @@ def test_openapi_schema_lists_every_status_code(api):
     assert set(paths["/api/health/"]["get"]["responses"]) == {"200", "503"}
     assert "/api/tasks/{id}/events/" in paths
     assert api.get("/api/docs/").status_code == 200
+
+
+def test_schema_generation_is_clean(tmp_path):
+    from django.core.management import call_command
+
+    target = tmp_path / "schema.yml"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
+    assert "/api/artifacts/{id}/content/" in target.read_text()

@@ -186,7 +186,18 @@ def test_celery_worker_runs_a_task_through_redis(llm, sample_repo, settings, api
         )
         task = Task.objects.get(pk=task_id)
         assert task.status == "succeeded", task.failure_message
-        assert task.attempts.get().runner_id.split(":")[0]
+        # A worker claims with its own runner id (host:pid of the worker process).
+        assert task.attempts.get().runner_id.endswith(f":{worker.pid}")
+
+        # runagent --enqueue hands an existing task to the worker.
+        settings.AGENTRUNNER_AUTO_ENQUEUE = False
+        second = registry.task_create(title="enqueued", instructions="make add() add", repository=sample_repo)
+        enqueued = subprocess.run(
+            manage("runagent", "--enqueue", str(second.pk)),
+            env=child_env(llm, CELERY_BROKER_URL=broker, CELERY_QUEUE=queue), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert enqueued.returncode == 0 and f"enqueued {second.pk}" in enqueued.stdout
+        wait_for(lambda: Task.objects.get(pk=second.pk).status == "succeeded", timeout=90, message="the enqueued task")
     finally:
         app.conf.task_default_queue = "agentrunner"
         worker.send_signal(signal.SIGTERM)
