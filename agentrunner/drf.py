@@ -85,14 +85,26 @@ def exception_handler(exc, context):
     return response
 
 
-def _stringify(data):
-    if isinstance(data, dict):
-        return {key: _stringify(value) for key, value in data.items()}
-    if isinstance(data, list):
-        if all(not isinstance(item, (dict, list)) for item in data):
-            return [str(item) for item in data]
-        return [_stringify(item) for item in data]
-    return [str(data)]
+def _stringify(data) -> dict[str, list[str]]:
+    """Validation errors as ``{field: [reason, ...]}``; nested errors (list items, nested
+    objects) become reasons that say where: ``"item 0: Must be a valid UUID."``."""
+    return {str(field): _messages(value) for field, value in data.items()}
+
+
+def _messages(value, where: str = "") -> list[str]:
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            label = f"item {key}" if str(key).isdigit() else str(key)
+            out.extend(_messages(item, f"{where} {label}".strip() if where else label))
+        return out
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            out.extend(_messages(item, where) if isinstance(item, (dict, list)) else [f"{prefix}{item}"])
+        return out
+    return [f"{prefix}{value}"]
 
 
 # Standard error responses for the schema, so each endpoint lists every code it can return.

@@ -74,7 +74,8 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         return queryset
 
     @extend_schema(
-        parameters=[ArtifactFilterSerializer], responses={200: ArtifactSerializer(many=True), **errors(400, 401, 403)}
+        parameters=[ArtifactFilterSerializer],
+        responses={200: ArtifactSerializer(many=True), **errors(400, 401, 403, 404)},
     )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)

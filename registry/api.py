@@ -52,7 +52,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return queryset
 
     @extend_schema(
-        parameters=[TaskFilterSerializer], responses={200: TaskSerializer(many=True), **errors(400, 401, 403)}
+        parameters=[TaskFilterSerializer], responses={200: TaskSerializer(many=True), **errors(400, 401, 403, 404)}
     )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)

@@ -5,6 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from registry.models import Attempt, Task, TaskArtifact, TaskEvent
+from registry.states import FailureReason
 from repopool.models import Repository
 
 
@@ -79,6 +80,9 @@ class TaskDependenciesSerializer(serializers.Serializer):
 
 class TaskSerializer(serializers.ModelSerializer):
     repository = serializers.CharField(source="repository.name", read_only=True)
+    failure_reason = serializers.ChoiceField(
+        choices=FailureReason.choices, allow_blank=True, read_only=True, help_text="Empty unless the task failed."
+    )
     repository_id = serializers.IntegerField(read_only=True)
     depends_on = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
     total_tokens = serializers.IntegerField(read_only=True)

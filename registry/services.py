@@ -17,7 +17,8 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import DecimalField, F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from registry.errors import DependencyCycle, InvalidTransition, TaskNotFound
@@ -300,8 +301,9 @@ def task_add_usage(*, task_id: uuid.UUID, prompt_tokens: int, completion_tokens:
     if cost_usd is None:
         fields["cost_unknown"] = True
     else:
-        task = Task.objects.only("cost_usd").get(pk=task_id)
-        fields["cost_usd"] = (task.cost_usd or Decimal(0)) + Decimal(cost_usd)
+        fields["cost_usd"] = Coalesce(F("cost_usd"), Value(Decimal(0)), output_field=DecimalField()) + Value(
+            Decimal(cost_usd), output_field=DecimalField()
+        )
     Task.objects.filter(pk=task_id).update(**fields)
 
 

@@ -35,7 +35,7 @@ class RepositoryViewSet(
         repo = services.repository_create(**data.validated_data)
         return Response(RepositorySerializer(repo).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(responses={200: RepositorySerializer(many=True), **errors(401, 403)})
+    @extend_schema(responses={200: RepositorySerializer(many=True), **errors(401, 403, 404)})
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 

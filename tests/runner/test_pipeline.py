@@ -5,6 +5,7 @@ import os
 import subprocess
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def test_complete_workflow_multi_file(llm, sample_repo, tmp_path, settings):
     assert task.tests_passed is True and task.summary == "Fixed add() and added double() with a test."
     assert task.result_branch == f"agent/{task.id.hex[:8]}"
     assert sorted(summary.files_changed) == ["calc.py", "test_double.py"]
-    assert (task.prompt_tokens, task.completion_tokens) == (500, 100) and task.cost_usd is not None
+    assert (task.prompt_tokens, task.completion_tokens) == (500, 100)
+    assert task.cost_usd == Decimal("0.0007") and not task.cost_unknown  # 500 x $1/M + 100 x $2/M
 
     # The branch outlives the slot: it is in the results repository.
     results = Path(settings.RESULTS_ROOT) / "sample.git"
