@@ -93,7 +93,11 @@ class Timed:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
 
 
-class LocalRegistry:
+class _LocalPort:
+    """Calls services in-process and adds the time spent to ``timed`` under ``name``."""
+
+    name = ""
+
     def __init__(self, timed: Timed | None = None):
         self.timed = timed or Timed()
 
@@ -102,7 +106,11 @@ class LocalRegistry:
         try:
             return fn(**kwargs)
         finally:
-            self.timed.add("registry", started)
+            self.timed.add(self.name, started)
+
+
+class LocalRegistry(_LocalPort):
+    name = "registry"
 
     def claim(self, *, runner_id, task_id):
         from registry import services
@@ -169,41 +177,27 @@ class LocalRegistry:
         return task.status
 
 
-class LocalPool:
-    def __init__(self, timed: Timed | None = None):
-        self.timed = timed or Timed()
+class LocalPool(_LocalPort):
+    name = "pool"
 
     def allocate(self, *, repository_id, holder, lease_seconds, wait_seconds, ref):
         from repopool import services
-        from repopool.models import Repository
 
-        started = time.monotonic()
-        try:
-            lease = services.slot_allocate(
-                repository=Repository.objects.get(pk=repository_id), holder=holder, lease_seconds=lease_seconds,
-                wait_seconds=wait_seconds, ref=ref,
-            )  # fmt: skip
-        finally:
-            self.timed.add("pool", started)
+        lease = self._call(
+            services.slot_allocate, repository=services.repository_get(ref=repository_id), holder=holder,
+            lease_seconds=lease_seconds, wait_seconds=wait_seconds, ref=ref,
+        )  # fmt: skip
         return SlotLease(lease.slot_id, lease.path, lease.lease_token, lease.lease_expires_at, lease.commit)
 
     def renew(self, *, slot_id, token, lease_seconds):
         from repopool import services
 
-        started = time.monotonic()
-        try:
-            services.slot_renew(slot_id=slot_id, lease_token=token, lease_seconds=lease_seconds)
-        finally:
-            self.timed.add("pool", started)
+        self._call(services.slot_renew, slot_id=slot_id, lease_token=token, lease_seconds=lease_seconds)
 
     def release(self, *, slot_id, token):
         from repopool import services
 
-        started = time.monotonic()
-        try:
-            services.slot_release(slot_id=slot_id, lease_token=token)
-        finally:
-            self.timed.add("pool", started)
+        self._call(services.slot_release, slot_id=slot_id, lease_token=token)
 
     def results_remote(self, *, repository_name, push_url):
         if push_url:
@@ -217,20 +211,15 @@ class LocalPool:
         return str(path)
 
 
-class LocalArtifacts:
-    def __init__(self, timed: Timed | None = None):
-        self.timed = timed or Timed()
+class LocalArtifacts(_LocalPort):
+    name = "artifacts"
 
     def store(self, *, path, name, kind, content_type, metadata):
         from artifacts import services
 
-        started = time.monotonic()
-        try:
-            artifact = services.artifact_store(
-                source=path, name=name, kind=kind, content_type=content_type, metadata=metadata
-            )
-        finally:
-            self.timed.add("artifacts", started)
+        artifact = self._call(
+            services.artifact_store, source=path, name=name, kind=kind, content_type=content_type, metadata=metadata
+        )
         return artifact.pk
 
 
