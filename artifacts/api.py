@@ -94,7 +94,7 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             OpenApiParameter("X-Content-SHA256", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False),
         ],
         request={"multipart/form-data": MultipartUploadSerializer, "application/octet-stream": OpenApiTypes.BINARY},
-        responses={201: ArtifactSerializer, **errors(400, 401, 403, 404, 411, 413)},
+        responses={201: ArtifactSerializer, **errors(400, 401, 403, 404, 411, 413, 503, 507)},
     )
     def create(self, request):
         django_request = request._request

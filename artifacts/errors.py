@@ -19,3 +19,15 @@ class IncompleteUpload(DomainError):
 
 class ArtifactNotFound(NotFoundError):
     code = "artifact_not_found"
+
+
+class StorageUnavailable(DomainError):
+    """The bytes could not be written (disk full, storage down); nothing was recorded."""
+
+    status_code = 503
+    code = "storage_unavailable"
+
+
+class StorageFull(StorageUnavailable):
+    status_code = 507
+    code = "storage_full"

@@ -8,6 +8,7 @@ most a temporary file, which ``artifacts_gc`` removes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mimetypes
@@ -27,7 +28,14 @@ from django.core.files import File
 from django.core.files.storage import FileSystemStorage
 from django.db import transaction
 
-from artifacts.errors import ArtifactNotFound, ArtifactTooLarge, ChecksumMismatch, IncompleteUpload
+from artifacts.errors import (
+    ArtifactNotFound,
+    ArtifactTooLarge,
+    ChecksumMismatch,
+    IncompleteUpload,
+    StorageFull,
+    StorageUnavailable,
+)
 from artifacts.models import Artifact, ArtifactKind
 from artifacts.storage import blob_storage, key_for, walk
 
@@ -132,7 +140,10 @@ def artifact_store(
     if expected_size is not None and expected_size > max_size:
         raise ArtifactTooLarge(f"artifact of {expected_size} bytes exceeds the maximum size of {max_size} bytes")
     name = sanitize_name(name)
-    temp, sha256, size = _spool_to_temp(_chunks_of(source), max_size=max_size, expected_size=expected_size)
+    try:
+        temp, sha256, size = _spool_to_temp(_chunks_of(source), max_size=max_size, expected_size=expected_size)
+    except OSError as exc:
+        raise _storage_error(exc) from None
     try:
         if expected_sha256 and expected_sha256 != sha256:
             raise ChecksumMismatch(f"content sha256 is {sha256}, not the expected {expected_sha256}")
@@ -144,6 +155,12 @@ def artifact_store(
             blob = _TempBlob(temp)
             try:
                 saved = storage.save(key, blob)
+            except OSError as exc:
+                raise _storage_error(exc) from None
+            except Exception as exc:  # an object store's client error (endpoint down, denied, ...)
+                raise StorageUnavailable(
+                    f"the artifact store failed: {type(exc).__name__} (nothing was stored)"
+                ) from None
             finally:
                 blob.close()
             if saved != key:  # a storage that renames instead of overwriting: keep its name
@@ -163,6 +180,12 @@ def artifact_store(
     finally:
         temp.unlink(missing_ok=True)
     return artifact
+
+
+def _storage_error(exc: OSError) -> StorageUnavailable:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return StorageFull(f"the artifact could not be written: {exc.strerror} (nothing was stored)")
+    return StorageUnavailable(f"the artifact store failed: {exc.strerror or type(exc).__name__} (nothing was stored)")
 
 
 def artifact_get(*, artifact_id: uuid.UUID | str) -> Artifact:

@@ -318,3 +318,23 @@ def test_interrupted_upload_leaves_nothing(live_server, http_token, isolated_dat
     assert tmp_files(isolated_data_dir) == []
     assert blob_files(isolated_data_dir) == []
     assert Artifact.objects.count() == 0
+
+
+def test_disk_full_is_507_and_leaves_nothing(api, isolated_data_dir):
+    import resource
+    import signal
+
+    data = os.urandom(3 * 1024 * 1024)
+    # A file-size limit makes every write past 1 MiB fail as a full disk would (EFBIG), without
+    # needing a real full filesystem; the signal it raises by default is ignored meanwhile.
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, hard))
+    try:
+        response = api.generic("POST", "/api/artifacts/?name=big.bin", data, content_type="application/octet-stream")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert response.status_code == 507, response.content
+    assert response.json()["code"] == "storage_full" and "nothing was stored" in response.json()["detail"]
+    assert Artifact.objects.count() == 0 and tmp_files(isolated_data_dir) == [] and blob_files(isolated_data_dir) == []
