@@ -338,3 +338,19 @@ def test_disk_full_is_507_and_leaves_nothing(api, isolated_data_dir):
     assert response.status_code == 507, response.content
     assert response.json()["code"] == "storage_full" and "nothing was stored" in response.json()["detail"]
     assert Artifact.objects.count() == 0 and tmp_files(isolated_data_dir) == [] and blob_files(isolated_data_dir) == []
+
+
+def test_multipart_sha256_form_field_is_checked(api):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    data = b"form upload"
+    wrong = api.post(
+        "/api/artifacts/", {"file": SimpleUploadedFile("a.txt", data), "sha256": "0" * 64}, format="multipart"
+    )
+    assert wrong.status_code == 400 and wrong.json()["code"] == "checksum_mismatch"
+    right = api.post(
+        "/api/artifacts/",
+        {"file": SimpleUploadedFile("a.txt", data), "sha256": hashlib.sha256(data).hexdigest()},
+        format="multipart",
+    )
+    assert right.status_code == 201 and Artifact.objects.count() == 1

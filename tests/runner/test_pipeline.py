@@ -386,3 +386,49 @@ def test_stress_fifty_sequential_tasks_leak_nothing(llm, sample_repo):
     assert children() <= kids
     assert Task.objects.filter(status="succeeded").count() == 50
     assert_slots_free_and_clean(sample_repo)
+
+
+def test_push_url_receives_the_branch(llm, make_repo, tmp_path):
+    from repopool.services import repository_create
+    from tests.runner.conftest import TEST_COMMAND
+
+    remote = tmp_path / "team-remote.git"
+    run_git(tmp_path, "init", "-q", "--bare", str(remote))
+    repo = repository_create(name="pushy", url=str(make_repo()), test_command=TEST_COMMAND, push_url=str(remote))
+    llm.responder = fixer
+    task = new_task(repo)
+    summary = run_task(task_id=task.pk)
+    assert summary.status == "succeeded"
+    assert run_git(remote, "rev-parse", summary.branch) == summary.commit
+    assert summary.fetch == f"git fetch {remote} {summary.branch}"
+
+
+def test_push_failure_is_a_git_error_and_the_slot_is_released(llm, make_repo, tmp_path):
+    from repopool.services import repository_create
+    from tests.runner.conftest import TEST_COMMAND
+
+    repo = repository_create(
+        name="nopush", url=str(make_repo()), test_command=TEST_COMMAND, push_url=str(tmp_path / "missing.git")
+    )
+    llm.responder = fixer
+    task = new_task(repo)
+    run_task(task_id=task.pk)
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason) == ("failed", "git_error") and "push" in task.failure_message
+    assert_slots_free_and_clean(repo)
+
+
+def test_an_exception_in_the_runner_itself_still_releases_the_slot(llm, sample_repo):
+    llm.responder = fixer
+
+    def progress(info):
+        if info.get("phase") == "commit":
+            raise RuntimeError("progress display crashed")
+
+    task = new_task(sample_repo, max_attempts=1)
+    summary = run_task(task_id=task.pk, progress=progress)
+    task.refresh_from_db()
+    assert summary.status == task.status == "failed"
+    assert task.failure_reason == "infrastructure_error" and "progress display crashed" in task.failure_message
+    assert "RuntimeError" in artifact_bytes(task, "log").decode()
+    assert_slots_free_and_clean(sample_repo)

@@ -205,3 +205,15 @@ def test_celery_worker_runs_a_task_through_redis(llm, sample_repo, settings, api
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def test_beat_schedule_names_registered_tasks(db):
+    from agentrunner.celery import app
+
+    app.loader.import_default_modules()
+    for entry in app.conf.beat_schedule.values():
+        assert entry["task"] in app.tasks, entry
+    from agentrunner.tasks import reap, requeue_stale
+
+    assert reap() == {"slots": [], "attempts": []}
+    assert requeue_stale() == 0
