@@ -18,3 +18,9 @@ class DependencyCycle(DomainError):
 
 class NothingToClaim(DomainError):
     code = "nothing_to_claim"
+
+
+class AttemptLost(ConflictError):
+    """The attempt was reaped as lost; its runner must stop and not record a result."""
+
+    code = "attempt_lost"

@@ -21,7 +21,7 @@ from django.db.models import DecimalField, F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from registry.errors import DependencyCycle, InvalidTransition, TaskNotFound
+from registry.errors import AttemptLost, DependencyCycle, InvalidTransition, TaskNotFound
 from registry.models import Attempt, AttemptOutcome, Task, TaskArtifact, TaskEvent
 from registry.signals import task_queued
 from registry.states import TERMINAL, FailureReason, TaskStatus, can_transition, sources_for
@@ -281,7 +281,10 @@ def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tup
 
 
 def attempt_update(*, attempt_id: int, slot_id: int | None = None, metrics: dict | None = None) -> None:
-    """Record the attempt's slot or merge metrics; doubles as its heartbeat."""
+    """Record the attempt's slot or merge metrics; doubles as its heartbeat.
+
+    Raises AttemptLost when the attempt is no longer running (reaped as lost): its runner must stop.
+    """
     fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
     if slot_id is not None:
         fields["slot_id"] = slot_id
@@ -289,7 +292,8 @@ def attempt_update(*, attempt_id: int, slot_id: int | None = None, metrics: dict
         if metrics:
             attempt = Attempt.objects.select_for_update().get(pk=attempt_id)
             fields["metrics"] = {**attempt.metrics, **metrics}
-        Attempt.objects.filter(pk=attempt_id).update(**fields)
+        if not Attempt.objects.filter(pk=attempt_id, outcome=AttemptOutcome.RUNNING).update(**fields):
+            raise AttemptLost(f"attempt {attempt_id} is no longer running (it was reaped as lost)")
 
 
 def task_add_usage(*, task_id: uuid.UUID, prompt_tokens: int, completion_tokens: int, cost_usd: Decimal | None) -> None:
@@ -331,6 +335,10 @@ def task_finish(
     retrying = retry and status == S.FAILED and task.attempts_count < task.max_attempts and not task.cancel_requested
     with transaction.atomic():
         attempt = Attempt.objects.select_for_update().get(pk=attempt_id)
+        if attempt.outcome != AttemptOutcome.RUNNING:
+            # Fencing: a runner whose attempt was reaped as lost must not finish the task, which
+            # may be running again under a newer attempt.
+            raise AttemptLost(f"attempt {attempt.number} is {attempt.outcome}, not running: its result is discarded")
         Attempt.objects.filter(pk=attempt_id).update(
             finished_at=timezone.now(),
             outcome=AttemptOutcome.RETRY if retrying else outcome,

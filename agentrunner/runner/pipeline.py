@@ -28,7 +28,7 @@ from agentrunner.agent.loop import Agent, Budget
 from agentrunner.agent.workspace import Workspace
 from agentrunner.llm.client import LLMClient, Transcript
 from agentrunner.llm.config import from_settings
-from agentrunner.runner.ports import ClaimedTask, Ports, SlotLease
+from agentrunner.runner.ports import ClaimedTask, LeaseLost, Ports, SlotLease
 from common.procs import run_command, safe_env
 from repopool import git
 
@@ -110,7 +110,8 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         run = self.run_
         lease_seconds = settings.AGENTRUNNER_LEASE_SECONDS
-        renew_every = max(1.0, lease_seconds / 3)
+        # Often enough for both the lease and the attempt's own staleness limit.
+        renew_every = max(1.0, min(lease_seconds, settings.AGENTRUNNER_ATTEMPT_STALE_SECONDS) / 3)
         last_renew = time.monotonic()
         try:
             while not self.stop_event.wait(1.0):
@@ -125,14 +126,12 @@ class Heartbeat(threading.Thread):
                         )
                         run.ports.registry.heartbeat(attempt_id=run.task.attempt_id)
                         last_renew = time.monotonic()
+                except LeaseLost as exc:
+                    run.log(f"lease lost ({exc}); stopping")
+                    run.lease_lost = True
+                    run.cancel.set()
+                    return
                 except Exception as exc:
-                    from repopool.errors import StaleLease
-
-                    if isinstance(exc, StaleLease):
-                        run.log("lease lost: another holder has the slot now; stopping")
-                        run.lease_lost = True
-                        run.cancel.set()
-                        return
                     run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
         finally:
             from django.db import connection
@@ -508,16 +507,20 @@ def run_task(
     if run.summary.spooled and "spool" not in outcome_message:
         outcome_message = f"{outcome_message} (artifacts spooled: {', '.join(run.summary.spooled)})".strip()
     metrics = _metrics(run)
-    with run.phase("finish"):
-        final = ports.registry.finish(
-            task_id=task.id, attempt_id=task.attempt_id, status=outcome.status, failure_reason=outcome.reason,
-            message=outcome_message, retry=outcome.retry,
-            result={
-                "result_branch": run.summary.branch, "result_commit": run.summary.commit, "result_fetch": run.summary.fetch,
-                "tests_passed": run.summary.tests_passed, "summary": summary_text,
-            },
-            metrics=metrics,
-        )  # fmt: skip
+    try:
+        with run.phase("finish"):
+            final = ports.registry.finish(
+                task_id=task.id, attempt_id=task.attempt_id, status=outcome.status, failure_reason=outcome.reason,
+                message=outcome_message, retry=outcome.retry,
+                result={
+                    "result_branch": run.summary.branch, "result_commit": run.summary.commit, "result_fetch": run.summary.fetch,
+                    "tests_passed": run.summary.tests_passed, "summary": summary_text,
+                },
+                metrics=metrics,
+            )  # fmt: skip
+    except LeaseLost as exc:
+        run.log(f"result discarded: {exc}")
+        final = "lost"
     run.summary.status = final
     run.summary.failure_reason = outcome.reason if final != "succeeded" else ""
     run.summary.message = outcome_message

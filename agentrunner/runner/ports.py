@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 
+class LeaseLost(Exception):
+    """This runner no longer holds what it works on (slot lease or attempt): stop, record nothing."""
+
+
 @dataclass(frozen=True)
 class ClaimedTask:
     id: uuid.UUID
@@ -137,8 +141,12 @@ class LocalRegistry(_LocalPort):
 
     def heartbeat(self, *, attempt_id, slot_id=None, metrics=None):
         from registry import services
+        from registry.errors import AttemptLost
 
-        self._call(services.attempt_update, attempt_id=attempt_id, slot_id=slot_id, metrics=metrics)
+        try:
+            self._call(services.attempt_update, attempt_id=attempt_id, slot_id=slot_id, metrics=metrics)
+        except AttemptLost as exc:
+            raise LeaseLost(exc.message) from None
 
     def cancel_requested(self, *, task_id):
         from registry import services
@@ -169,11 +177,15 @@ class LocalRegistry(_LocalPort):
 
     def finish(self, *, task_id, attempt_id, status, failure_reason, message, retry, result, metrics):
         from registry import services
+        from registry.errors import AttemptLost
 
-        task = self._call(
-            services.task_finish, task_id=task_id, attempt_id=attempt_id, status=status, failure_reason=failure_reason,
-            message=message, retry=retry, result=result, metrics=metrics,
-        )  # fmt: skip
+        try:
+            task = self._call(
+                services.task_finish, task_id=task_id, attempt_id=attempt_id, status=status,
+                failure_reason=failure_reason, message=message, retry=retry, result=result, metrics=metrics,
+            )  # fmt: skip
+        except AttemptLost as exc:
+            raise LeaseLost(exc.message) from None
         return task.status
 
 
@@ -191,13 +203,21 @@ class LocalPool(_LocalPort):
 
     def renew(self, *, slot_id, token, lease_seconds):
         from repopool import services
+        from repopool.errors import StaleLease
 
-        self._call(services.slot_renew, slot_id=slot_id, lease_token=token, lease_seconds=lease_seconds)
+        try:
+            self._call(services.slot_renew, slot_id=slot_id, lease_token=token, lease_seconds=lease_seconds)
+        except StaleLease as exc:
+            raise LeaseLost(exc.message) from None
 
     def release(self, *, slot_id, token):
         from repopool import services
+        from repopool.errors import StaleLease
 
-        self._call(services.slot_release, slot_id=slot_id, lease_token=token)
+        try:
+            self._call(services.slot_release, slot_id=slot_id, lease_token=token)
+        except StaleLease as exc:
+            raise LeaseLost(exc.message) from None
 
     def results_remote(self, *, repository_name, push_url):
         if push_url:

@@ -432,3 +432,38 @@ def test_an_exception_in_the_runner_itself_still_releases_the_slot(llm, sample_r
     assert task.failure_reason == "infrastructure_error" and "progress display crashed" in task.failure_message
     assert "RuntimeError" in artifact_bytes(task, "log").decode()
     assert_slots_free_and_clean(sample_repo)
+
+
+def test_a_runner_whose_attempt_was_reaped_stops_and_records_nothing(llm, sample_repo, settings):
+    settings.AGENTRUNNER_ATTEMPT_STALE_SECONDS = 3  # heartbeat every second
+    llm.responder = lambda request: Reply(body=tool("list_files"), delay=0.3)
+    task = new_task(sample_repo, max_attempts=3)
+
+    def reap_when_running():
+        if len(llm.requests) < 2:
+            return False
+        Attempt.objects.filter(task=task).update(heartbeat_at="2000-01-01T00:00:00Z")
+        return bool(registry.attempts_reap_lost(stale_after_seconds=60))
+
+    done = threading.Event()
+
+    def reaper():
+        from django.db import connection
+
+        try:
+            while not done.is_set() and not reap_when_running():
+                time.sleep(0.05)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=reaper)
+    thread.start()
+    started = time.monotonic()
+    summary = run_task(task_id=task.pk)
+    done.set()
+    thread.join()
+    assert summary.status == "lost" and time.monotonic() - started < 10
+    task.refresh_from_db()
+    assert task.status == "queued"  # as the reaper left it: the zombie's result was discarded
+    assert Attempt.objects.get(task=task, number=1).outcome == "lost"
+    assert_slots_free_and_clean(sample_repo)
