@@ -453,6 +453,7 @@ def run_task(
     heartbeat = Heartbeat(run)
     outcome: Outcome | None = None
     summary_text = ""
+    interrupted = False
     try:
         if flush_spool(ports, task.id):
             run.log("uploaded artifacts spooled by an earlier attempt")
@@ -470,6 +471,10 @@ def run_task(
                 run.commit_and_push(summary_text)
     except git.GitError as exc:
         outcome = Outcome("failed", "git_error", exc.message)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: wind down cleanly, then stop
+        run.log("interrupted")
+        interrupted = True
+        outcome = Outcome("failed", "infrastructure_error", "the runner was interrupted", retry=True)
     except Exception as exc:  # the runner's own failure: recorded, slot still released below
         run.log("runner error:\n" + traceback.format_exc())
         outcome = Outcome("failed", "infrastructure_error", f"{type(exc).__name__}: {exc}", retry=True)
@@ -532,6 +537,8 @@ def run_task(
     run.summary.admin_url = f"{base}/admin/registry/task/{task.id}/change/"
     run.log.close()
     shutil.rmtree(run.workdir, ignore_errors=True)
+    if interrupted:
+        raise KeyboardInterrupt
     return run.summary
 
 

@@ -217,3 +217,25 @@ def test_beat_schedule_names_registered_tasks(db):
 
     assert reap() == {"slots": [], "attempts": []}
     assert requeue_stale() == 0
+
+
+def test_sigterm_winds_down_releases_the_slot_and_requeues(llm, sample_repo):
+    llm.responder = lambda request: Reply(body=tool("list_files"), delay=0.3)
+    task = registry.task_create(title="stopped", instructions="fix add", repository=sample_repo, max_attempts=3)
+    child = subprocess.Popen(
+        manage("runagent", str(task.pk), "--quiet"),
+        env=child_env(llm),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: len(llm.requests) >= 2, message="the runner to call the model")
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert "slot was released" in err
+    task.refresh_from_db()
+    assert task.status == "queued" and task.failure_reason == "infrastructure_error"
+    assert Attempt.objects.get(task=task).outcome == "retry"
+    slot = Slot.objects.get(repository=sample_repo, state="free", lease_count=1)
+    assert run_git(Path(slot.path), "status", "--porcelain") == ""

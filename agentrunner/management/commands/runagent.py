@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from decimal import Decimal, InvalidOperation
@@ -12,6 +13,10 @@ from django.db import connection
 
 from agentrunner.runner.summary import format_summary, quiet_logs
 from common.errors import DomainError
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _money(value: str) -> Decimal:
@@ -54,6 +59,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         self.opts = opts
+        # SIGTERM (systemd, docker stop, kill) winds down like Ctrl-C: the slot is released and
+        # the task goes back to the queue instead of waiting for the reaper.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         quiet_logs(opts.get("verbosity", 1))
         modes = sum(bool(x) for x in (opts["task_id"], opts["next"], opts["loop"], opts["repo"]))
         if modes != 1:
@@ -79,6 +87,9 @@ class Command(BaseCommand):
             summary = run_task(task_id=task_id, progress=None if opts["quiet"] else self._progress)
         except DomainError as exc:
             raise CommandError(exc.message) from None
+        except KeyboardInterrupt:
+            self.stderr.write("interrupted: the slot was released and the task queued again")
+            sys.exit(130)
         if summary is None:
             self.stderr.write("nothing to run: no queued task")
             sys.exit(3)
