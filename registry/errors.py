@@ -16,10 +16,6 @@ class DependencyCycle(DomainError):
     field = "depends_on"
 
 
-class NothingToClaim(DomainError):
-    code = "nothing_to_claim"
-
-
 class AttemptLost(ConflictError):
     """The attempt was reaped as lost; its runner must stop and not record a result."""
 

@@ -152,14 +152,6 @@ def head(path: Path) -> str:
     return git("rev-parse", "HEAD", cwd=path)
 
 
-def is_repository_url_valid(url: str) -> bool:
-    try:
-        git("ls-remote", "--heads", url, timeout=60)
-        return True
-    except GitError:
-        return False
-
-
 # --- operations the runner performs on a leased working copy -------------------------------------
 def create_branch(path: Path, branch: str) -> None:
     git("checkout", "--quiet", "-B", branch, cwd=path)

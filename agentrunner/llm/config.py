@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,3 @@ def from_settings(**overrides) -> LLMConfig:
     )
     values.update({k: v for k, v in overrides.items() if v not in (None, "")})
     return LLMConfig(**values)
-
-
-__all__ = ["LLMConfig", "from_settings", "Decimal"]
