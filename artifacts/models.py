@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.db import models
 
 
@@ -23,6 +24,10 @@ class Artifact(models.Model):
     sha256 = models.CharField(max_length=64, db_index=True)
     storage_key = models.CharField(max_length=500)
     metadata = models.JSONField(default=dict, blank=True)
+    # Who uploaded it: plain users see their own uploads and the artifacts of their own tasks.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="agent_artifacts"
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.core.validators import MinValueValidator
 from django.db import models
 
@@ -13,6 +14,11 @@ class Task(models.Model):
     title = models.CharField(max_length=200)
     instructions = models.TextField()
     repository = models.ForeignKey("repopool.Repository", on_delete=models.PROTECT, related_name="tasks")
+    # Who submitted the task: plain users see, cancel and retry only their own; null for tasks made
+    # by operators' commands (runagent --repo, demo), which only staff see through the API.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="agent_tasks"
+    )
     base_ref = models.CharField(max_length=255, blank=True, default="")
     test_command = models.TextField(blank=True, default="", help_text="Overrides the repository's test command.")
     priority = models.IntegerField(default=0)

@@ -26,6 +26,11 @@ class Repository(models.Model):
         default="",
         help_text="Where result branches are pushed; empty: the bare results repository Agent Runner keeps.",
     )
+    allow_test_command_override = models.BooleanField(
+        default=False, help_text="Accept a task's own test_command from users who are not staff."
+    )
+    setup_network = models.BooleanField(default=True, help_text="The setup command may reach the network.")
+    test_network = models.BooleanField(default=False, help_text="Test commands may reach the network.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
