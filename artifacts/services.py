@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.core.files import File
@@ -122,6 +122,7 @@ def artifact_store(
     expected_size: int | None = None,
     max_size: int | None = None,
     on_stored: Callable[[Artifact], None] | None = None,
+    owner: Any = None,
 ) -> Artifact:
     """Store bytes from a file object, bytes, a path or an iterable of chunks.
 
@@ -174,6 +175,7 @@ def artifact_store(
                 sha256=sha256,
                 storage_key=key,
                 metadata=metadata or {},
+                owner=owner,
             )
             if on_stored is not None:
                 on_stored(artifact)

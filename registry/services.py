@@ -151,6 +151,7 @@ def task_create(
     max_tokens: int | None = None,
     max_cost_usd: Decimal | None = None,
     depends_on: Iterable[Task] = (),
+    owner: Any = None,
 ) -> Task:
     """Create a task; it is queued at once when it has no unfinished dependency."""
     depends_on = list(depends_on)
@@ -169,6 +170,7 @@ def task_create(
             max_steps=max_steps,
             max_tokens=max_tokens,
             max_cost_usd=max_cost_usd,
+            owner=owner,
         )
         _check_no_cycle(task, depends_on)
         task.depends_on.set(depends_on)
