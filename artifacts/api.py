@@ -20,6 +20,7 @@ from agentrunner.drf import errors
 from artifacts import services
 from artifacts.errors import ArtifactTooLarge
 from artifacts.models import Artifact
+from artifacts.selectors import artifacts_visible_to
 from artifacts.serializers import (
     ArtifactFilterSerializer,
     ArtifactSerializer,
@@ -63,7 +64,7 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     parser_classes = [parsers.MultiPartParser, RawBodyParser]
 
     def get_queryset(self):
-        queryset = Artifact.objects.all()
+        queryset = artifacts_visible_to(self.request.user)
         if self.action == "list":
             query = ArtifactFilterSerializer(data=self.request.query_params)
             query.is_valid(raise_exception=True)
@@ -128,9 +129,10 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             content_type = content_type.split(";")[0].strip() if content_type else ""
         task_id = params.get("task")
         if task_id is not None:
-            from registry.models import Task
+            from registry.selectors import tasks_visible_to
 
-            if not Task.objects.filter(pk=task_id).exists():
+            # Only a task the uploader may see: another user's task is as unknown as a missing one.
+            if not tasks_visible_to(request.user).filter(pk=task_id).exists():
                 raise serializers.ValidationError({"task": [f"Unknown task {task_id}."]})
         artifact = services.artifact_store(
             source=source,
@@ -141,6 +143,7 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             expected_sha256=header_sha or params.get("sha256") or None,
             expected_size=expected_size,
             on_stored=_linker(task_id, params.get("role") or params["kind"]),
+            owner=request.user,
         )
         return Response(ArtifactSerializer(artifact).data, status=status.HTTP_201_CREATED)
 

@@ -27,10 +27,15 @@ def validate_json_metadata(value):
 
 class ArtifactSerializer(serializers.ModelSerializer):
     content_url = serializers.SerializerMethodField()
+    owner = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, help_text="Who uploaded it; empty for the runner's own artifacts."
+    )
 
     class Meta:
         model = Artifact
-        fields = ["id", "name", "kind", "size", "sha256", "content_type", "metadata", "created_at", "content_url"]
+        fields = [
+            "id", "name", "kind", "size", "sha256", "content_type", "metadata", "owner", "created_at", "content_url",
+        ]  # fmt: skip
         read_only_fields = fields
 
     def get_content_url(self, artifact) -> str:

@@ -24,6 +24,13 @@ class NotFoundError(DomainError):
     code = "not_found"
 
 
+class PermissionDenied(DomainError):
+    """Known to the caller, but not theirs to do (a 403); for what they may not see, use NotFound."""
+
+    status_code = 403
+    code = "permission_denied"
+
+
 class ConflictError(DomainError):
     status_code = 409
     code = "conflict"

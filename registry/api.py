@@ -8,6 +8,7 @@ from rest_framework.response import Response
 from agentrunner.drf import errors
 from registry import services
 from registry.models import Task
+from registry.selectors import tasks_visible_to
 from registry.serializers import (
     AttemptSerializer,
     TaskArtifactSerializer,
@@ -37,7 +38,9 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     lookup_value_regex = UUID_REGEX
 
     def get_queryset(self):
-        queryset = Task.objects.select_related("repository").prefetch_related("depends_on")
+        queryset = tasks_visible_to(
+            self.request.user, Task.objects.select_related("repository", "owner").prefetch_related("depends_on")
+        )
         if self.action == "list":
             query = TaskFilterSerializer(data=self.request.query_params)
             query.is_valid(raise_exception=True)
@@ -63,9 +66,9 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     @extend_schema(request=TaskCreateSerializer, responses={201: TaskSerializer, **errors(400, 401, 403, 413, 415)})
     def create(self, request):
-        data = TaskCreateSerializer(data=request.data)
+        data = TaskCreateSerializer(data=request.data, context={"request": request})
         data.is_valid(raise_exception=True)
-        task = services.task_create(**data.validated_data)
+        task = services.task_create(**data.validated_data, owner=request.user)
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses={200: TaskSerializer, **errors(401, 403, 404, 409)})
@@ -86,7 +89,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     @action(detail=True, methods=["put"], url_path="dependencies")
     def dependencies(self, request, pk=None):
         task = self.get_object()
-        data = TaskDependenciesSerializer(data=request.data)
+        data = TaskDependenciesSerializer(data=request.data, context={"request": request})
         data.is_valid(raise_exception=True)
         task = services.task_set_dependencies(task_id=task.pk, depends_on=data.validated_data["depends_on"])
         return Response(TaskSerializer(task).data)

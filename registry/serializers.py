@@ -4,7 +4,11 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from common.errors import PermissionDenied
+
+from common.permissions import is_staff
 from registry.models import Attempt, Task, TaskArtifact, TaskEvent
+from registry.selectors import tasks_visible_to
 from registry.states import FailureReason
 from repopool.models import Repository
 
@@ -60,13 +64,21 @@ class TaskCreateSerializer(serializers.Serializer):
 
     def validate_depends_on(self, value):
         ids = set(value)
-        tasks = list(Task.objects.filter(pk__in=ids))
+        # Another user's task is as unknown as a task that does not exist.
+        tasks = list(tasks_visible_to(self.context["request"].user).filter(pk__in=ids))
         missing = ids - {task.pk for task in tasks}
         if missing:
             raise serializers.ValidationError(f"Unknown task(s): {', '.join(sorted(map(str, missing)))}.")
         return tasks
 
     def validate(self, attrs):
+        user = self.context["request"].user
+        if attrs.get("test_command") and not is_staff(user) and not attrs["repository"].allow_test_command_override:
+            raise PermissionDenied(
+                f"Repository {attrs['repository'].name!r} does not accept a test_command from users who are not "
+                "staff: leave it out to run the repository's own test command.",
+                field="test_command",
+            )
         if not attrs.get("title"):
             first_line = attrs["instructions"].strip().splitlines()[0]
             attrs["title"] = first_line[:200]
@@ -86,11 +98,14 @@ class TaskSerializer(serializers.ModelSerializer):
     repository_id = serializers.IntegerField(read_only=True)
     depends_on = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
     total_tokens = serializers.IntegerField(read_only=True)
+    owner = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, help_text="Who submitted it; empty for operators' commands."
+    )
 
     class Meta:
         model = Task
         fields = [
-            "id", "title", "instructions", "repository", "repository_id", "base_ref", "test_command",
+            "id", "title", "instructions", "owner", "repository", "repository_id", "base_ref", "test_command",
             "priority", "max_attempts", "timeout_seconds", "max_iterations", "llm_model", "max_steps",
             "max_tokens", "max_cost_usd", "depends_on", "status", "failure_reason", "failure_message",
             "cancel_requested", "attempts_count", "result_branch", "result_commit", "result_fetch",

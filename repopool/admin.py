@@ -8,11 +8,12 @@ from repopool.models import Repository, Slot
 
 @admin.action(description="Warm the pool of selected repositories")
 def warm_repositories(modeladmin, request, queryset):
+    # Warming runs the setup command: it is queued for a worker, never run in this request.
     for repo in queryset:
-        slots = services.pool_warm(repository=repo)
-        broken = [s for s in slots if s.state == "broken"]
-        level = messages.WARNING if broken else messages.SUCCESS
-        modeladmin.message_user(request, f"{repo.name}: {len(slots)} slot(s), {len(broken)} broken", level)
+        services.pool_warm_request(repository=repo)
+        modeladmin.message_user(
+            request, f"{repo.name}: warm requested; a worker (or `manage.py warm_pool --pending`) does it", messages.INFO
+        )
 
 
 @admin.register(Repository)

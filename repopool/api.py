@@ -6,15 +6,18 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from agentrunner.drf import errors
+from common.permissions import IsStaff, is_staff
 from repopool import services
 from repopool.models import Repository, Slot, SlotState
 from repopool.serializers import (
     AllocateSerializer,
     LeaseSerializer,
     RenewSerializer,
+    RepositoryPublicSerializer,
     RepositorySerializer,
     SlotSerializer,
     TokenSerializer,
+    WarmRequestSerializer,
 )
 
 
@@ -25,8 +28,22 @@ class RepositoryViewSet(
     mixins.UpdateModelMixin,
     viewsets.GenericViewSet,
 ):
+    """Staff define repositories (what runs on the hosts); any user may list them, to submit tasks,
+    and sees only what a submitter needs: no URLs (they may carry credentials), no commands but
+    the test command."""
+
     queryset = Repository.objects.all().prefetch_related("slots")
     serializer_class = RepositorySerializer
+
+    def get_permissions(self):
+        if self.action in ("list", "retrieve"):
+            return super().get_permissions()
+        return [IsStaff()]
+
+    def get_serializer_class(self):
+        if self.action in ("list", "retrieve") and not is_staff(self.request.user):
+            return RepositoryPublicSerializer
+        return RepositorySerializer
 
     @extend_schema(responses={201: RepositorySerializer, **errors(400, 401, 403, 413, 415)})
     def create(self, request, *args, **kwargs):
@@ -54,11 +71,17 @@ class RepositoryViewSet(
     def perform_update(self, serializer):
         services.repository_update(repository=serializer.instance, **serializer.validated_data)
 
-    @extend_schema(request=None, responses={200: SlotSerializer(many=True), **errors(401, 403, 404)})
+    @extend_schema(
+        request=None,
+        responses={202: WarmRequestSerializer, **errors(401, 403, 404)},
+        description="Ask a worker to bring the pool up to its size (clone, set up, repair broken slots). "
+        "Nothing runs in the request: poll the repository's `slots` counts to follow the progress.",
+    )
     @action(detail=True, methods=["post"])
     def warm(self, request, pk=None):
-        slots = services.pool_warm(repository=self.get_object())
-        return Response(SlotSerializer(slots, many=True).data)
+        repo = services.pool_warm_request(repository=self.get_object())
+        body = {"repository": repo.name, "warm_requested_at": repo.warm_requested_at, "slots": repo.slot_counts()}
+        return Response(WarmRequestSerializer(body).data, status=status.HTTP_202_ACCEPTED)
 
 
 class SlotFilterSerializer(serializers.Serializer):
@@ -67,7 +90,11 @@ class SlotFilterSerializer(serializers.Serializer):
 
 
 class SlotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Slots and leases are for staff (and, with remote runners, runner tokens): a plain user who
+    could lease slots could starve everyone's tasks."""
+
     serializer_class = SlotSerializer
+    permission_classes = [IsStaff]
 
     def get_queryset(self):
         queryset = Slot.objects.select_related("repository")

@@ -31,6 +31,9 @@ class Repository(models.Model):
     )
     setup_network = models.BooleanField(default=True, help_text="The setup command may reach the network.")
     test_network = models.BooleanField(default=False, help_text="Test commands may reach the network.")
+    # Set by a warm request (API, admin); a runner host or a Celery worker clears it and warms.
+    # Warming runs the setup command, which never runs inside a web request.
+    warm_requested_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -40,6 +43,13 @@ class Repository(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def slot_counts(self) -> dict[str, int]:
+        """Slots of every host by state (uses a prefetched ``slots`` when there is one)."""
+        counts: dict[str, int] = {}
+        for slot in self.slots.all():
+            counts[slot.state] = counts.get(slot.state, 0) + 1
+        return counts
 
 
 class SlotState(models.TextChoices):

@@ -24,16 +24,29 @@ class RepositorySerializer(serializers.ModelSerializer):
         model = Repository
         fields = [
             "id", "name", "url", "default_branch", "pool_size", "setup_command", "setup_watch_files",
-            "test_command", "keep_paths", "push_url", "slots", "created_at", "updated_at",
+            "test_command", "keep_paths", "push_url", "allow_test_command_override", "setup_network",
+            "test_network", "slots", "warm_requested_at", "created_at", "updated_at",
         ]  # fmt: skip
-        read_only_fields = ["id", "slots", "created_at", "updated_at"]
+        read_only_fields = ["id", "slots", "warm_requested_at", "created_at", "updated_at"]
         extra_kwargs = {"default_branch": {"required": False, "allow_blank": True}}
 
     def get_slots(self, repo) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for state in repo.slots.values_list("state", flat=True):
-            counts[state] = counts.get(state, 0) + 1
-        return counts
+        return repo.slot_counts()
+
+
+class RepositoryPublicSerializer(serializers.ModelSerializer):
+    """What a user who is not staff sees of a repository: enough to submit a task."""
+
+    class Meta:
+        model = Repository
+        fields = ["id", "name", "default_branch", "test_command", "allow_test_command_override", "created_at"]
+        read_only_fields = fields
+
+
+class WarmRequestSerializer(serializers.Serializer):
+    repository = serializers.CharField()
+    warm_requested_at = serializers.DateTimeField()
+    slots = serializers.DictField(child=serializers.IntegerField(), help_text="Slots of the pool by state.")
 
 
 class SlotSerializer(serializers.ModelSerializer):

@@ -236,6 +236,42 @@ def pool_warm(*, repository: Repository) -> list[Slot]:
     return list(Slot.objects.filter(repository=repository, host=host()).order_by("index"))
 
 
+def pool_warm_request(*, repository: Repository) -> Repository:
+    """Ask for the pool to be warmed by a worker, not here: warming clones and runs the
+    repository's setup command, which must never run inside a web request.
+
+    With a broker a Celery job is enqueued after commit; without one the request waits for a
+    runner host (``runagent --loop`` when idle, or ``manage.py warm_pool --pending``)."""
+    now = timezone.now()
+    Repository.objects.filter(pk=repository.pk).update(warm_requested_at=now)
+    repository.warm_requested_at = now
+    if settings.CELERY_BROKER_URL:
+        from celery import current_app
+
+        repo_id = repository.pk
+        transaction.on_commit(lambda: current_app.send_task("repopool.warm_requested", args=[repo_id]))
+    return repository
+
+
+def pool_warm_requested(*, repository_id: int | None = None) -> list[Repository]:
+    """Warm every repository (or the one named) whose warm was requested; returns those warmed.
+
+    Each request is taken with a conditional UPDATE, so two workers never warm the same one twice
+    for one request."""
+    pending = Repository.objects.filter(warm_requested_at__isnull=False)
+    if repository_id is not None:
+        pending = pending.filter(pk=repository_id)
+    warmed = []
+    for repo in pending:
+        if not Repository.objects.filter(pk=repo.pk, warm_requested_at=repo.warm_requested_at).update(
+            warm_requested_at=None
+        ):
+            continue  # another worker took it
+        pool_warm(repository=repo)
+        warmed.append(repo)
+    return warmed
+
+
 def _clone_into(slot: Slot, repository: Repository, *, final_state: str, **final_fields) -> bool:
     try:
         commit, setup_hash = _prepare_new_slot(slot, repository)

@@ -74,6 +74,12 @@ def make_repo(tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Users made in tests need no slow key stretching; production keeps Django's default."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path, settings):
     """Every test gets its own data folder (pool, results, artifacts, spool, tmp)."""
     data = tmp_path / "data"

@@ -127,12 +127,12 @@ def test_bad_upload_params(api, query, field):
     assert Artifact.objects.count() == 0
 
 
-def test_unknown_task_refused_and_link_listed_on_task(api, repository):
+def test_unknown_task_refused_and_link_listed_on_task(api, user, repository):
     import uuid
 
     missing = api.generic("POST", f"/api/artifacts/?name=x&task={uuid.uuid4()}", b"d", content_type="text/plain")
     assert missing.status_code == 400 and "task" in missing.json()["errors"]
-    task = task_create(title="t", instructions="i", repository=repository)
+    task = task_create(title="t", instructions="i", repository=repository, owner=user)
     made = api.generic(
         "POST", f"/api/artifacts/?name=p.patch&kind=patch&task={task.pk}", b"diff", content_type="text/x-diff"
     )

@@ -110,8 +110,8 @@ def test_cancel_and_retry_follow_the_state_machine(api, repository):
     assert retried.json()["failure_reason"] == ""
 
 
-def test_cannot_retry_a_succeeded_task_and_nothing_changes(api, repository):
-    task = services.task_create(title="t", instructions="i", repository=repository)
+def test_cannot_retry_a_succeeded_task_and_nothing_changes(api, user, repository):
+    task = services.task_create(title="t", instructions="i", repository=repository, owner=user)
     _, attempt = services.task_claim(runner_id="r1")
     services.task_finish(task_id=task.pk, attempt_id=attempt.pk, status=TaskStatus.SUCCEEDED)
     before = Task.objects.get(pk=task.pk)
@@ -121,8 +121,8 @@ def test_cannot_retry_a_succeeded_task_and_nothing_changes(api, repository):
     assert after.status == "succeeded" and after.event_seq == before.event_seq
 
 
-def test_cancel_running_sets_request_only(api, repository):
-    task = services.task_create(title="t", instructions="i", repository=repository)
+def test_cancel_running_sets_request_only(api, user, repository):
+    task = services.task_create(title="t", instructions="i", repository=repository, owner=user)
     services.task_claim(runner_id="r1")
     response = api.post(f"/api/tasks/{task.pk}/cancel/")
     assert response.status_code == 200
@@ -131,8 +131,8 @@ def test_cancel_running_sets_request_only(api, repository):
     assert services.task_is_cancel_requested(task_id=task.pk)
 
 
-def test_events_tail_with_after_and_attempts_listing(api, repository):
-    task = services.task_create(title="t", instructions="i", repository=repository)
+def test_events_tail_with_after_and_attempts_listing(api, user, repository):
+    task = services.task_create(title="t", instructions="i", repository=repository, owner=user)
     services.task_claim(runner_id="runner-7")
     for i in range(5):
         services.event_append(task_id=task.pk, type="progress", message=f"step {i}")

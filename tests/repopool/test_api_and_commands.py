@@ -12,7 +12,8 @@ from repopool.models import Repository, Slot
 pytestmark = pytest.mark.django_db
 
 
-def test_repository_crud_warm_and_slot_listing(api, make_repo):
+def test_repository_crud_warm_and_slot_listing(staff_api, make_repo):
+    api = staff_api
     origin = make_repo()
     created = api.post(
         "/api/repositories/",
@@ -26,7 +27,12 @@ def test_repository_crud_warm_and_slot_listing(api, make_repo):
     patched = api.patch(f"/api/repositories/{repo['id']}/", {"pool_size": 1}, format="json")
     assert patched.status_code == 200 and patched.json()["pool_size"] == 1
     warmed = api.post(f"/api/repositories/{repo['id']}/warm/")
-    assert warmed.status_code == 200 and [s["state"] for s in warmed.json()] == ["free"]
+    # Warming runs the setup command: queued for a worker, never run in the request.
+    assert warmed.status_code == 202 and warmed.json()["slots"] == {}
+    assert Slot.objects.count() == 0
+    out = io.StringIO()
+    call_command("warm_pool", "--pending", stdout=out)
+    assert "warmed 1 repository" in out.getvalue()
     slots = api.get("/api/slots/", {"repository": "proj", "state": "free"}).json()
     assert slots["count"] == 1
     assert api.get("/api/slots/", {"state": "leased"}).json()["count"] == 0
@@ -45,14 +51,15 @@ def test_repository_crud_warm_and_slot_listing(api, make_repo):
         ({"name": "ok", "url": "u", "keep_paths": "notalist"}, "keep_paths"),
     ],
 )
-def test_repository_bad_input(api, body, field):
-    response = api.post("/api/repositories/", body, format="json")
+def test_repository_bad_input(staff_api, body, field):
+    response = staff_api.post("/api/repositories/", body, format="json")
     assert response.status_code == 400, response.content
     assert field in response.json()["errors"]
     assert Repository.objects.count() == 0
 
 
-def test_allocate_renew_release_over_http(api, repository):
+def test_allocate_renew_release_over_http(staff_api, repository):
+    api = staff_api
     lease = api.post(
         "/api/slots/allocate/", {"repository": "sample", "holder": "curl", "lease_seconds": 60}, format="json"
     )
@@ -82,14 +89,15 @@ def test_allocate_renew_release_over_http(api, repository):
         ({"repository": "sample", "holder": "h", "ref": "no-such-ref"}, 400, "ref"),
     ],
 )
-def test_allocate_bad_input(api, repository, body, status, field):
-    response = api.post("/api/slots/allocate/", body, format="json")
+def test_allocate_bad_input(staff_api, repository, body, status, field):
+    response = staff_api.post("/api/slots/allocate/", body, format="json")
     assert response.status_code == status, response.content
     assert field in response.json().get("errors", {}), response.json()
     assert not Slot.objects.filter(state="leased").exists()
 
 
-def test_allocate_exhausted_pool_is_503_with_retry_after(api, make_repo):
+def test_allocate_exhausted_pool_is_503_with_retry_after(staff_api, make_repo):
+    api = staff_api
     from repopool.services import repository_create
 
     repository_create(name="tiny", url=str(make_repo()), pool_size=1)
@@ -136,4 +144,6 @@ def test_admin_actions_force_release_and_mark_broken(staff_api, repository):
     client.post("/admin/repopool/slot/", {"action": "mark_broken", "_selected_action": [lease.slot_id]})
     assert Slot.objects.get(pk=lease.slot_id).state == "broken"
     client.post("/admin/repopool/repository/", {"action": "warm_repositories", "_selected_action": [repository.pk]})
+    assert Slot.objects.get(pk=lease.slot_id).state == "broken"  # requested, not run in the request
+    assert [r.pk for r in services.pool_warm_requested()] == [repository.pk]
     assert Slot.objects.get(pk=lease.slot_id).state == "free"

@@ -141,6 +141,7 @@ class Command(BaseCommand):
 
     def _loop(self) -> int:
         from agentrunner.runner.pipeline import run_task
+        from repopool import services as pool
 
         failures = {"n": 0}
         lock = threading.Lock()
@@ -151,6 +152,8 @@ class Command(BaseCommand):
                 while not stop.is_set():
                     summary = run_task(progress=None if self.opts["quiet"] else self._progress)
                     if summary is None:
+                        # Idle: this host does the pool warming asked for over the API or admin.
+                        pool.pool_warm_requested()
                         if self.opts["until_idle"]:
                             return
                         stop.wait(1.0)

