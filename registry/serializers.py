@@ -5,7 +5,6 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from common.errors import PermissionDenied
-
 from common.permissions import is_staff
 from registry.models import Attempt, Task, TaskArtifact, TaskEvent
 from registry.selectors import tasks_visible_to

@@ -12,7 +12,9 @@ def warm_repositories(modeladmin, request, queryset):
     for repo in queryset:
         services.pool_warm_request(repository=repo)
         modeladmin.message_user(
-            request, f"{repo.name}: warm requested; a worker (or `manage.py warm_pool --pending`) does it", messages.INFO
+            request,
+            f"{repo.name}: warm requested; a worker (or `manage.py warm_pool --pending`) does it",
+            messages.INFO,
         )
 
 
