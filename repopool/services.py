@@ -246,10 +246,10 @@ def pool_warm_request(*, repository: Repository) -> Repository:
     Repository.objects.filter(pk=repository.pk).update(warm_requested_at=now)
     repository.warm_requested_at = now
     if settings.CELERY_BROKER_URL:
-        from celery import current_app
+        from repopool.tasks import warm_requested
 
         repo_id = repository.pk
-        transaction.on_commit(lambda: current_app.send_task("repopool.warm_requested", args=[repo_id]))
+        transaction.on_commit(lambda: warm_requested.delay(repo_id))
     return repository
 
 

@@ -157,7 +157,7 @@ def _broker_reachable(url: str) -> bool:
         return False
 
 
-def test_celery_worker_runs_a_task_through_redis(llm, sample_repo, settings, api):
+def test_celery_worker_runs_a_task_through_redis(llm, sample_repo, settings, api, staff_api):
     broker = os.environ.get("CELERY_BROKER_URL", "")
     require_service(
         "Redis broker", broker.startswith("redis") and _broker_reachable(broker), "set CELERY_BROKER_URL=redis://..."
@@ -188,6 +188,15 @@ def test_celery_worker_runs_a_task_through_redis(llm, sample_repo, settings, api
         assert task.status == "succeeded", task.failure_message
         # A worker claims with its own runner id (host:pid of the worker process).
         assert task.attempts.get().runner_id.endswith(f":{worker.pid}")
+
+        # A warm request answers at once; the worker clones and sets up the pool.
+        warm = staff_api.post(f"/api/repositories/{sample_repo.pk}/warm/")
+        assert warm.status_code == 202
+        wait_for(
+            lambda: Slot.objects.filter(repository=sample_repo, state="free").count() == sample_repo.pool_size,
+            timeout=60,
+            message="the worker to warm the pool",
+        )
 
         # runagent --enqueue hands an existing task to the worker.
         settings.AGENTRUNNER_AUTO_ENQUEUE = False
