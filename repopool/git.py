@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -157,17 +158,33 @@ def create_branch(path: Path, branch: str) -> None:
     git("checkout", "--quiet", "-B", branch, cwd=path)
 
 
-def _pathspec_excluding(keep_paths: list[str]) -> list[str]:
-    return ["--", ".", *[f":(exclude){p.strip('/')}" for p in keep_paths]]
+def _excluding_kept(keep_paths: list[str]) -> list[str]:
+    """Config that makes git treat the kept paths (a slot's .venv, node_modules) as ignored.
+
+    An exclude file rather than ``:(exclude)`` pathspecs: git add fails outright when such a
+    pathspec names a path the project's own .gitignore ignores too (the usual case for .venv).
+    The file lives outside the slot, so nothing in the working copy can change it."""
+    if not keep_paths:
+        return []
+    patterns = "".join(f"/{p.strip('/')}\n" for p in sorted(set(keep_paths)))
+    folder = Path(settings.TMP_ROOT)
+    folder.mkdir(parents=True, exist_ok=True)
+    exclude = folder / f"git-keep-{hashlib.sha256(patterns.encode()).hexdigest()[:16]}.exclude"
+    if not exclude.exists():
+        temp = exclude.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(patterns)
+        temp.replace(exclude)
+    return ["-c", f"core.excludesFile={exclude}"]
 
 
 def has_changes(path: Path, keep_paths: list[str]) -> bool:
-    return bool(git("status", "--porcelain", "--untracked-files=all", *_pathspec_excluding(keep_paths), cwd=path))
+    return bool(git(*_excluding_kept(keep_paths), "status", "--porcelain", "--untracked-files=all", cwd=path))
 
 
 def commit_all(path: Path, message: str, *, author_name: str, author_email: str, keep_paths: list[str]) -> str:
-    """Stage every change (never the keep paths, such as the slot's .venv) and commit it."""
-    git("add", "--all", *_pathspec_excluding(keep_paths), cwd=path)
+    """Stage every change as ``git status`` shows it (never the keep paths, nor what the
+    project ignores) and commit it."""
+    git(*_excluding_kept(keep_paths), "add", "--all", cwd=path)
     identity = ["-c", f"user.name={author_name}", "-c", f"user.email={author_email}"]
     git(*identity, "commit", "--quiet", "--no-verify", "-m", message, cwd=path)
     return head(path)
