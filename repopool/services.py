@@ -119,7 +119,11 @@ def _remote_default_branch(url: str) -> str:
 
 
 def repository_find_or_create_for_url(*, url: str, name: str = "", test_command: str = "") -> Repository:
-    """The repository registered for ``url`` (a local path is made absolute), created if new."""
+    """The repository registered under that name or for ``url`` (a local path is made
+    absolute), created if new."""
+    named = Repository.objects.filter(name=url).first()
+    if named is not None:
+        return named
     if "://" not in url and not url.startswith("git@") and Path(url).exists():
         url = str(Path(url).resolve())
     existing = Repository.objects.filter(url=url).first()

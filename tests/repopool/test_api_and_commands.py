@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -147,3 +148,14 @@ def test_admin_actions_force_release_and_mark_broken(staff_api, repository):
     assert Slot.objects.get(pk=lease.slot_id).state == "broken"  # requested, not run in the request
     assert [r.pk for r in services.pool_warm_requested()] == [repository.pk]
     assert Slot.objects.get(pk=lease.slot_id).state == "free"
+
+
+def test_runagent_repo_argument_takes_a_registered_name_a_path_or_a_url(repository, make_repo, tmp_path, monkeypatch):
+    from repopool.services import repository_find_or_create_for_url
+
+    assert repository_find_or_create_for_url(url="sample") == repository  # a registered name
+    assert repository_find_or_create_for_url(url=repository.url) == repository  # its URL
+    monkeypatch.chdir(Path(repository.url).parent)
+    assert repository_find_or_create_for_url(url=Path(repository.url).name) == repository  # a relative path
+    other = repository_find_or_create_for_url(url=str(make_repo(name="fresh")))
+    assert other.name == "fresh" and other != repository
