@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agentrunner.agent.loop import repository_map
 from agentrunner.agent.workspace import ToolError, Workspace
 from tests.conftest import run_git
 
@@ -231,6 +232,13 @@ def test_git_metadata_is_off_limits_in_any_letter_case(ws, path):
     assert (ws.root / ".Git/hooks/x").read_text().startswith("[core]")
     assert ws.list_files(".").splitlines() == ["pkg/mod.py"]
     assert ws.search_code("hooksPath") == "no matches"
+
+
+def test_the_first_message_map_leaves_git_metadata_out_in_any_case(ws):
+    (ws.root / ".GIT" / "hooks").mkdir(parents=True)
+    (ws.root / ".GIT" / "hooks" / "pre-commit").write_text("#!/bin/sh\n")
+    (ws.root / ".Git").write_text("gitdir: /elsewhere\n")
+    assert repository_map(ws) == "Repository files (1):\npkg/mod.py"
 
 
 def test_a_symlink_into_git_metadata_under_another_case_is_refused(ws):
