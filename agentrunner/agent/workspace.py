@@ -549,7 +549,7 @@ class Workspace:
 
     @staticmethod
     def _nearest(text: str, wanted: str) -> str:
-        lines = text.splitlines()
+        lines = _split_lines(text)  # numbered as read_file numbers them
         want = wanted.splitlines() or [wanted]
         width = len(want)
         best, best_at = 0.0, 0
