@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from agentrunner.agent.tools import SYSTEM_PROMPT, TOOL_NAMES, TOOLS
-from agentrunner.agent.workspace import SKIP_DIRS, TestRunner, ToolError, Workspace
+from agentrunner.agent.workspace import SKIP_DIRS, TestRunner, ToolError, Workspace, is_git_name
 from agentrunner.llm.client import LLMClient
 from agentrunner.llm.errors import LLMError
 
@@ -274,8 +274,10 @@ def repository_map(workspace: Workspace, limit: int = 200) -> str:
 
     files: list[str] = []
     for folder, dirs, names in os.walk(workspace.root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        files.extend(os.path.relpath(os.path.join(folder, n), workspace.root) for n in sorted(names))
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not is_git_name(d))
+        files.extend(
+            os.path.relpath(os.path.join(folder, n), workspace.root) for n in sorted(names) if not is_git_name(n)
+        )
     shown = "\n".join(files[:limit])
     more = f"\n… and {len(files) - limit} more files" if len(files) > limit else ""
     return f"Repository files ({len(files)}):\n{shown}{more}"
