@@ -134,7 +134,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         with services.artifact_open(artifact=obj) as handle:
             text = handle.read().decode("utf-8", errors="replace")
         if obj.kind == "patch":
-            body = format_html_join("", '<div style="background:{}">{}</div>', patch_line_colors(text))
+            body = format_html_join("", '<div style="min-height:1.2em;background:{}">{}</div>', patch_line_colors(text))
             return format_html('<pre class="diff" style="font-family:monospace;white-space:pre-wrap">{}</pre>', body)
         return format_html('<pre style="white-space:pre-wrap">{}</pre>', text)
 

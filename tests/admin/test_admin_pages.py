@@ -104,8 +104,8 @@ def test_task_list_has_badges_duration_seconds_cost_and_few_columns(staff, repos
     assert ".badge-succeeded {" in page  # the style ships with the page
     assert "1m 15s" in page and "1h 02m 05s" in page
     assert "$0.0123" in page
-    finished = timezone.localtime(Task.objects.get(pk=done.pk).finished_at).strftime("%Y-%m-%d %H:%M:%S")
-    assert finished in page  # to the second
+    finished = timezone.localtime(Task.objects.get(pk=done.pk).finished_at).strftime("%Y-%m-%d<br>%H:%M:%S")
+    assert finished in page  # to the second (date above time)
     headers = re.findall(r'<th scope="col" class="([^"]*)"', page)
     assert len(headers) <= 9, headers  # the selection box and eight columns
     assert any("column-cost" in h for h in headers) and any("column-finished" in h for h in headers)
@@ -150,8 +150,8 @@ def test_patch_view_colours_only_lines_inside_hunks(staff, make_repo):
     assert [line for line in colors if colors[line] == HUNK] == [line for line in colors if line.startswith("@@")]
     artifact = artifact_services.artifact_store(source=text.encode(), name="fix.patch", kind="patch")
     page = staff.get(f"/admin/artifacts/artifact/{artifact.pk}/change/").content.decode()
-    assert f'<div style="background:{PLAIN}">-- </div>' in page
-    assert f'<div style="background:{REMOVED}">--- old dashes</div>' in page
+    assert f'<div style="min-height:1.2em;background:{PLAIN}">-- </div>' in page
+    assert f'<div style="min-height:1.2em;background:{REMOVED}">--- old dashes</div>' in page
 
 
 def test_patch_colours_handle_counts_new_files_and_no_newline_markers():
