@@ -148,6 +148,15 @@ def _routes_to_a_view(path: str) -> bool:
         return False
 
 
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler400 (a disallowed Host header, too many form fields...): JSON under /api/."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(_body("Bad request.", "bad_request"), status=400)
+    from django.views.defaults import bad_request as django_bad_request
+
+    return django_bad_request(request, exception)
+
+
 def server_error(request: HttpRequest) -> HttpResponse:
     """handler500: JSON under /api/ (no traceback, no settings), Django's plain page elsewhere."""
     if request.path.startswith("/api/"):

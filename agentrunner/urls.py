@@ -18,4 +18,5 @@ urlpatterns = [
     re_path(r"^api/(?P<path>.*)$", api_not_found),  # last: JSON 404 for every other /api/ path
 ]
 
+handler400 = "agentrunner.drf.bad_request"
 handler500 = "agentrunner.drf.server_error"

@@ -82,6 +82,15 @@ def test_an_unexpected_error_under_api_answers_json_without_details(rf):
     assert page.status_code == 500 and page["Content-Type"].startswith("text/html")
 
 
+def test_a_disallowed_host_under_api_answers_json_in_production(api, settings):
+    settings.DEBUG = False
+    settings.ALLOWED_HOSTS = ["agentrunner.example"]
+    client = api.__class__(raise_request_exception=False)
+    assert_json_error(client.get("/api/tasks/", HTTP_HOST="evil.example"), 400, "bad_request")
+    page = client.get("/admin/", HTTP_HOST="evil.example")
+    assert page.status_code == 400 and page["Content-Type"].startswith("text/html")
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "Token"])
 def test_bearer_and_token_prefixes_both_authenticate(user, repository, scheme):
     client = APIClient()
