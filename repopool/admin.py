@@ -4,6 +4,8 @@ import inspect
 
 from django import forms
 from django.contrib import admin, messages
+from django.utils import timezone
+from django.utils.formats import date_format
 
 from common.errors import DomainError
 from repopool import services
@@ -95,7 +97,7 @@ def mark_broken(modeladmin, request, queryset):
 class SlotAdmin(admin.ModelAdmin):
     """Inspect-only: a slot changes state through its actions (services), never by a form."""
 
-    list_display = ["__str__", "state", "lease_holder", "lease_expires_at", "commit", "lease_count", "last_error"]
+    list_display = ["__str__", "state", "lease_holder", "lease_expires", "commit", "lease_count", "last_error"]
     list_filter = ["state", "repository", "host"]
     search_fields = ["lease_holder", "path"]
     actions = [force_release, mark_broken]
@@ -110,3 +112,9 @@ class SlotAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # a deleted row would leave its working copy on disk
+
+    @admin.display(description="lease expires", ordering="lease_expires_at")
+    def lease_expires(self, obj):
+        if not obj.lease_expires_at:
+            return "—"
+        return date_format(timezone.localtime(obj.lease_expires_at), "Y-m-d H:i:s")

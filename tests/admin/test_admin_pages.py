@@ -207,3 +207,10 @@ def test_admin_is_for_staff_only(repository, user):
     response = client.get("/admin/registry/task/")
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
     assert Artifact.objects.count() == 0
+
+
+def test_slot_list_shows_lease_expiry_to_the_second(staff, repository):
+    lease = pool_services.slot_allocate(repository=repository, holder="runner-9", lease_seconds=600)
+    page = staff.get("/admin/repopool/slot/").content.decode()
+    expires = timezone.localtime(Slot.objects.get(pk=lease.slot_id).lease_expires_at)
+    assert expires.strftime("%Y-%m-%d %H:%M:%S") in page and "runner-9" in page
