@@ -1,4 +1,5 @@
-"""A renew without a length keeps the lease's own length (the one given at allocation)."""
+"""A renew without a length keeps the lease's own length (the one given at allocation).
+Slots are an operators' API: the HTTP tests use a staff token."""
 
 from __future__ import annotations
 
@@ -19,22 +20,26 @@ def seconds_left(expires) -> float:
     return (expires - timezone.now()).total_seconds()
 
 
-def test_renew_over_http_without_lease_seconds_keeps_the_allocated_length(api, repository):
-    lease = api.post("/api/slots/allocate/", {"repository": "sample", "holder": "curl", "lease_seconds": 600})
+def test_renew_over_http_without_lease_seconds_keeps_the_allocated_length(staff_api, repository):
+    lease = staff_api.post("/api/slots/allocate/", {"repository": "sample", "holder": "curl", "lease_seconds": 600})
     assert lease.status_code == 201, lease.content
     body = lease.json()
-    renewed = api.post(f"/api/slots/{body['id']}/renew/", {"lease_token": body["lease_token"]})
+    renewed = staff_api.post(f"/api/slots/{body['id']}/renew/", {"lease_token": body["lease_token"]})
     assert renewed.status_code == 200, renewed.content
     left = seconds_left(parse_datetime(renewed.json()["lease_expires_at"]))
     assert 590 < left <= 600  # was stretched to an hour
     assert Slot.objects.get(pk=body["id"]).lease_seconds == 600
 
 
-def test_an_explicit_length_still_wins_and_the_next_default_renew_returns_to_the_allocated_one(api, repository):
-    lease = api.post("/api/slots/allocate/", {"repository": "sample", "holder": "curl", "lease_seconds": 300}).json()
-    longer = api.post(f"/api/slots/{lease['id']}/renew/", {"lease_token": lease["lease_token"], "lease_seconds": 900})
+def test_an_explicit_length_still_wins_and_the_next_default_renew_returns_to_the_allocated_one(staff_api, repository):
+    lease = staff_api.post(
+        "/api/slots/allocate/", {"repository": "sample", "holder": "curl", "lease_seconds": 300}
+    ).json()
+    longer = staff_api.post(
+        f"/api/slots/{lease['id']}/renew/", {"lease_token": lease["lease_token"], "lease_seconds": 900}
+    )
     assert 890 < seconds_left(parse_datetime(longer.json()["lease_expires_at"])) <= 900
-    again = api.post(f"/api/slots/{lease['id']}/renew/", {"lease_token": lease["lease_token"]})
+    again = staff_api.post(f"/api/slots/{lease['id']}/renew/", {"lease_token": lease["lease_token"]})
     assert 290 < seconds_left(parse_datetime(again.json()["lease_expires_at"])) <= 300
 
 
