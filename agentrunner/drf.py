@@ -7,7 +7,8 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponsePermanentRedirect, JsonResponse
+from django.urls import Resolver404, resolve
 from rest_framework import exceptions, parsers, serializers
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
@@ -79,10 +80,21 @@ def exception_handler(exc, context):
     if isinstance(exc, exceptions.ValidationError):
         data = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
         response.data = _body("Invalid input.", "invalid", _stringify(data))
+    elif isinstance(exc, exceptions.UnsupportedMediaType) and _expects_json_only(context):
+        response.data = _body(f"{exc.detail} {JSON_EXPECTED}", "unsupported_media_type")
     elif isinstance(exc, exceptions.APIException):
         codes = exc.get_codes()
         response.data = _body(str(exc.detail), codes if isinstance(codes, str) else "error")
     return response
+
+
+JSON_EXPECTED = "Send a JSON body with Content-Type: application/json."
+
+
+def _expects_json_only(context) -> bool:
+    request = (context or {}).get("request")
+    parsers_ = getattr(request, "parsers", None) or []
+    return bool(parsers_) and all(parser.media_type == "application/json" for parser in parsers_)
 
 
 def _stringify(data) -> dict[str, list[str]]:
@@ -110,3 +122,45 @@ def _messages(value, where: str = "") -> list[str]:
 # Standard error responses for the schema, so each endpoint lists every code it can return.
 def errors(*codes: int) -> dict:
     return {code: ErrorSerializer for code in codes}
+
+
+# --- answers for what no API view handles -------------------------------------------------------
+def api_not_found(request: HttpRequest, path: str = "") -> HttpResponse:
+    """Catch-all for ``/api/...``: a JSON 404 in the usual shape (never Django's HTML page, which
+    with DEBUG on lists every URL pattern). A path that only lacks its trailing slash is redirected
+    for GET and HEAD, as APPEND_SLASH did; other methods are told which path to use, because a
+    redirect would drop the body."""
+    slashed = request.path + "/"
+    if not request.path.endswith("/") and _routes_to_a_view(slashed):
+        if request.method in ("GET", "HEAD"):
+            query = request.META.get("QUERY_STRING", "")
+            return HttpResponsePermanentRedirect(slashed + (f"?{query}" if query else ""))
+        detail = f"Not found: {request.path} needs a trailing slash ({slashed})."
+    else:
+        detail = f"Not found: no API endpoint or object at {request.path}."
+    return JsonResponse(_body(detail, "not_found"), status=404)
+
+
+def _routes_to_a_view(path: str) -> bool:
+    try:
+        return resolve(path).func is not api_not_found
+    except Resolver404:
+        return False
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler400 (a disallowed Host header, too many form fields...): JSON under /api/."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(_body("Bad request.", "bad_request"), status=400)
+    from django.views.defaults import bad_request as django_bad_request
+
+    return django_bad_request(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """handler500: JSON under /api/ (no traceback, no settings), Django's plain page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(_body("Internal server error.", "server_error"), status=500)
+    from django.views.defaults import server_error as django_server_error
+
+    return django_server_error(request)

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from agentrunner.api import HealthView
+from agentrunner.drf import api_not_found
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -14,4 +15,8 @@ urlpatterns = [
     path("api/", include("registry.urls")),
     path("api/", include("repopool.urls")),
     path("api/", include("artifacts.urls")),
+    re_path(r"^api/(?P<path>.*)$", api_not_found),  # last: JSON 404 for every other /api/ path
 ]
+
+handler400 = "agentrunner.drf.bad_request"
+handler500 = "agentrunner.drf.server_error"

@@ -1,15 +1,59 @@
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+
 from django.conf import settings
 from django.contrib import admin
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from artifacts import services
 from artifacts.models import Artifact
 
 TEXT_KINDS = {"patch", "log", "test_report", "transcript"}
+
+HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+FILE_HEADER = ("diff --git ", "index ", "--- ", "+++ ", "new file mode", "deleted file mode", "old mode", "new mode",
+               "similarity index", "rename from", "rename to", "copy from", "copy to", "Binary files")  # fmt: skip
+ADDED, REMOVED, HUNK, HEADER, PLAIN = "#e6ffec", "#ffebe9", "#ddf4ff", "#f6f8fa", "transparent"
+
+
+def patch_line_colors(text: str) -> Iterator[tuple[str, str]]:
+    """(background, line) for a diff or a git format-patch mail. A line is an addition or a
+    removal only inside a hunk, counted by its header: the mail's ``-- `` signature, a commit
+    message's ``- item`` or a removed line that starts with ``--`` are each what they are."""
+    old_left = new_left = 0
+    for line in text.splitlines():
+        if old_left > 0 or new_left > 0:
+            tag = line[:1]
+            if tag == "-" and old_left > 0:
+                old_left -= 1
+                yield REMOVED, line
+                continue
+            if tag == "+" and new_left > 0:
+                new_left -= 1
+                yield ADDED, line
+                continue
+            if tag == " " or line == "":  # context (some tools strip the space of an empty one)
+                old_left, new_left = old_left - 1, new_left - 1
+                yield PLAIN, line
+                continue
+            if tag == "\\":  # "\ No newline at end of file"
+                yield PLAIN, line
+                continue
+            old_left = new_left = 0  # a truncated hunk: read the line as outside one
+        hunk = HUNK_RE.match(line)
+        if hunk:
+            old_left = int(hunk.group(1) or 1)
+            new_left = int(hunk.group(2) or 1)
+            yield HUNK, line
+        elif line.startswith(FILE_HEADER):
+            yield HEADER, line
+        else:
+            yield PLAIN, line
 
 
 @admin.register(Artifact)
@@ -27,6 +71,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         "storage_key",
         "metadata",
         "created_at",
+        "linked_tasks",
         "download",
         "preview",
     ]
@@ -36,7 +81,28 @@ class ArtifactAdmin(admin.ModelAdmin):
         return False  # uploads go through the API, which verifies and streams
 
     def has_change_permission(self, request, obj=None):
-        return request.method in ("GET", "HEAD")
+        return False  # content-addressed and immutable: the page is view-only
+
+    def has_delete_permission(self, request, obj=None):
+        # Staff delete through the API (DELETE /api/artifacts/{id}/), whose service removes the
+        # blob with the record; the admin's delete removed the record only.
+        return False
+
+    @admin.display(description="tasks")
+    def linked_tasks(self, obj):
+        links = obj.task_links.select_related("task").order_by("created_at")
+        rows = [
+            (
+                reverse("admin:registry_task_change", args=[link.task_id]),
+                link.task.title,
+                link.role or "artifact",
+                f", attempt {link.attempt_number}" if link.attempt_number else "",
+            )
+            for link in links
+        ]
+        if not rows:
+            return "not linked to a task"
+        return format_html_join(mark_safe("<br>"), '<a href="{}">{}</a> ({}{})', rows)
 
     @admin.display(description="size", ordering="size")
     def human_size(self, obj):
@@ -68,12 +134,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         with services.artifact_open(artifact=obj) as handle:
             text = handle.read().decode("utf-8", errors="replace")
         if obj.kind == "patch":
-            colors = {"+": "#e6ffec", "-": "#ffebe9", "@": "#ddf4ff"}
-            rows = (
-                (colors.get(line[:1], "transparent") if not line.startswith(("+++", "---")) else "#f6f8fa", line)
-                for line in text.splitlines()
-            )
-            body = format_html_join("", '<div style="background:{}">{}</div>', rows)
+            body = format_html_join("", '<div style="min-height:1.2em;background:{}">{}</div>', patch_line_colors(text))
             return format_html('<pre class="diff" style="font-family:monospace;white-space:pre-wrap">{}</pre>', body)
         return format_html('<pre style="white-space:pre-wrap">{}</pre>', text)
 

@@ -1,11 +1,51 @@
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from django.contrib import admin, messages
+from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.html import format_html
 
 from common.errors import DomainError
 from registry import services
 from registry.models import Attempt, Task, TaskArtifact, TaskEvent
+
+
+def with_seconds(value: datetime | None) -> str:
+    """Times in lists and inlines to the second (Django's default format stops at minutes)."""
+    return date_format(timezone.localtime(value), "Y-m-d H:i:s") if value else "—"
+
+
+def human_duration(delta: timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {seconds:02d}s"
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def stacked_time(value: datetime | None) -> str:
+    """Date above time, so a narrow list column never breaks inside the date."""
+    if not value:
+        return "—"
+    local = timezone.localtime(value)
+    return format_html("{}<br>{}", date_format(local, "Y-m-d"), date_format(local, "H:i:s"))
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Inspect-only pages: Django's view-only form (no Save buttons, no Delete). Every change goes
+    through an admin action that calls a service."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -22,9 +62,13 @@ class ReadOnlyInline(admin.TabularInline):
 
 class TaskEventInline(ReadOnlyInline):
     model = TaskEvent
-    fields = ["seq", "created_at", "type", "message", "data"]
+    fields = ["seq", "time", "type", "message", "data"]
     readonly_fields = fields
     ordering = ["seq"]
+
+    @admin.display(description="time", ordering="created_at")
+    def time(self, obj):
+        return with_seconds(obj.created_at)
 
 
 class AttemptInline(ReadOnlyInline):
@@ -33,14 +77,22 @@ class AttemptInline(ReadOnlyInline):
         "number",
         "runner_id",
         "slot",
-        "started_at",
-        "finished_at",
+        "started",
+        "finished",
         "outcome",
         "failure_reason",
         "message",
         "metrics",
     ]
     readonly_fields = fields
+
+    @admin.display(description="started", ordering="started_at")
+    def started(self, obj):
+        return with_seconds(obj.started_at)
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished(self, obj):
+        return with_seconds(obj.finished_at)
 
 
 class TaskArtifactInline(ReadOnlyInline):
@@ -80,19 +132,12 @@ def retry_tasks(modeladmin, request, queryset):
 
 
 @admin.register(Task)
-class TaskAdmin(admin.ModelAdmin):
-    list_display = [
-        "title",
-        "repository",
-        "status",
-        "failure_reason",
-        "priority",
-        "attempts_count",
-        "total_tokens",
-        "cost_usd",
-        "created_at",
-        "finished_at",
-    ]
+class TaskAdmin(ReadOnlyAdmin):
+    # Few columns, so cost, finished and duration stay on screen at 1,400 px with the admin's
+    # sidebar and filters open: the repository rides under the title, the failure reason under the
+    # status badge; priority and tokens are on the task's page.
+    list_display = ["task", "status_badge", "attempts", "cost", "created", "finished", "duration"]
+    list_display_links = ["task"]
     list_filter = ["status", "repository", "failure_reason"]
     search_fields = ["id", "title", "instructions", "result_branch", "result_commit"]
     actions = [cancel_tasks, retry_tasks]
@@ -100,37 +145,80 @@ class TaskAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in Task._meta.fields] + ["depends_on"]
     list_select_related = ["repository"]
 
-    def has_add_permission(self, request):
-        return False  # tasks are created through the API or runagent, which go through services
+    @admin.display(description="task", ordering="title")
+    def task(self, obj):
+        title = obj.title if len(obj.title) <= 60 else obj.title[:59] + "…"
+        return format_html(
+            '<span title="{}">{}</span><br><span class="task-repository">{}</span>', obj.title, title, obj.repository
+        )
 
-    def has_change_permission(self, request, obj=None):
-        return request.method in ("GET", "HEAD")  # inspect only; changes go through the actions
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj):
+        reason = obj.failure_reason or ""
+        hint = f"{reason}: {obj.failure_message[:300]}" if reason else obj.get_status_display()
+        badge = format_html(
+            '<span class="badge badge-{}" title="{}">{}</span>', obj.status, hint, obj.get_status_display()
+        )
+        if reason and reason != obj.status:
+            return format_html('{}<br><span class="badge-reason">{}</span>', badge, obj.get_failure_reason_display())
+        return badge
+
+    @admin.display(description="tries", ordering="attempts_count")
+    def attempts(self, obj):
+        return obj.attempts_count
+
+    @admin.display(description="cost", ordering="cost_usd")
+    def cost(self, obj):
+        if obj.cost_usd is None:
+            return "unknown" if obj.cost_unknown else "—"
+        return f"${obj.cost_usd:.4f}" + ("+" if obj.cost_unknown else "")
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, obj):
+        return stacked_time(obj.created_at)
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished(self, obj):
+        return stacked_time(obj.finished_at)
+
+    @admin.display(description="duration")
+    def duration(self, obj):
+        """Of the latest attempt: from its start to the end, or to now while it runs."""
+        if obj.started_at is None:
+            return "—"
+        if obj.finished_at is None:
+            if obj.status != "running":
+                return "—"
+            return format_html(
+                '<span title="still running">{}…</span>', human_duration(timezone.now() - obj.started_at)
+            )
+        return human_duration(obj.finished_at - obj.started_at)
 
 
 @admin.register(TaskEvent)
-class TaskEventAdmin(admin.ModelAdmin):
-    list_display = ["task", "seq", "type", "message", "created_at"]
+class TaskEventAdmin(ReadOnlyAdmin):
+    list_display = ["task", "seq", "type", "message", "time"]
     list_filter = ["type"]
     search_fields = ["task__id", "message"]
+    list_select_related = ["task"]
+    readonly_fields = [f.name for f in TaskEvent._meta.fields]
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return request.method in ("GET", "HEAD")
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+    @admin.display(description="time", ordering="created_at")
+    def time(self, obj):
+        return with_seconds(obj.created_at)
 
 
 @admin.register(Attempt)
-class AttemptAdmin(admin.ModelAdmin):
-    list_display = ["task", "number", "runner_id", "outcome", "failure_reason", "started_at", "finished_at"]
+class AttemptAdmin(ReadOnlyAdmin):
+    list_display = ["task", "number", "runner_id", "outcome", "failure_reason", "started", "finished"]
     list_filter = ["outcome", "failure_reason"]
+    list_select_related = ["task"]
     readonly_fields = [f.name for f in Attempt._meta.fields]
 
-    def has_add_permission(self, request):
-        return False
+    @admin.display(description="started", ordering="started_at")
+    def started(self, obj):
+        return with_seconds(obj.started_at)
 
-    def has_change_permission(self, request, obj=None):
-        return request.method in ("GET", "HEAD")
+    @admin.display(description="finished", ordering="finished_at")
+    def finished(self, obj):
+        return with_seconds(obj.finished_at)

@@ -71,6 +71,11 @@ class Slot(models.Model):
     lease_token = models.UUIDField(null=True, blank=True)
     leased_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lease_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Length of the latest lease as allocated; a renew without a length extends by this much.",
+    )
     commit = models.CharField(max_length=64, blank=True, default="")
     base_commit = models.CharField(
         max_length=64, blank=True, default="", help_text="Commit of the default branch a reset returns to."

@@ -92,5 +92,9 @@ class TokenSerializer(serializers.Serializer):
 
 
 class RenewSerializer(TokenSerializer):
-    lease_seconds = serializers.IntegerField(default=3600, min_value=1)
+    lease_seconds = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        help_text="New length from now; by default the length the lease was allocated with.",
+    )
     validate_lease_seconds = AllocateSerializer.validate_lease_seconds

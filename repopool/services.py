@@ -31,6 +31,8 @@ from repopool.errors import NoSlotAvailable, RepositoryNotFound, SlotBroken, Slo
 from repopool.models import Repository, Slot, SlotState
 
 log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 3600  # a renew of a lease whose length was never stored
 St = SlotState
 
 
@@ -323,6 +325,7 @@ def _claim_free_slot(repository: Repository, holder: str, lease_seconds: int) ->
             lease_holder=holder[:255],
             leased_at=now,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
+            lease_seconds=lease_seconds,
             state_changed_at=now,
         )
     if not updated:
@@ -395,6 +398,7 @@ def _grow_on_demand(repository: Repository, holder: str, lease_seconds: int) -> 
         final_state=St.LEASED,
         leased_at=now,
         lease_expires_at=timezone.now() + timedelta(seconds=lease_seconds),
+        lease_seconds=lease_seconds,
         lease_count=1,
     ):
         return None
@@ -436,12 +440,19 @@ def _get_slot(slot_id: int) -> Slot:
         raise SlotNotFound(f"slot {slot_id} does not exist") from None
 
 
-def slot_renew(*, slot_id: int, lease_token: uuid.UUID | str, lease_seconds: int = 3600) -> datetime:
-    """Extend a lease (the runner's heartbeat). Refused (StaleLease) with a wrong or stale token."""
-    _validate_lease_seconds(lease_seconds)
+def slot_renew(*, slot_id: int, lease_token: uuid.UUID | str, lease_seconds: int | None = None) -> datetime:
+    """Extend a lease (the runner's heartbeat) to now + ``lease_seconds``, by default the length the
+    lease was allocated with. Refused (StaleLease) with a wrong or stale token."""
+    if lease_seconds is not None:
+        _validate_lease_seconds(lease_seconds)
     _get_slot(slot_id)
+    current = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=lease_token)
+    if lease_seconds is None:
+        # The length is written once per lease, with its token: read under the same token filter,
+        # it belongs to this lease (a lease from before lengths were stored keeps the old hour).
+        lease_seconds = current.values_list("lease_seconds", flat=True).first() or DEFAULT_LEASE_SECONDS
     expires = timezone.now() + timedelta(seconds=lease_seconds)
-    if not Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=lease_token).update(lease_expires_at=expires):
+    if not current.update(lease_expires_at=expires):
         raise StaleLease("lease token does not match the slot's current lease")
     return expires
 
