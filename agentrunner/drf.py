@@ -26,8 +26,27 @@ class PayloadTooLarge(exceptions.APIException):
     default_code = "too_large"
 
 
+MAX_JSON_DEPTH = 64
+
+
+def json_too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when arrays/objects nest deeper than ``limit`` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 class LimitedJSONParser(parsers.JSONParser):
-    """JSON bodies are small: refuse one larger than DATA_UPLOAD_MAX_MEMORY_SIZE before reading it."""
+    """JSON bodies are small: refuse one larger than DATA_UPLOAD_MAX_MEMORY_SIZE before reading it,
+    and one nested deeper than MAX_JSON_DEPTH (the decoder's own RecursionError would be a 500, and
+    every later walk over the data, validators and jsonb included, would have to survive it)."""
 
     def parse(self, stream, media_type=None, parser_context=None):
         request = (parser_context or {}).get("request")
@@ -39,7 +58,14 @@ class LimitedJSONParser(parsers.JSONParser):
                 length = 0
             if length > limit:
                 raise PayloadTooLarge(f"Request body of {length} bytes exceeds the limit of {limit} bytes.")
-        return super().parse(stream, media_type, parser_context)
+        try:
+            data = super().parse(stream, media_type, parser_context)
+            too_deep = json_too_deep(data)
+        except RecursionError:
+            too_deep = True
+        if too_deep:
+            raise exceptions.ParseError(f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels.")
+        return data
 
 
 class ErrorSerializer(serializers.Serializer):

@@ -42,6 +42,9 @@ from artifacts.storage import blob_storage, key_for, walk
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A media type (RFC 6838: type and subtype of at most 127 restricted characters), no parameters: it
+# fits the 255-character column and is sent back as a header, so nothing else gets through.
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\Z")
 
 
 class _TempBlob(File):
@@ -136,6 +139,14 @@ def artifact_store(
         from common.errors import DomainError
 
         raise DomainError(f"unknown kind {kind!r}; one of {', '.join(ArtifactKind.values)}", field="kind")
+    content_type = (content_type or "").strip()
+    if content_type and not _MEDIA_TYPE.match(content_type):
+        from common.errors import DomainError
+
+        raise DomainError(
+            "content type must be a media type such as text/plain (at most 255 characters, no parameters)",
+            field="content_type",
+        )
     expected_sha256 = normalize_sha256(expected_sha256)
     max_size = settings.ARTIFACTS_MAX_SIZE if max_size is None else max_size
     if expected_size is not None and expected_size > max_size:
