@@ -1,9 +1,10 @@
 """Writing and removing artifacts: nothing partial, nothing unverified.
 
-Bytes stream in chunks to a temporary file under ``AGENTRUNNER_DATA_DIR/tmp`` while sha256 and size
-are computed; only a complete, verified file is moved (renamed, on local disk) to its final,
-content-addressed key, and only then is the database row created. An interrupted write leaves at
-most a temporary file, which ``artifacts_gc`` removes.
+Bytes stream in chunks to a temporary file while sha256 and size are computed (on local disk in the
+store's own ``tmp/`` folder, so the move to the key is an atomic same-filesystem rename; for an
+object store under ``AGENTRUNNER_DATA_DIR/tmp``); only a complete, verified file is moved to its
+final, content-addressed key, and only then is the database row created. An interrupted write
+leaves at most a temporary file, which ``artifacts_gc`` removes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from artifacts.errors import (
     StorageUnavailable,
 )
 from artifacts.models import Artifact, ArtifactKind
-from artifacts.storage import blob_storage, key_for, walk
+from artifacts.storage import blob_storage, key_for, place_local, temp_dir, walk
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
@@ -90,9 +91,11 @@ def _chunks_of(source: BinaryIO | bytes | str | Path | Iterable[bytes]) -> Itera
     yield from source
 
 
-def _spool_to_temp(chunks: Iterable[bytes], *, max_size: int, expected_size: int | None) -> tuple[Path, str, int]:
-    """Write chunks to a temp file, hashing on the way. Removes the file on any failure."""
-    tmp_root = Path(settings.TMP_ROOT)
+def _spool_to_temp(
+    chunks: Iterable[bytes], *, tmp_root: Path, max_size: int, expected_size: int | None
+) -> tuple[Path, str, int]:
+    """Write chunks to a temp file, hashing on the way. Removes the file on any failure. The file is
+    flushed to disk before it is renamed to its key, so a crash cannot leave the key empty."""
     tmp_root.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=tmp_root)
     path = Path(name)
@@ -106,6 +109,8 @@ def _spool_to_temp(chunks: Iterable[bytes], *, max_size: int, expected_size: int
                     raise ArtifactTooLarge(f"artifact exceeds the maximum size of {max_size} bytes")
                 digest.update(chunk)
                 out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
         if expected_size is not None and size != expected_size:
             raise IncompleteUpload(f"upload ended after {size} of {expected_size} bytes")
     except BaseException:
@@ -152,18 +157,25 @@ def artifact_store(
     if expected_size is not None and expected_size > max_size:
         raise ArtifactTooLarge(f"artifact of {expected_size} bytes exceeds the maximum size of {max_size} bytes")
     name = sanitize_name(name)
+    storage = blob_storage()
     try:
-        temp, sha256, size = _spool_to_temp(_chunks_of(source), max_size=max_size, expected_size=expected_size)
+        temp, sha256, size = _spool_to_temp(
+            _chunks_of(source), tmp_root=temp_dir(storage), max_size=max_size, expected_size=expected_size
+        )
     except OSError as exc:
         raise _storage_error(exc) from None
     try:
         if expected_sha256 and expected_sha256 != sha256:
             raise ChecksumMismatch(f"content sha256 is {sha256}, not the expected {expected_sha256}")
         key = key_for(sha256)
-        storage = blob_storage()
         # Local disk: always rename (cheap, and re-creates a blob a concurrent delete removed);
         # an object store: upload only what it does not hold yet.
-        if isinstance(storage, FileSystemStorage) or not storage.exists(key):
+        if isinstance(storage, FileSystemStorage):
+            try:
+                place_local(storage, temp, key)
+            except OSError as exc:
+                raise _storage_error(exc) from None
+        elif not storage.exists(key):
             blob = _TempBlob(temp)
             try:
                 saved = storage.save(key, blob)
@@ -222,22 +234,34 @@ def artifact_delete(*, artifact_id: uuid.UUID | str) -> None:
         blob_storage().delete(artifact.storage_key)
 
 
+def _old_files(folder: Path, cutoff: float) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        try:
+            if (path.is_file() or path.is_symlink()) and path.lstat().st_mtime < cutoff:
+                found.append(path)
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def artifacts_gc(*, grace_seconds: int = 3600, dry_run: bool = False) -> dict[str, list[str]]:
-    """Remove temporary leftovers and stored blobs no record points to, older than the grace
-    period (so an upload in flight, whose bytes land before its row, is never touched)."""
+    """Remove temporary leftovers (the data folder's ``tmp/`` and the local store's own ``tmp/``)
+    and stored blobs no record points to, older than the grace period (so an upload in flight,
+    whose bytes land before its row, is never touched)."""
     cutoff = time.time() - grace_seconds
     removed: dict[str, list[str]] = {"temporary": [], "blobs": []}
-    tmp_root = Path(settings.TMP_ROOT)
-    if tmp_root.is_dir():
-        for path in tmp_root.iterdir():
-            try:
-                if path.is_file() and path.stat().st_mtime < cutoff:
-                    removed["temporary"].append(path.name)
-                    if not dry_run:
-                        path.unlink(missing_ok=True)
-            except FileNotFoundError:
-                continue
     storage = blob_storage()
+    temp_folders = [Path(settings.TMP_ROOT)]
+    if isinstance(storage, FileSystemStorage):
+        temp_folders.append(temp_dir(storage))
+    for folder in temp_folders:
+        for path in _old_files(folder, cutoff):
+            removed["temporary"].append(path.name)
+            if not dry_run:
+                path.unlink(missing_ok=True)
     known = set(Artifact.objects.values_list("storage_key", flat=True))
     cutoff_dt = datetime.now(UTC) - timedelta(seconds=grace_seconds)
     for key in walk(storage):
