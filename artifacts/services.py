@@ -15,6 +15,7 @@ import logging
 import mimetypes
 import os
 import re
+import shutil
 import tempfile
 import time
 import unicodedata
@@ -234,6 +235,20 @@ def artifact_delete(*, artifact_id: uuid.UUID | str) -> None:
         blob_storage().delete(artifact.storage_key)
 
 
+RUN_FOLDER = re.compile(r"^run-(?P<task>[0-9a-f]{32})-(?P<attempt>[0-9]{1,9})\Z")
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest change in a run folder: the folder itself or any file in it (a log being written)."""
+    newest = folder.lstat().st_mtime
+    for entry in os.scandir(folder):
+        try:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        except FileNotFoundError:
+            continue
+    return newest
+
+
 def _old_files(folder: Path, cutoff: float) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -247,14 +262,23 @@ def _old_files(folder: Path, cutoff: float) -> list[Path]:
     return found
 
 
-def artifacts_gc(*, grace_seconds: int = 3600, dry_run: bool = False) -> dict[str, list[str]]:
-    """Remove temporary leftovers (the data folder's ``tmp/`` and the local store's own ``tmp/``)
-    and stored blobs no record points to, older than the grace period (so an upload in flight,
-    whose bytes land before its row, is never touched)."""
+def artifacts_gc(
+    *,
+    grace_seconds: int = 3600,
+    dry_run: bool = False,
+    attempt_running: Callable[[uuid.UUID, int], bool] | None = None,
+) -> dict[str, list[str]]:
+    """Remove leftovers older than the grace period (so an upload in flight, whose bytes land before
+    its row, is never touched): temporary upload files (the data folder's ``tmp/`` and the local
+    store's own ``tmp/``), stored blobs no record points to, and the runner's abandoned run folders
+    (``tmp/run-<task>-<attempt>``, left by a runner killed mid-task) whose attempt is not running.
+    ``attempt_running(task_id, number)`` says which attempts still run; without it run folders are
+    left alone (this app does not read the registry)."""
     cutoff = time.time() - grace_seconds
-    removed: dict[str, list[str]] = {"temporary": [], "blobs": []}
+    removed: dict[str, list[str]] = {"temporary": [], "blobs": [], "run_folders": []}
+    tmp_root = Path(settings.TMP_ROOT)
     storage = blob_storage()
-    temp_folders = [Path(settings.TMP_ROOT)]
+    temp_folders = [tmp_root]
     if isinstance(storage, FileSystemStorage):
         temp_folders.append(temp_dir(storage))
     for folder in temp_folders:
@@ -262,6 +286,21 @@ def artifacts_gc(*, grace_seconds: int = 3600, dry_run: bool = False) -> dict[st
             removed["temporary"].append(path.name)
             if not dry_run:
                 path.unlink(missing_ok=True)
+    if attempt_running is not None and tmp_root.is_dir():
+        for path in sorted(tmp_root.iterdir()):
+            match = RUN_FOLDER.match(path.name)
+            if match is None or path.is_symlink() or not path.is_dir():
+                continue
+            try:
+                if _newest_mtime(path) >= cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            if attempt_running(uuid.UUID(match["task"]), int(match["attempt"])):
+                continue
+            removed["run_folders"].append(path.name)
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
     known = set(Artifact.objects.values_list("storage_key", flat=True))
     cutoff_dt = datetime.now(UTC) - timedelta(seconds=grace_seconds)
     for key in walk(storage):

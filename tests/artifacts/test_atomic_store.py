@@ -95,9 +95,7 @@ def test_copy_fallback_stores_the_whole_file_and_no_temporary_name(monkeypatch, 
     assert all_files(isolated_data_dir / "artifacts") == [final]
 
 
-def test_api_upload_with_the_disk_full_at_the_final_move_is_507_and_leaves_nothing(
-    api, monkeypatch, isolated_data_dir
-):
+def test_api_upload_with_the_disk_full_at_the_final_move_is_507_and_leaves_nothing(api, monkeypatch, isolated_data_dir):
     data = os.urandom(3 * LIMIT)
     with renames_cross_a_filesystem(monkeypatch, then_disk_full=True):
         response = api.generic("POST", "/api/artifacts/?name=big.bin", data, content_type="application/octet-stream")
