@@ -102,3 +102,29 @@ def test_a_planted_link_at_the_attempts_own_run_folder_is_replaced(sample_repo, 
     assert not planted.is_symlink() and planted.is_dir()
     assert (planted / "run.log").read_text().endswith("a line of the run log\n")
     assert planted.stat().st_mode & 0o777 == 0o700
+
+
+def test_recovered_files_wait_in_the_spool_while_the_store_is_down(llm, sample_repo, settings, tmp_path):
+    task = registry.task_create(title="t", instructions="fix add", repository=sample_repo, max_attempts=3)
+    kill_first_attempt(task)
+    folder = leave_run_folder(task, 1, {"run.log": b"attempt one's log\n"})
+    good_storage = settings.STORAGES
+    broken_root = tmp_path / "not-a-folder"
+    broken_root.write_text("a file where the artifact folder should be")
+    settings.STORAGES = {
+        **good_storage,
+        "artifacts": {**good_storage["artifacts"], "OPTIONS": {"location": str(broken_root / "x")}},
+    }
+    llm.responder = lambda request: tool("finish", summary="nothing to do")
+    run_task(task_id=task.pk)
+    assert not folder.exists()  # adopted: its files now wait in the spool
+    assert not task.artifact_links.filter(attempt_number=1).exists()
+    assert (settings.SPOOL_ROOT / task.pk.hex / "1-recovered-log" / "content").read_bytes() == b"attempt one's log\n"
+
+    settings.STORAGES = good_storage
+    registry.task_retry(task_id=task.pk)
+    run_task(task_id=task.pk)
+    link = task.artifact_links.select_related("artifact").get(attempt_number=1)
+    assert link.role == "log" and link.artifact.name == "run-attempt1.log"
+    assert link.artifact.metadata["recovered"] is True
+    assert not (settings.SPOOL_ROOT / task.pk.hex).exists()
