@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 from rest_framework import serializers
 
 from artifacts.models import Artifact, ArtifactKind
@@ -8,15 +10,21 @@ MAX_METADATA_DEPTH = 32
 
 
 def validate_json_metadata(value):
-    """JSON that PostgreSQL's jsonb accepts: an object, no NUL characters anywhere, nested at most
-    MAX_METADATA_DEPTH levels (walked without recursion, so no depth can crash the walk)."""
+    """JSON that PostgreSQL's jsonb accepts: an object, no NUL characters, lone surrogates or
+    infinite numbers anywhere, nested at most MAX_METADATA_DEPTH levels (walked without recursion,
+    so no depth can crash the walk)."""
     if not isinstance(value, dict):
         raise serializers.ValidationError("Metadata must be a JSON object.")
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, str) and "\x00" in node:
-            raise serializers.ValidationError("Null characters are not allowed.")
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise serializers.ValidationError("Null characters are not allowed.")
+            if not node.isascii() and any("\ud800" <= ch <= "\udfff" for ch in node):
+                raise serializers.ValidationError("Lone surrogates (\\ud800-\\udfff) are not allowed.")
+        if isinstance(node, float) and not math.isfinite(node):  # 1e999 reads as infinity
+            raise serializers.ValidationError("Numbers must be finite.")
         if isinstance(node, (dict, list)) and depth > MAX_METADATA_DEPTH:
             raise serializers.ValidationError(f"Metadata may nest at most {MAX_METADATA_DEPTH} levels.")
         if isinstance(node, dict):

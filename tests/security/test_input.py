@@ -122,6 +122,35 @@ def test_deeply_nested_upload_metadata_is_400_and_stores_nothing(api, isolated_d
     assert Artifact.objects.count() == 0 and stored_files(isolated_data_dir) == []
 
 
+@pytest.mark.parametrize("bad", ['"\\ud800"', '"a\\udfff"', "1e999", "-1e999"])
+def test_json_body_the_database_cannot_hold_is_400(staff_api, make_repo, bad):
+    """A lone surrogate or an infinite number passes json.loads but not PostgreSQL (a 500)."""
+    url = str(make_repo())
+    body = f'{{"name": "r1", "url": "{url}", "keep_paths": [{bad}]}}'
+    response = staff_api.generic("POST", "/api/repositories/", body, content_type="application/json")
+    assert response.status_code == 400, response.content[:300]
+    assert "keep_paths.0" in response.json()["detail"]
+    assert not Repository.objects.exists()
+
+
+def test_unicode_that_the_database_holds_is_still_fine(api, repository):
+    body = '{"repository": "sample", "instructions": "caf\\u00e9 \\ud83d\\ude00", "title": "Ünïcode"}'
+    response = api.generic("POST", "/api/tasks/", body, content_type="application/json")
+    assert response.status_code == 201, response.content
+    assert response.json()["instructions"] == "café 😀"
+
+
+@pytest.mark.parametrize("metadata", ['{"a": 1e999}', '{"a": ["\\ud800"]}', '{"\\udfff": 1}'])
+def test_upload_metadata_the_database_cannot_hold_is_400_and_stores_nothing(api, isolated_data_dir, metadata):
+    from urllib.parse import urlencode
+
+    query = urlencode({"name": "a.bin", "metadata": metadata})
+    response = api.generic("POST", f"/api/artifacts/?{query}", b"abc", content_type="application/octet-stream")
+    assert response.status_code == 400, response.content[:300]
+    assert "metadata" in response.json()["errors"]
+    assert Artifact.objects.count() == 0 and stored_files(isolated_data_dir) == []
+
+
 # --- the upload's Content-Type --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "content_type", ["application/" + "x" * 10_000, "text/plain\x01", "not a media type", "a/" + "b" * 200]
