@@ -164,7 +164,7 @@ def artifact_store(
             _chunks_of(source), tmp_root=temp_dir(storage), max_size=max_size, expected_size=expected_size
         )
     except OSError as exc:
-        raise _storage_error(exc) from None
+        raise storage_error(exc) from None
     try:
         if expected_sha256 and expected_sha256 != sha256:
             raise ChecksumMismatch(f"content sha256 is {sha256}, not the expected {expected_sha256}")
@@ -175,13 +175,13 @@ def artifact_store(
             try:
                 place_local(storage, temp, key)
             except OSError as exc:
-                raise _storage_error(exc) from None
+                raise storage_error(exc) from None
         elif not storage.exists(key):
             blob = _TempBlob(temp)
             try:
                 saved = storage.save(key, blob)
             except OSError as exc:
-                raise _storage_error(exc) from None
+                raise storage_error(exc) from None
             except Exception as exc:  # an object store's client error (endpoint down, denied, ...)
                 raise StorageUnavailable(
                     f"the artifact store failed: {type(exc).__name__} (nothing was stored)"
@@ -208,7 +208,8 @@ def artifact_store(
     return artifact
 
 
-def _storage_error(exc: OSError) -> StorageUnavailable:
+def storage_error(exc: OSError) -> StorageUnavailable:
+    """The refusal for a write that failed: StorageFull (507) when the disk is full, else 503."""
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return StorageFull(f"the artifact could not be written: {exc.strerror} (nothing was stored)")
     return StorageUnavailable(f"the artifact store failed: {exc.strerror or type(exc).__name__} (nothing was stored)")

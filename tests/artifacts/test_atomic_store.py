@@ -103,3 +103,22 @@ def test_api_upload_with_the_disk_full_at_the_final_move_is_507_and_leaves_nothi
     assert response.json()["code"] == "storage_full"
     assert all_files(isolated_data_dir / "artifacts") == [] and all_files(isolated_data_dir / "tmp") == []
     assert Artifact.objects.count() == 0
+
+
+def test_multipart_upload_with_the_disk_full_is_507_and_leaves_nothing(api, isolated_data_dir):
+    """Django writes the file part to a temporary file while parsing: that write may fail too."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    data = os.urandom(3 * LIMIT)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))
+    try:
+        response = api.post("/api/artifacts/", {"file": SimpleUploadedFile("big.bin", data)}, format="multipart")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert response.status_code == 507, response.content
+    assert response.json()["code"] == "storage_full"
+    assert all_files(isolated_data_dir / "artifacts") == [] and all_files(isolated_data_dir / "tmp") == []
+    assert Artifact.objects.count() == 0
