@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # What may name a repository in a filter: an id in ASCII digits or a well-formed repository name.
 REPOSITORY_REF_REGEX = r"^(?:[0-9]{1,18}|(?!\.{1,2}\Z)[A-Za-z0-9._-]{1,100})\Z"
 REPOSITORY_REF_HELP = "Give a repository id (digits 0-9) or name (letters, digits, '-', '_', '.')."
+
 St = SlotState
 
 
