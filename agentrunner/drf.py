@@ -4,6 +4,8 @@ No import of rest_framework.views at module level: DRF imports this module while
 
 from __future__ import annotations
 
+import math
+
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -27,8 +29,55 @@ class PayloadTooLarge(exceptions.APIException):
     default_code = "too_large"
 
 
+MAX_JSON_DEPTH = 64
+
+
+def json_problem(value, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why parsed JSON cannot be taken (None when it can): nested deeper than ``limit``, a string
+    with a lone surrogate (no UTF-8 for it: the database refuses it), a number too large for a float
+    (1e999 parses as infinity, which jsonb refuses). Walked without recursion; says where."""
+
+    def bad(item) -> str | None:
+        if isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone surrogate (\\ud800-\\udfff)"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "a number is out of range"
+        return None
+
+    def where(trail) -> str:
+        keys = []
+        while trail:
+            trail, key = trail
+            keys.append(str(key).encode("ascii", "backslashreplace").decode()[:40])
+        return ".".join(reversed(keys))[:200]
+
+    if not isinstance(value, (dict, list)):
+        reason = bad(value)
+        return f"JSON parse error - {reason}." if reason else None
+    stack = [(value, 1, ())]
+    while stack:
+        node, depth, trail = stack.pop()
+        if depth > limit:
+            return f"JSON parse error - nested deeper than {limit} levels."
+        for key, item in node.items() if type(node) is dict else enumerate(node):
+            kind = type(item)
+            if kind is dict or kind is list:
+                stack.append((item, depth + 1, (trail, key)))
+            elif (
+                (kind is str and not item.isascii()) or kind is float or (type(key) is str and not key.isascii())
+            ) and (reason := bad(key) or bad(item)):
+                return f"JSON parse error - {reason} (at {where((trail, key))})."
+    return None
+
+
 class LimitedJSONParser(parsers.JSONParser):
-    """JSON bodies are small: refuse one larger than DATA_UPLOAD_MAX_MEMORY_SIZE before reading it."""
+    """JSON bodies are small: refuse one larger than DATA_UPLOAD_MAX_MEMORY_SIZE before reading it,
+    and one nested deeper than MAX_JSON_DEPTH (the decoder's own RecursionError would be a 500, and
+    every later walk over the data, validators and jsonb included, would have to survive it) or
+    holding what no database column takes (see ``json_problem``)."""
 
     def parse(self, stream, media_type=None, parser_context=None):
         request = (parser_context or {}).get("request")
@@ -40,7 +89,14 @@ class LimitedJSONParser(parsers.JSONParser):
                 length = 0
             if length > limit:
                 raise PayloadTooLarge(f"Request body of {length} bytes exceeds the limit of {limit} bytes.")
-        return super().parse(stream, media_type, parser_context)
+        try:
+            data = super().parse(stream, media_type, parser_context)
+            problem = json_problem(data)
+        except RecursionError:
+            problem = f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels."
+        if problem:
+            raise exceptions.ParseError(problem)
+        return data
 
 
 class ErrorSerializer(serializers.Serializer):

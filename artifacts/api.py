@@ -108,7 +108,12 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         if length > settings.ARTIFACTS_MAX_SIZE:
             raise ArtifactTooLarge(f"artifact exceeds the maximum size of {settings.ARTIFACTS_MAX_SIZE} bytes")
         if content_type.startswith("multipart/form-data"):
-            form = MultipartUploadSerializer(data={**request.data.dict(), "file": request.FILES.get("file")})
+            try:  # Django spools the file part to FILE_UPLOAD_TEMP_DIR while parsing: the disk may fill
+                fields, files = request.data, request.FILES
+            except OSError as exc:
+                _discard_partial_uploads(django_request)
+                raise services.storage_error(exc) from None
+            form = MultipartUploadSerializer(data={**fields.dict(), "file": files.get("file")})
             form.is_valid(raise_exception=True)
             params = form.validated_data
             upload = params["file"]
@@ -169,6 +174,14 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def content(self, request, pk=None):
         artifact = self.get_object()
         return content_response(request, artifact)
+
+
+def _discard_partial_uploads(django_request) -> None:
+    """Close (and so delete) the temporary file of a multipart part whose writing failed."""
+    for handler in django_request.upload_handlers:
+        partial = getattr(handler, "file", None)
+        if partial is not None:
+            partial.close()
 
 
 def _linker(task_id, role):

@@ -1,28 +1,48 @@
 from __future__ import annotations
 
+import math
+
 from rest_framework import serializers
 
 from artifacts.models import Artifact, ArtifactKind
 
+MAX_METADATA_DEPTH = 32
+
 
 def validate_json_metadata(value):
-    """JSON that PostgreSQL's jsonb accepts: an object, no NUL characters anywhere."""
+    """JSON that PostgreSQL's jsonb accepts: an object, no NUL characters, lone surrogates or
+    infinite numbers anywhere, nested at most MAX_METADATA_DEPTH levels (walked without recursion,
+    so no depth can crash the walk)."""
     if not isinstance(value, dict):
         raise serializers.ValidationError("Metadata must be a JSON object.")
-
-    def walk(node):
-        if isinstance(node, str) and "\x00" in node:
-            raise serializers.ValidationError("Null characters are not allowed.")
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise serializers.ValidationError("Null characters are not allowed.")
+            if not node.isascii() and any("\ud800" <= ch <= "\udfff" for ch in node):
+                raise serializers.ValidationError("Lone surrogates (\\ud800-\\udfff) are not allowed.")
+        if isinstance(node, float) and not math.isfinite(node):  # 1e999 reads as infinity
+            raise serializers.ValidationError("Numbers must be finite.")
+        if isinstance(node, (dict, list)) and depth > MAX_METADATA_DEPTH:
+            raise serializers.ValidationError(f"Metadata may nest at most {MAX_METADATA_DEPTH} levels.")
         if isinstance(node, dict):
-            for key, item in node.items():
-                walk(key)
-                walk(item)
+            stack.extend((item, depth + 1) for pair in node.items() for item in pair)
         elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(value)
+            stack.extend((item, depth + 1) for item in node)
     return value
+
+
+class MetadataField(serializers.JSONField):
+    """JSON text (a form field or the query string): the decoder's RecursionError on deep nesting
+    is a refusal, not a 500."""
+
+    def to_internal_value(self, data):
+        try:
+            return super().to_internal_value(data)
+        except RecursionError:
+            raise serializers.ValidationError(f"Metadata may nest at most {MAX_METADATA_DEPTH} levels.") from None
 
 
 class ArtifactSerializer(serializers.ModelSerializer):
@@ -49,7 +69,7 @@ class UploadParamsSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(choices=ArtifactKind.choices, default=ArtifactKind.OTHER)
     task = serializers.UUIDField(required=False, allow_null=True, default=None)
     role = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
-    metadata = serializers.JSONField(required=False, default=dict, binary=True, validators=[validate_json_metadata])
+    metadata = MetadataField(required=False, default=dict, binary=True, validators=[validate_json_metadata])
     sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False, allow_blank=True, default="")
 
 

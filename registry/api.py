@@ -19,13 +19,19 @@ from registry.serializers import (
 )
 from registry.states import TaskStatus
 from repopool.models import Repository
+from repopool.services import REPOSITORY_REF_HELP, REPOSITORY_REF_REGEX
 
 UUID_REGEX = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 
 
 class TaskFilterSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=TaskStatus.choices, required=False)
-    repository = serializers.CharField(required=False, help_text="Repository id or name.")
+    repository = serializers.RegexField(
+        REPOSITORY_REF_REGEX,
+        required=False,
+        help_text="Repository id or name.",
+        error_messages={"invalid": REPOSITORY_REF_HELP},
+    )
 
 
 class EventsQuerySerializer(serializers.Serializer):
@@ -49,7 +55,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             repo = query.validated_data.get("repository")
             if repo:
                 repo_ids = Repository.objects.filter(name=repo).values_list("pk", flat=True)
-                if repo.isdigit():
+                if repo.isascii() and repo.isdigit():  # the field allows only ASCII digits anyway
                     repo_ids = [int(repo), *repo_ids]
                 queryset = queryset.filter(repository_id__in=list(repo_ids))
         return queryset

@@ -24,7 +24,7 @@ class RepositoryRefField(serializers.Field):
         if isinstance(data, str) and "\x00" in data:
             self.fail("invalid")
         repo = None
-        if isinstance(data, int) or data.isdigit():
+        if isinstance(data, int) or (data.isascii() and data.isdigit()):  # not "²" nor "١٢"
             repo = Repository.objects.filter(pk=int(data)).first()
         if repo is None and isinstance(data, str):
             repo = Repository.objects.filter(name=data).first()

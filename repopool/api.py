@@ -85,7 +85,12 @@ class RepositoryViewSet(
 
 
 class SlotFilterSerializer(serializers.Serializer):
-    repository = serializers.CharField(required=False, help_text="Repository id or name.")
+    repository = serializers.RegexField(
+        services.REPOSITORY_REF_REGEX,
+        required=False,
+        help_text="Repository id or name.",
+        error_messages={"invalid": services.REPOSITORY_REF_HELP},
+    )
     state = serializers.ChoiceField(choices=SlotState.choices, required=False)
 
 

@@ -33,6 +33,9 @@ from repopool.models import Repository, Slot, SlotState
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 3600  # a renew of a lease whose length was never stored
+# What may name a repository in a filter: an id in ASCII digits or a well-formed repository name.
+REPOSITORY_REF_REGEX = r"^(?:[0-9]{1,18}|(?!\.{1,2}\Z)[A-Za-z0-9._-]{1,100})\Z"
+REPOSITORY_REF_HELP = "Give a repository id (digits 0-9) or name (letters, digits, '-', '_', '.')."
 St = SlotState
 
 
@@ -56,7 +59,9 @@ def slot_path(repository: Repository, index: int) -> Path:
 # --- repositories -------------------------------------------------------------------------------
 def repository_get(*, ref: int | str) -> Repository:
     repo = None
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+    # ASCII digits only: str.isdigit() is also true for "²" (int() refuses it) and "١٢" (int() reads
+    # it as 12, so a name would silently select another repository by id).
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
         repo = Repository.objects.filter(pk=int(ref)).first()
     if repo is None:
         repo = Repository.objects.filter(name=str(ref)).first()

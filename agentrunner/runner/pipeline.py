@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -159,8 +161,8 @@ class TaskRun:
         self.started = time.monotonic()
         self.deadline = self.started + task.timeout_seconds
         self.phases: dict[str, float] = {}
-        self.workdir = Path(settings.TMP_ROOT) / f"run-{task.id.hex}-{task.attempt_number}"
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = run_folder(task.id, task.attempt_number)
+        _fresh_private_folder(self.workdir)
         self.log = RunLog(self.workdir / "run.log")
         self.transcript_path = self.workdir / "transcript.jsonl"
         self.test_log: Path | None = None
@@ -375,14 +377,122 @@ class TaskRun:
         return ok
 
 
+# --- run folders -----------------------------------------------------------------------------------
+def run_folder(task_id: uuid.UUID, attempt: int) -> Path:
+    """An attempt's working folder on this host: its run log, transcript, test logs, patch."""
+    return Path(settings.TMP_ROOT) / f"run-{task_id.hex}-{attempt}"
+
+
+def _fresh_private_folder(path: Path) -> None:
+    """Create ``path`` empty and private: whatever held the name (a stale folder, a planted link) goes
+    first, so no file of this run is opened through something it did not create."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+    path.mkdir(mode=0o700)
+
+
+def _copy_nofollow(source: Path, target: Path) -> None:
+    """Copy a regular file without following a symbolic link at ``source`` (it raises instead)."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise OSError(f"{source.name} is not a regular file")
+        with open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+
+
+# Files of a run folder worth keeping, by name: (role, artifact name, content type).
+_RECOVERABLE = {
+    "transcript.jsonl": ("transcript", "transcript-attempt{n}.jsonl", "application/x-ndjson"),
+    "run.log": ("log", "run-attempt{n}.log", "text/plain"),
+}
+_TEST_LOG = re.compile(r"^tests-([0-9]{1,6})\.log\Z")
+
+
+def adopt_run_folders(ports: Ports, task: ClaimedTask) -> list[int]:
+    """Pick up what runners killed mid-task (SIGKILL, power loss) left on this host for this task's
+    earlier attempts: each ``run-<task>-<n>`` folder's transcript, run log and test logs go to the
+    spool as artifacts of attempt ``n`` (metadata ``recovered: true``; ``flush_spool`` uploads them),
+    an event says so, and the folder is removed. Symbolic links and other odd entries are skipped,
+    never followed. Returns the attempt numbers adopted; a folder that cannot be spooled stays."""
+    root = Path(settings.TMP_ROOT)
+    prefix = f"run-{task.id.hex}-"
+    adopted: list[int] = []
+    if not root.is_dir():
+        return adopted
+    for folder in sorted(root.iterdir()):
+        number_text = folder.name.removeprefix(prefix)
+        if number_text == folder.name or not (number_text.isascii() and number_text.isdigit()):
+            continue
+        number = int(number_text)
+        if number >= task.attempt_number or folder.is_symlink() or not folder.is_dir():
+            continue
+        kept, skipped = [], []
+        try:
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.name in _RECOVERABLE:
+                    kind, name, content_type = _RECOVERABLE[entry.name]
+                    name, label = name.format(n=number), f"recovered-{kind}"
+                elif match := _TEST_LOG.match(entry.name):
+                    kind, content_type = "test_report", "text/plain"
+                    name, label = f"tests-attempt{number}-run{match[1]}.log", f"recovered-tests-{match[1]}"
+                else:
+                    continue
+                if not entry.is_file(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_size > (
+                    settings.ARTIFACTS_MAX_SIZE
+                ):
+                    skipped.append(entry.name)
+                    continue
+                spool_artifact(
+                    task.id, number, Path(entry.path), name, kind, content_type,
+                    label=label, metadata={"recovered": True},
+                )  # fmt: skip
+                kept.append(entry.name)
+        except OSError as exc:
+            log.warning("run folder %s could not be adopted: %s", folder.name, exc)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        adopted.append(number)
+        data = {"attempt": number, "files": kept}
+        if skipped:
+            data["skipped"] = skipped
+        try:
+            ports.registry.event(
+                task_id=task.id,
+                type="run_recovered",
+                message=f"attempt {number} left its run folder behind (its runner was killed); "
+                f"{', '.join(kept) or 'nothing'} kept as artifacts of attempt {number}",
+                data=data,
+            )
+        except Exception as exc:
+            log.warning("could not record the recovery of attempt %s: %s", number, type(exc).__name__)
+    return adopted
+
+
 # --- the spool -------------------------------------------------------------------------------------
-def spool_artifact(task_id: uuid.UUID, attempt: int, path: Path, name: str, kind: str, content_type: str) -> Path:
-    folder = Path(settings.SPOOL_ROOT) / task_id.hex / f"{attempt}-{kind}"
+def spool_artifact(
+    task_id: uuid.UUID,
+    attempt: int,
+    path: Path,
+    name: str,
+    kind: str,
+    content_type: str,
+    *,
+    label: str = "",
+    metadata: dict | None = None,
+) -> Path:
+    """Keep a copy of an artifact for a later upload (``flush_spool``); ``label`` names the entry
+    when one attempt spools several of a kind, ``metadata`` is added to the artifact's."""
+    folder = Path(settings.SPOOL_ROOT) / task_id.hex / f"{attempt}-{label or kind}"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, folder / "content")
-    (folder / "manifest.json").write_text(
-        json.dumps({"task": str(task_id), "attempt": attempt, "name": name, "kind": kind, "content_type": content_type})
-    )
+    _copy_nofollow(path, folder / "content")
+    manifest = {"task": str(task_id), "attempt": attempt, "name": name, "kind": kind, "content_type": content_type}
+    if metadata:
+        manifest["metadata"] = metadata
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
@@ -405,7 +515,12 @@ def flush_spool(ports: Ports, task_id: uuid.UUID | None = None) -> list[str]:
                     name=manifest["name"],
                     kind=manifest["kind"],
                     content_type=manifest["content_type"],
-                    metadata={"task": manifest["task"], "attempt": manifest["attempt"], "spooled": True},
+                    metadata={
+                        **(manifest.get("metadata") or {}),
+                        "task": manifest["task"],
+                        "attempt": manifest["attempt"],
+                        "spooled": True,
+                    },
                 )
                 ports.registry.link_artifact(
                     task_id=uuid.UUID(manifest["task"]),
@@ -455,6 +570,11 @@ def run_task(
     summary_text = ""
     interrupted = False
     try:
+        try:
+            if adopted := adopt_run_folders(ports, task):
+                run.log(f"adopted the run folder(s) of killed attempt(s) {', '.join(map(str, adopted))}")
+        except Exception as exc:  # leftovers of an earlier attempt must not stop this one
+            run.log(f"could not adopt earlier run folders: {type(exc).__name__}: {exc}")
         if flush_spool(ports, task.id):
             run.log("uploaded artifacts spooled by an earlier attempt")
         with run.phase("allocate"):

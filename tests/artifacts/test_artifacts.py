@@ -26,7 +26,9 @@ def blob_files(data_dir: Path) -> list[Path]:
 
 
 def tmp_files(data_dir: Path) -> list[Path]:
-    return [p for p in (data_dir / "tmp").iterdir() if p.is_file()]
+    """Temporary files: Django's multipart spool (data/tmp) and the store's own (artifacts/tmp)."""
+    folders = [data_dir / "tmp", data_dir / "artifacts" / "tmp"]
+    return [p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file()]
 
 
 def raw_upload(api, content: bytes, **params):

@@ -72,9 +72,29 @@ def test_runner_killed_with_sigkill_is_recovered_by_reaping(llm, sample_repo, se
     task.refresh_from_db()
     assert task.status == "queued"
 
+    # The killed runner's run folder is still on this host, with what attempt 1 had written.
+    left_behind = settings.TMP_ROOT / f"run-{task.pk.hex}-1"
+    assert (left_behind / "transcript.jsonl").exists() and (left_behind / "run.log").exists()
+
     llm.responder = fixer
     summary = run_task(task_id=task.pk)
     assert summary.status == "succeeded" and summary.attempt == 2
+
+    # Attempt 2 kept attempt 1's transcript and log as that attempt's artifacts, then removed the folder.
+    from artifacts.services import artifact_open
+    from registry.models import TaskEvent
+
+    recovered = {
+        link.role: link.artifact for link in task.artifact_links.select_related("artifact").filter(attempt_number=1)
+    }
+    assert set(recovered) == {"transcript", "log"}
+    assert all(artifact.metadata["recovered"] is True for artifact in recovered.values())
+    with artifact_open(artifact=recovered["transcript"]) as handle:
+        assert b"half.txt" in handle.read()  # the model's call of the killed attempt
+    with artifact_open(artifact=recovered["log"]) as handle:
+        assert b"attempt 1" in handle.read()
+    assert TaskEvent.objects.filter(task=task, type="run_recovered", data__attempt=1).exists()
+    assert not left_behind.exists()
 
 
 def test_runagent_command_paths_and_exit_codes(llm, sample_repo, make_repo, capsys):
