@@ -112,8 +112,8 @@ def _apply(
         updated = Task.objects.filter(pk=task.pk, status__in=sources(action, new), **(where or {})).update(
             status=new, **fields
         )
-        if not updated:
-            raise InvalidTransition(refusal(action, task.status))
+        if not updated:  # the fence in ``where`` refused: a stale caller
+            raise InvalidTransition(f"cannot {action} this task: it no longer matches {where}")
         if new != task.status:
             event_append(
                 task_id=task.pk,

@@ -20,7 +20,14 @@ import hypothesis
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from registry import services
 from registry.errors import AttemptLost, InvalidTransition
@@ -97,7 +104,17 @@ class TaskMachine(RuleBasedStateMachine):
         assert task.status == expected, (reported, task.status)
         hypothesis.event(f"cancel request met its attempt's end: {reported or 'reaped'} -> {task.status}")
 
+    def _in(self, statuses, index: int) -> Task | None:
+        tasks = list(Task.objects.filter(status__in=statuses).order_by("created_at"))
+        return tasks[index % len(tasks)] if tasks else None
+
     # --- rules ----------------------------------------------------------------------------------
+    @initialize(first_attempts=st.integers(1, 3), second_attempts=st.integers(1, 3))
+    def two_tasks(self, first_attempts, second_attempts):
+        """Every run starts with a task and one that depends on it."""
+        self.create(depends=[], max_attempts=first_attempts)
+        self.create(depends=[0], max_attempts=second_attempts)
+
     @rule(
         depends=st.lists(st.integers(0, 3), max_size=2, unique=True),
         max_attempts=st.integers(1, 3),
@@ -127,7 +144,6 @@ class TaskMachine(RuleBasedStateMachine):
             assert task.status == S.PENDING
 
     @rule(runner=st.sampled_from(RUNNERS), named=st.none() | st.integers(0, 3))
-    @precondition(lambda self: self.tasks)
     def claim(self, runner, named):
         task_id = None
         if named is not None:
@@ -200,9 +216,17 @@ class TaskMachine(RuleBasedStateMachine):
         self._attempt_ended(task_id, number, status)
 
     @rule(index=st.integers(0, 3))
-    @precondition(lambda self: self.tasks)
     def retry(self, index):
-        task = self._task(index)
+        self._retry(self._task(index))
+
+    @rule(index=st.integers(0, 3))
+    def retry_an_active_task(self, index):
+        """The user's mistake that once requeued a running task: always refused now."""
+        task = self._in([S.PENDING, S.QUEUED, S.RUNNING], index)
+        if task is not None:
+            self._retry(task)
+
+    def _retry(self, task: Task) -> None:
         if task.status not in (S.FAILED, S.CANCELLED):
             self._refused(
                 lambda: services.task_retry(task_id=task.pk),
@@ -217,9 +241,16 @@ class TaskMachine(RuleBasedStateMachine):
             assert task.status in (S.PENDING, S.QUEUED) and task.finished_at is None
 
     @rule(index=st.integers(0, 3))
-    @precondition(lambda self: self.tasks)
     def cancel(self, index):
-        task = self._task(index)
+        self._cancel(self._task(index))
+
+    @rule(index=st.integers(0, 3))
+    def cancel_a_running_task(self, index):
+        task = self._in([S.RUNNING], index)
+        if task is not None:
+            self._cancel(task)
+
+    def _cancel(self, task: Task) -> None:
         if task.status in TERMINAL:
             self._refused(lambda: services.task_cancel(task_id=task.pk), contains=f"cannot cancel a {task.status} task")
             return
