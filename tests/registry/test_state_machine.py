@@ -341,3 +341,58 @@ def test_state_machine_holds_under_random_actions(require_postgres, repository):
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+# --- the API ----------------------------------------------------------------------------------------
+def _made(repository, user, **kwargs) -> Task:
+    return services.task_create(title="t", instructions="i", repository=repository, owner=user, **kwargs)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("status", ["pending", "queued", "running"])
+def test_api_retry_of_an_active_task_is_a_409_naming_its_status(api, user, repository, status):
+    blocker = _made(repository, user)
+    task = _made(repository, user, depends_on=[blocker] if status == "pending" else [])
+    if status == "running":
+        services.task_claim(runner_id="r1", task_id=task.pk)
+    before = snapshot()
+    response = api.post(f"/api/tasks/{task.pk}/retry/")
+    assert response.status_code == 409, response.content
+    body = response.json()
+    assert body["code"] == "invalid_transition"
+    assert body["detail"] == f"cannot retry a {status} task: only failed or cancelled tasks can be retried"
+    assert snapshot() == before  # no event, no update
+
+
+@pytest.mark.django_db
+def test_api_cancel_of_a_finished_task_is_a_409(api, user, repository):
+    task = _made(repository, user)
+    _, attempt = services.task_claim(runner_id="r1")
+    services.task_finish(task_id=task.pk, attempt_id=attempt.pk, status=S.SUCCEEDED)
+    before = snapshot()
+    response = api.post(f"/api/tasks/{task.pk}/cancel/")
+    assert response.status_code == 409, response.content
+    assert response.json()["detail"].startswith("cannot cancel a succeeded task")
+    assert snapshot() == before
+
+
+@pytest.mark.django_db
+def test_api_retry_then_cancel_of_a_running_task_ends_cancelled_when_its_attempt_finishes(api, user, repository):
+    """The reported bug: retry on a running task answered 200 and requeued it while its runner
+    went on; the later cancel was then overwritten when the old attempt finished."""
+    task = _made(repository, user)
+    _, attempt = services.task_claim(runner_id="r1")
+    assert api.post(f"/api/tasks/{task.pk}/retry/").status_code == 409
+    cancel = api.post(f"/api/tasks/{task.pk}/cancel/")
+    assert cancel.status_code == 200
+    assert cancel.json()["status"] == "running" and cancel.json()["cancel_requested"] is True
+    # The runner's attempt ends with a transient failure asking for a requeue.
+    services.task_finish(
+        task_id=task.pk, attempt_id=attempt.pk, status=S.FAILED, failure_reason="llm_error", retry=True
+    )
+    body = api.get(f"/api/tasks/{task.pk}/").json()
+    assert body["status"] == "cancelled" and body["failure_reason"] == "cancelled"
+    assert body["finished_at"] is not None
+    assert services.task_claim(runner_id="r2") is None  # nothing was queued again
+    types = [e["type"] for e in api.get(f"/api/tasks/{task.pk}/events/").json()]
+    assert types == ["created", "status", "claimed", "cancel_requested", "status"]
