@@ -328,6 +328,7 @@ class TaskMachine(RuleBasedStateMachine):
         assert all(status in remaining for status in seen), (seen, history)  # a subsequence
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_state_machine_holds_under_random_actions(require_postgres, repository):
     TaskMachine.repository = repository
