@@ -77,7 +77,7 @@ def _lock(task_id: uuid.UUID | str) -> Task:
 
 def _lock_all(tasks: Iterable[Task]) -> list[Task]:
     """Lock these rows in primary-key order (one order for every caller, so no deadlock)."""
-    ids = sorted({task.pk for task in tasks}, key=str)
+    ids = {task.pk for task in tasks}
     return list(Task.objects.select_for_update().filter(pk__in=ids).order_by("pk"))
 
 
