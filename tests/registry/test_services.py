@@ -338,3 +338,25 @@ def test_the_table_refuses_what_it_must():
     assert {action for (action, source), new in MACHINE.items() if (source, new) == ("running", "pending")} == {
         Action.REQUEUE
     }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_racing_the_attempts_requeue_still_ends_cancelled(require_postgres, repository):
+    """Whichever commits first, the user's cancel wins over the runner's requeue: either the
+    finish sees the request and ends the task cancelled, or it requeues first and the cancel then
+    ends the queued task at once. Never a queued task with its cancel request forgotten."""
+    for _ in range(15):
+        task = make(repository, max_attempts=5)
+        _, attempt = services.task_claim(runner_id="r", task_id=task.pk)
+
+        def act(i, task_id=task.pk, attempt_id=attempt.pk):
+            if i == 0:
+                services.task_cancel(task_id=task_id)
+            else:
+                services.task_finish(
+                    task_id=task_id, attempt_id=attempt_id, status="failed", failure_reason="llm_error", retry=True
+                )
+
+        _in_threads(2, act)
+        task.refresh_from_db()
+        assert task.status == "cancelled", task.events.values_list("type", "message")
