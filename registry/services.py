@@ -1,8 +1,12 @@
 """Every write to the task registry.
 
 Invariants:
-- A status changes only through ``_transition``: one conditional UPDATE whose WHERE lists the
-  allowed source statuses, so two writers can never both apply a transition.
+- A status changes only by an action of the state machine in ``registry.states`` (``_apply``,
+  and ``task_claim``): one conditional UPDATE whose WHERE lists the statuses that action is
+  allowed from, so two writers can never both apply a transition and a refused one (409,
+  ``InvalidTransition``) changes nothing.
+- A running task has exactly one open attempt; its number is the fencing token for finishing
+  or requeueing it.
 - Event sequence numbers are handed out under the task row's lock (``event_append``), so per task
   they only grow and never repeat, even with concurrent writers on PostgreSQL.
 """
@@ -16,18 +20,31 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import DecimalField, F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from common.errors import DomainError
 from registry.errors import AttemptLost, DependencyCycle, InvalidTransition, TaskNotFound
 from registry.models import Attempt, AttemptOutcome, Task, TaskArtifact, TaskEvent
 from registry.signals import task_queued
-from registry.states import TERMINAL, FailureReason, TaskStatus, can_transition, sources_for
+from registry.states import (
+    FINISH_ACTIONS,
+    TERMINAL,
+    Action,
+    FailureReason,
+    TaskStatus,
+    allowed,
+    next_status,
+    refusal,
+    sources,
+)
 
 log = logging.getLogger(__name__)
 S = TaskStatus
+A = Action
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -46,37 +63,73 @@ def event_append(*, task_id: uuid.UUID, type: str, message: str = "", data: dict
 def _get(task_id: uuid.UUID | str) -> Task:
     try:
         return Task.objects.get(pk=task_id)
-    except (Task.DoesNotExist, ValueError, TypeError):
+    except (Task.DoesNotExist, ValueError, TypeError, ValidationError):
         raise TaskNotFound(f"task {task_id} does not exist") from None
 
 
-def _transition(task: Task, new: str, *, message: str = "", data: dict | None = None, **fields: Any) -> Task:
-    """Move ``task`` to ``new`` if allowed from its current status; refuse otherwise (409)."""
-    if not can_transition(task.status, new):
-        raise InvalidTransition(f"cannot move task from {task.status} to {new}")
-    now = timezone.now()
-    fields.setdefault("updated_at", now)
-    if new == S.QUEUED:
-        fields.setdefault("queued_at", now)
-    if new in TERMINAL:
-        fields.setdefault("finished_at", now)
+def _lock(task_id: uuid.UUID | str) -> Task:
+    """The task, its row locked until the surrounding transaction ends (call inside atomic)."""
+    try:
+        return Task.objects.select_for_update().get(pk=task_id)
+    except (Task.DoesNotExist, ValueError, TypeError, ValidationError):
+        raise TaskNotFound(f"task {task_id} does not exist") from None
+
+
+def _lock_all(tasks: Iterable[Task]) -> list[Task]:
+    """Lock these rows in primary-key order (one order for every caller, so no deadlock)."""
+    ids = {task.pk for task in tasks}
+    return list(Task.objects.select_for_update().filter(pk__in=ids).order_by("pk"))
+
+
+def _apply(
+    task_id: uuid.UUID,
+    action: Action,
+    *,
+    message: str = "",
+    data: dict | None = None,
+    where: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Task:
+    """Apply ``action`` to the task and record its ``status`` event, or refuse it.
+
+    A refusal raises InvalidTransition (409) naming the action and the current status, and
+    changes nothing. The row is locked first so the status checked, the event's ``from`` and the
+    write agree; the write is still one conditional UPDATE whose WHERE lists the action's allowed
+    sources (plus ``where``, a fence such as the attempt number), so a refused transition can
+    never be applied, lock or not.
+    """
     with transaction.atomic():
-        updated = Task.objects.filter(pk=task.pk, status__in=sources_for(new)).update(status=new, **fields)
-        if not updated:
-            current = Task.objects.filter(pk=task.pk).values_list("status", flat=True).first()
-            raise InvalidTransition(f"cannot move task from {current} to {new}")
-        old = task.status
-        event_append(
-            task_id=task.pk,
-            type="status",
-            message=message or f"{old} -> {new}",
-            data={"from": old, "to": new, **(data or {})},
-        )
+        task = _lock(task_id)
+        new = next_status(action, task.status)
+        if new is None:
+            raise InvalidTransition(refusal(action, task.status))
+        now = timezone.now()
+        fields.setdefault("updated_at", now)
         if new == S.QUEUED:
-            task_id = task.pk
-            transaction.on_commit(lambda: task_queued.send(sender=Task, task_id=task_id))
+            fields.setdefault("queued_at", now)
+        if new in TERMINAL:
+            fields.setdefault("finished_at", now)
+        updated = Task.objects.filter(pk=task.pk, status__in=sources(action, new), **(where or {})).update(
+            status=new, **fields
+        )
+        if not updated:  # the fence in ``where`` refused: a stale caller
+            raise InvalidTransition(f"cannot {action} this task: it no longer matches {where}")
+        if new != task.status:
+            event_append(
+                task_id=task.pk,
+                type="status",
+                message=message or f"{task.status} -> {new}",
+                data={"from": task.status, "to": new, "action": str(action), **(data or {})},
+            )
+        if new == S.QUEUED:
+            transaction.on_commit(lambda: task_queued.send(sender=Task, task_id=task.pk))
     task.refresh_from_db()
     return task
+
+
+def _refuse_unless(action: Action, task: Task) -> None:
+    if not allowed(action, task.status):
+        raise InvalidTransition(refusal(action, task.status))
 
 
 def _dependencies_satisfied(task: Task) -> bool:
@@ -91,14 +144,14 @@ def _promote_if_ready(task: Task) -> Task:
     if blocked is not None:
         return _fail_for_dependency(task, blocked)
     if _dependencies_satisfied(task):
-        return _transition(task, S.QUEUED)
+        return _apply(task.pk, A.PROMOTE)
     return task
 
 
 def _fail_for_dependency(task: Task, dependency: Task) -> Task:
-    task = _transition(
-        task,
-        S.FAILED,
+    task = _apply(
+        task.pk,
+        A.DEPENDENCY_FAILED,
         failure_reason=FailureReason.DEPENDENCY_FAILED,
         failure_message=f"dependency {dependency.pk} ({dependency.title}) {dependency.status}",
         data={"dependency": str(dependency.pk)},
@@ -108,15 +161,19 @@ def _fail_for_dependency(task: Task, dependency: Task) -> Task:
 
 
 def _propagate_terminal(task: Task) -> None:
-    """After ``task`` ended, unblock or fail the tasks waiting for it (recursively)."""
-    for dependent in task.dependents.filter(status__in=[S.PENDING, S.QUEUED]):
-        if task.status == S.SUCCEEDED:
-            _promote_if_ready(dependent)
-        else:
-            try:
+    """After ``task`` ended, unblock or fail the tasks waiting for it (recursively).
+
+    Called inside the transaction that ended ``task``, with its row locked: a dependent is locked
+    after its dependency, the order every writer follows."""
+    for dependent_id in task.dependents.filter(status__in=[S.PENDING, S.QUEUED]).values_list("pk", flat=True):
+        dependent = _lock(dependent_id)
+        try:
+            if task.status == S.SUCCEEDED:
+                _promote_if_ready(dependent)
+            elif dependent.status in (S.PENDING, S.QUEUED):
                 _fail_for_dependency(dependent, task)
-            except InvalidTransition:
-                pass  # it moved on meanwhile (claimed or cancelled): nothing to do
+        except InvalidTransition:
+            pass  # it moved on meanwhile (claimed or cancelled): nothing to do
 
 
 def _check_no_cycle(task: Task, depends_on: Iterable[Task]) -> None:
@@ -156,6 +213,9 @@ def task_create(
     """Create a task; it is queued at once when it has no unfinished dependency."""
     depends_on = list(depends_on)
     with transaction.atomic():
+        # Lock the dependencies: one finishing now either sees this task among its dependents
+        # (after we commit) or has committed before we read its status, never neither.
+        _lock_all(depends_on)
         task = Task.objects.create(
             title=title,
             instructions=instructions,
@@ -185,44 +245,59 @@ def task_create(
 
 
 def task_set_dependencies(*, task_id: uuid.UUID, depends_on: Iterable[Task]) -> Task:
-    """Replace the dependencies of a task that has not started; refuses cycles."""
+    """Replace the dependencies of a pending or queued task (409 otherwise); refuses cycles.
+
+    A queued task whose new dependencies are not all done goes back to pending."""
     depends_on = list(depends_on)
     with transaction.atomic():
-        task = Task.objects.select_for_update().get(pk=_get(task_id).pk)
-        if task.status not in (S.PENDING, S.QUEUED):
-            raise InvalidTransition(f"dependencies of a {task.status} task cannot change")
+        task_id = _get(task_id).pk
+        _lock_all(depends_on)  # dependencies before dependents, as _propagate_terminal locks
+        task = _lock(task_id)
+        _refuse_unless(A.SET_DEPENDENCIES, task)
         _check_no_cycle(task, depends_on)
         task.depends_on.set(depends_on)
         event_append(task_id=task.pk, type="dependencies", data={"depends_on": [str(d.pk) for d in depends_on]})
         if task.status == S.QUEUED and not _dependencies_satisfied(task):
-            task = _transition(task, S.PENDING, message="waiting for new dependencies")
+            task = _apply(task.pk, A.SET_DEPENDENCIES, message="waiting for new dependencies")
         return _promote_if_ready(task)
 
 
 def task_cancel(*, task_id: uuid.UUID | str, reason: str = "cancelled by request") -> Task:
-    """Cancel a pending or queued task at once; ask a running one to stop (the runner honours it)."""
-    task = _get(task_id)
-    if task.status == S.RUNNING:
-        with transaction.atomic():
-            Task.objects.filter(pk=task.pk).update(cancel_requested=True, updated_at=timezone.now())
-            event_append(task_id=task.pk, type="cancel_requested", message=reason)
-        task.refresh_from_db()
-        return task
+    """Cancel a pending or queued task at once; ask a running one to stop; refuse a finished one.
+
+    The request on a running task is recorded once (``cancel_requested``, one event); asking
+    again changes nothing. It is never lost: that attempt's end, whatever the runner reports
+    short of success, ends the task cancelled (see ``task_finish`` and ``attempts_reap_lost``).
+    """
     with transaction.atomic():
-        task = _transition(
-            task, S.CANCELLED, failure_reason=FailureReason.CANCELLED, failure_message=reason, message=reason
-        )
-        _propagate_terminal(task)
+        task = _lock(task_id)
+        _refuse_unless(A.CANCEL, task)
+        if next_status(A.CANCEL, task.status) == task.status:  # running: a request, not a move
+            if not task.cancel_requested:
+                Task.objects.filter(pk=task.pk, status__in=sources(A.CANCEL, task.status)).update(
+                    cancel_requested=True, updated_at=timezone.now()
+                )
+                event_append(task_id=task.pk, type="cancel_requested", message=reason)
+        else:
+            task = _apply(
+                task.pk, A.CANCEL, failure_reason=FailureReason.CANCELLED, failure_message=reason, message=reason
+            )
+            _propagate_terminal(task)
+    task.refresh_from_db()
     return task
 
 
 def task_retry(*, task_id: uuid.UUID | str) -> Task:
-    """Send a failed or cancelled task back to pending (and its dependency-failed dependents)."""
-    task = _get(task_id)
+    """Send a failed or cancelled task back to pending (and its dependency-failed dependents).
+
+    Refused (409, nothing changed) for any other status: a pending, queued or running task is
+    already on its way, and a succeeded one is done."""
     with transaction.atomic():
-        task = _transition(
-            task,
-            S.PENDING,
+        task = _lock(task_id)
+        _refuse_unless(A.RETRY, task)
+        task = _apply(
+            task.pk,
+            A.RETRY,
             failure_reason="",
             failure_message="",
             cancel_requested=False,
@@ -249,20 +324,21 @@ def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tup
     ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite serialises writers with
     BEGIN IMMEDIATE) and moved with a conditional UPDATE, so no two runners get one task.
     """
+    claimable = sources(A.CLAIM)
     with transaction.atomic():
-        candidates = Task.objects.filter(status=S.QUEUED)
+        candidates = Task.objects.filter(status__in=claimable)
         if task_id is not None:
-            task = _get(task_id)
-            if task.status != S.QUEUED:
-                raise InvalidTransition(f"task {task.pk} is {task.status}, not queued: it cannot be claimed")
-            candidates = candidates.filter(pk=task.pk)
+            named = _get(task_id)
+            _refuse_unless(A.CLAIM, named)
+            candidates = candidates.filter(pk=named.pk)
         task = candidates.order_by("-priority", "created_at").select_for_update(skip_locked=True).first()
         if task is None:
             return None
         now = timezone.now()
         number = task.attempts_count + 1
-        updated = Task.objects.filter(pk=task.pk, status=S.QUEUED).update(
-            status=S.RUNNING,
+        new = next_status(A.CLAIM, task.status)
+        updated = Task.objects.filter(pk=task.pk, status__in=claimable).update(
+            status=new,
             attempts_count=number,
             started_at=now,
             updated_at=now,
@@ -276,7 +352,7 @@ def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tup
             task_id=task.pk,
             type="claimed",
             message=f"claimed by {runner_id} (attempt {number})",
-            data={"runner_id": runner_id, "attempt": number, "from": S.QUEUED, "to": S.RUNNING},
+            data={"runner_id": runner_id, "attempt": number, "from": task.status, "to": new},
         )
     task.refresh_from_db()
     return task, attempt
@@ -313,6 +389,30 @@ def task_add_usage(*, task_id: uuid.UUID, prompt_tokens: int, completion_tokens:
     Task.objects.filter(pk=task_id).update(**fields)
 
 
+def _end_attempt(
+    task: Task, attempt: Attempt, action: Action, *, message: str = "", data: dict | None = None, **fields: Any
+) -> Task:
+    """Move ``task`` out of running for the end of ``attempt``: requeue (then queue it again when
+    its dependencies allow) or finish (then unblock or fail its dependents).
+
+    Called with the task row locked. The attempt number is the fencing token: the UPDATE applies
+    only while this attempt is still the task's current one."""
+    task = _apply(task.pk, action, message=message, data=data, where={"attempts_count": attempt.number}, **fields)
+    if action == A.REQUEUE:
+        return _promote_if_ready(task)
+    _propagate_terminal(task)
+    return task
+
+
+def _cancelled_fields(attempt: Attempt, detail: str) -> dict[str, Any]:
+    return {
+        "failure_reason": FailureReason.CANCELLED,
+        "failure_message": "cancelled by request",
+        "message": f"cancelled by request (attempt {attempt.number} {detail})",
+        "data": {"reason": FailureReason.CANCELLED, "attempt": attempt.number},
+    }
+
+
 def task_finish(
     *,
     task_id: uuid.UUID,
@@ -324,26 +424,36 @@ def task_finish(
     result: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> Task:
-    """End a running attempt.
+    """End the task's running attempt.
 
     ``status`` is succeeded, failed or cancelled. With ``retry`` (a transient failure) the task goes
     back to pending and is queued again while attempts remain; otherwise it ends in ``status``.
+    When a cancel was requested, any outcome but ``succeeded`` ends the task cancelled (the
+    attempt keeps what the runner reported). Raises AttemptLost, recording nothing, when the
+    attempt is not the task's open one (it was reaped, or belongs to another task).
     """
-    task = _get(task_id)
+    if status not in FINISH_ACTIONS:
+        raise DomainError(f"must be one of {', '.join(FINISH_ACTIONS)}, not {status!r}", field="status")
     result = result or {}
     outcome = {S.SUCCEEDED: AttemptOutcome.SUCCEEDED, S.CANCELLED: AttemptOutcome.CANCELLED}.get(
         status, AttemptOutcome.FAILED
     )
-    retrying = retry and status == S.FAILED and task.attempts_count < task.max_attempts and not task.cancel_requested
     with transaction.atomic():
-        attempt = Attempt.objects.select_for_update().get(pk=attempt_id)
-        if attempt.outcome != AttemptOutcome.RUNNING:
+        # Lock order, as the reaper: the task row, then the attempt row. Holding the task row
+        # means a cancel request either landed before we read cancel_requested or waits for us
+        # (and then finds the task no longer running).
+        task = _lock(task_id)
+        attempt = Attempt.objects.select_for_update().filter(pk=attempt_id, task_id=task.pk).first()
+        if attempt is None:
+            raise AttemptLost(f"attempt {attempt_id} is not an attempt of task {task.pk}: its result is discarded")
+        if attempt.outcome != AttemptOutcome.RUNNING or task.attempts_count != attempt.number:
             # Fencing: a runner whose attempt was reaped as lost must not finish the task, which
             # may be running again under a newer attempt.
             raise AttemptLost(f"attempt {attempt.number} is {attempt.outcome}, not running: its result is discarded")
+        requeue = retry and status == S.FAILED and task.attempts_count < task.max_attempts and not task.cancel_requested
         Attempt.objects.filter(pk=attempt_id).update(
             finished_at=timezone.now(),
-            outcome=AttemptOutcome.RETRY if retrying else outcome,
+            outcome=AttemptOutcome.RETRY if requeue else outcome,
             failure_reason=failure_reason,
             message=message[:10000],
             metrics={**attempt.metrics, **(metrics or {})},
@@ -353,67 +463,65 @@ def task_finish(
             for key in ("result_branch", "result_commit", "result_fetch", "tests_passed", "summary")
             if key in result
         }
-        if retrying:
-            task = _transition(
+        if task.cancel_requested and status != S.SUCCEEDED:
+            detail = f"ended {status}" + (f": {failure_reason}" if failure_reason else "")
+            return _end_attempt(
+                task, attempt, A.FINISH_CANCELLED, **_cancelled_fields(attempt, detail), **result_fields
+            )
+        if requeue:
+            return _end_attempt(
                 task,
-                S.PENDING,
+                attempt,
+                A.REQUEUE,
                 failure_reason=failure_reason,
                 failure_message=message,
                 message=f"attempt {attempt.number} failed ({failure_reason}); retrying",
                 data={"reason": failure_reason},
                 **result_fields,
             )
-            task = _promote_if_ready(task)
-        else:
-            task = _transition(
-                task,
-                status,
-                failure_reason=failure_reason if status != S.SUCCEEDED else "",
-                failure_message=message if status != S.SUCCEEDED else "",
-                message=message,
-                data={"reason": failure_reason} if failure_reason else None,
-                **result_fields,
-            )
-            _propagate_terminal(task)
-    return task
+        return _end_attempt(
+            task,
+            attempt,
+            FINISH_ACTIONS[status],
+            failure_reason=failure_reason if status != S.SUCCEEDED else "",
+            failure_message=message if status != S.SUCCEEDED else "",
+            message=message,
+            data={"reason": failure_reason} if failure_reason else None,
+            **result_fields,
+        )
 
 
 def attempts_reap_lost(*, stale_after_seconds: int) -> list[Attempt]:
     """Mark running attempts without a heartbeat for ``stale_after_seconds`` as lost.
 
-    Their tasks go back to pending (queued again) while attempts remain, else fail with
-    ``infrastructure_error``.
+    Their tasks are cancelled when a cancel was requested, else go back to pending (queued again)
+    while attempts remain, else fail with ``infrastructure_error``.
     """
     cutoff = timezone.now() - timedelta(seconds=stale_after_seconds)
-    lost = list(
-        Attempt.objects.filter(outcome=AttemptOutcome.RUNNING, task__status=S.RUNNING).filter(
-            Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
-        )
-    )
+    stale = Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
+    lost = list(Attempt.objects.filter(stale, outcome=AttemptOutcome.RUNNING, task__status=S.RUNNING))
     reaped = []
     for attempt in lost:
         with transaction.atomic():
-            if not Attempt.objects.filter(pk=attempt.pk, outcome=AttemptOutcome.RUNNING).update(
+            task = _lock(attempt.task_id)  # the task row first, as task_finish
+            # Re-checked under the lock: a heartbeat or a finish since the listing wins.
+            if not Attempt.objects.filter(stale, pk=attempt.pk, outcome=AttemptOutcome.RUNNING).update(
                 outcome=AttemptOutcome.LOST, finished_at=timezone.now(), message="runner stopped heartbeating"
             ):
                 continue
-            task = Task.objects.get(pk=attempt.task_id)
             event_append(task_id=task.pk, type="attempt_lost", message=f"attempt {attempt.number} lost: no heartbeat")
             if task.cancel_requested:
-                task = _transition(
-                    task, S.CANCELLED, failure_reason=FailureReason.CANCELLED, failure_message="cancelled"
-                )
-                _propagate_terminal(task)
+                _end_attempt(task, attempt, A.FINISH_CANCELLED, **_cancelled_fields(attempt, "was lost"))
             elif task.attempts_count < task.max_attempts:
-                _promote_if_ready(_transition(task, S.PENDING, message="attempt lost; retrying"))
+                _end_attempt(task, attempt, A.REQUEUE, message="attempt lost; retrying")
             else:
-                task = _transition(
+                _end_attempt(
                     task,
-                    S.FAILED,
+                    attempt,
+                    A.FINISH_FAILED,
                     failure_reason=FailureReason.INFRASTRUCTURE_ERROR,
                     failure_message="the runner was lost and no attempts remain",
                 )
-                _propagate_terminal(task)
         reaped.append(attempt)
     return reaped
 

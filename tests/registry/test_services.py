@@ -5,10 +5,11 @@ import threading
 import pytest
 from django.db import close_old_connections, connection
 
+from common.errors import DomainError
 from registry import services
-from registry.errors import InvalidTransition
+from registry.errors import AttemptLost, InvalidTransition
 from registry.models import Attempt, Task, TaskEvent
-from registry.states import FailureReason, TaskStatus
+from registry.states import MACHINE, Action, FailureReason, TaskStatus, next_status, refusal, sources
 
 
 def make(repository, **kw):
@@ -200,3 +201,162 @@ def test_stale_queued_tasks_are_announced_again(repository):
     assert seen == [task.pk] and fresh.pk not in seen
     task.refresh_from_db()
     assert task.status == "queued" and task.queued_at.year > 2000  # the clock restarts
+
+
+def _row(task_id):
+    """The task row and its event count: what a refused action must leave as it was."""
+    return Task.objects.filter(pk=task_id).values().get(), TaskEvent.objects.filter(task_id=task_id).count()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("status", ["pending", "queued", "running"])
+def test_retry_is_refused_on_an_active_task_and_changes_nothing(repository, status):
+    blocker = make(repository)
+    task = make(repository, depends_on=[blocker] if status == "pending" else [])
+    if status == "running":
+        services.task_claim(runner_id="r", task_id=task.pk)
+    before = _row(task.pk)
+    with pytest.raises(InvalidTransition) as refused:
+        services.task_retry(task_id=task.pk)
+    assert refused.value.message == (f"cannot retry a {status} task: only failed or cancelled tasks can be retried")
+    assert _row(task.pk) == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("end", ["succeeded", "failed", "cancelled"])
+def test_cancel_is_refused_on_a_finished_task(repository, end):
+    task = make(repository)
+    _, attempt = services.task_claim(runner_id="r")
+    services.task_finish(task_id=task.pk, attempt_id=attempt.pk, status=end)
+    before = _row(task.pk)
+    with pytest.raises(InvalidTransition) as refused:
+        services.task_cancel(task_id=task.pk)
+    assert refused.value.message == (
+        f"cannot cancel a {end} task: only pending, queued or running tasks can be cancelled"
+    )
+    assert _row(task.pk) == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "status, retry",
+    [("failed", True), ("failed", False), ("cancelled", False)],
+)
+def test_a_cancel_request_ends_the_task_cancelled_whatever_the_attempt_reports(repository, status, retry):
+    task = make(repository, max_attempts=3)
+    _, attempt = services.task_claim(runner_id="r")
+    task = services.task_cancel(task_id=task.pk)
+    assert task.status == "running" and task.cancel_requested
+    task = services.task_finish(
+        task_id=task.pk, attempt_id=attempt.pk, status=status, failure_reason="llm_error", retry=retry
+    )
+    assert task.status == "cancelled" and task.failure_reason == "cancelled" and task.finished_at is not None
+    attempt.refresh_from_db()
+    assert attempt.outcome == status  # the attempt keeps what its runner reported
+    assert services.task_claim(runner_id="r") is None  # not requeued
+
+
+@pytest.mark.django_db
+def test_a_cancel_request_does_not_undo_a_success(repository):
+    task = make(repository)
+    _, attempt = services.task_claim(runner_id="r")
+    services.task_cancel(task_id=task.pk)
+    task = services.task_finish(task_id=task.pk, attempt_id=attempt.pk, status="succeeded")
+    assert task.status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_a_lost_attempt_with_a_cancel_request_ends_cancelled(repository):
+    task = make(repository, max_attempts=3)
+    _, attempt = services.task_claim(runner_id="dead")
+    services.task_cancel(task_id=task.pk)
+    assert [a.pk for a in services.attempts_reap_lost(stale_after_seconds=0)] == [attempt.pk]
+    task.refresh_from_db()
+    assert task.status == "cancelled" and task.failure_reason == "cancelled"
+
+
+@pytest.mark.django_db
+def test_cancelling_twice_records_one_request(repository):
+    task = make(repository)
+    services.task_claim(runner_id="r")
+    services.task_cancel(task_id=task.pk)
+    before = _row(task.pk)
+    again = services.task_cancel(task_id=task.pk)
+    assert again.cancel_requested and _row(task.pk)[1] == before[1]
+    assert TaskEvent.objects.filter(task=task, type="cancel_requested").count() == 1
+
+
+@pytest.mark.django_db
+def test_retry_after_a_honoured_cancel_clears_the_request(repository):
+    task = make(repository)
+    _, attempt = services.task_claim(runner_id="r")
+    services.task_cancel(task_id=task.pk)
+    services.task_finish(task_id=task.pk, attempt_id=attempt.pk, status="cancelled")
+    task = services.task_retry(task_id=task.pk)
+    assert task.status == "queued" and not task.cancel_requested and task.finished_at is None
+    _, second = services.task_claim(runner_id="r")
+    task = services.task_finish(task_id=task.pk, attempt_id=second.pk, status="failed", retry=True)
+    assert task.status == "queued"  # a fresh attempt's transient failure requeues again
+
+
+@pytest.mark.django_db
+def test_finish_is_fenced_by_the_attempt(repository):
+    a = make(repository)
+    b = make(repository)
+    _, attempt_a = services.task_claim(runner_id="r", task_id=a.pk)
+    services.task_claim(runner_id="r", task_id=b.pk)
+    before = _row(b.pk)
+    with pytest.raises(AttemptLost):  # another task's attempt cannot finish this one
+        services.task_finish(task_id=b.pk, attempt_id=attempt_a.pk, status="succeeded")
+    assert _row(b.pk) == before
+    Attempt.objects.filter(pk=attempt_a.pk).update(heartbeat_at="2000-01-01T00:00:00Z")
+    services.attempts_reap_lost(stale_after_seconds=60)
+    _, newer = services.task_claim(runner_id="r2", task_id=a.pk)
+    before = _row(a.pk)
+    with pytest.raises(AttemptLost):  # the reaped runner comes back: its result is discarded
+        services.task_finish(task_id=a.pk, attempt_id=attempt_a.pk, status="failed", retry=True)
+    assert _row(a.pk) == before and newer.number == 2
+
+
+@pytest.mark.django_db
+def test_finish_refuses_a_status_that_is_not_an_end(repository):
+    task = make(repository)
+    _, attempt = services.task_claim(runner_id="r")
+    with pytest.raises(DomainError) as refused:
+        services.task_finish(task_id=task.pk, attempt_id=attempt.pk, status="pending")
+    assert refused.value.field == "status"
+    assert Task.objects.get(pk=task.pk).status == "running"
+
+
+def test_the_table_refuses_what_it_must():
+    assert next_status(Action.RETRY, "running") is None
+    assert next_status(Action.REQUEUE, "running") == "pending"
+    assert sources(Action.RETRY) == ["failed", "cancelled"]
+    assert sources(Action.CANCEL, "cancelled") == ["pending", "queued"]
+    assert refusal(Action.CLAIM, "pending") == "cannot claim a pending task: only queued tasks can be claimed"
+    # Only the runner's and the reaper's actions leave running for pending.
+    assert {action for (action, source), new in MACHINE.items() if (source, new) == ("running", "pending")} == {
+        Action.REQUEUE
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_racing_the_attempts_requeue_still_ends_cancelled(require_postgres, repository):
+    """Whichever commits first, the user's cancel wins over the runner's requeue: either the
+    finish sees the request and ends the task cancelled, or it requeues first and the cancel then
+    ends the queued task at once. Never a queued task with its cancel request forgotten."""
+    for _ in range(15):
+        task = make(repository, max_attempts=5)
+        _, attempt = services.task_claim(runner_id="r", task_id=task.pk)
+
+        def act(i, task_id=task.pk, attempt_id=attempt.pk):
+            if i == 0:
+                services.task_cancel(task_id=task_id)
+            else:
+                services.task_finish(
+                    task_id=task_id, attempt_id=attempt_id, status="failed", failure_reason="llm_error", retry=True
+                )
+
+        _in_threads(2, act)
+        task.refresh_from_db()
+        assert task.status == "cancelled", task.events.values_list("type", "message")

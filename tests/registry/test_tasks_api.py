@@ -29,7 +29,7 @@ def test_create_by_name_and_by_id_queues_task_and_logs_events(api, repository):
     events = api.get(f"/api/tasks/{body['id']}/events/").json()
     assert [e["type"] for e in events] == ["created", "status"]
     assert [e["seq"] for e in events] == [1, 2]
-    assert events[1]["data"] == {"from": "pending", "to": "queued"}
+    assert events[1]["data"] == {"from": "pending", "to": "queued", "action": "promote"}
 
 
 def test_auth_required_everywhere_but_health(client, db):

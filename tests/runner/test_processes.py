@@ -118,7 +118,7 @@ def test_runagent_command_paths_and_exit_codes(llm, sample_repo, make_repo, caps
     assert "task" in done.stderr and "agent" in done.stderr  # live progress went to stderr
 
     human = subprocess.run(manage("runagent", summary["task_id"]), env=env, capture_output=True, text=True, timeout=60)
-    assert human.returncode == 1 and "not queued" in human.stderr
+    assert human.returncode == 1 and "cannot claim a succeeded task" in human.stderr
 
     failing = registry.task_create(title="bad ref", instructions="x", repository=sample_repo, base_ref="nope")
     result = subprocess.run(manage("runagent", "--next"), env=env, capture_output=True, text=True, timeout=60)
