@@ -133,6 +133,10 @@ def parse_diff(text: str, *, max_lines: int = 20_000) -> tuple[list[DiffFile], b
             continue
         if current is None:
             continue
+        if line == "-- ":  # git format-patch's signature: the mail ends, no more diff lines
+            flush()
+            current = None
+            continue
         match = _HUNK.match(line)
         if match:
             old_no, new_no = int(match.group(1)), int(match.group(2))

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from django.contrib.auth import views as auth_views
 from django.urls import path
+from django.views.generic import RedirectView
 
 from inspector import views
 
 app_name = "inspector"
 
 urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="inspector:runs"), name="home"),
     path("runs/", views.run_list, name="runs"),
     path("runs/dashboard/", views.dashboard, name="dashboard"),
     path("runs/<uuid:task_id>/", views.run_detail, name="run"),
