@@ -18,6 +18,7 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 from common.permissions import is_staff
 from inspector.present import PHASE_ORDER
@@ -86,7 +87,7 @@ class DatabaseCollector:
             count = row[f"{phase}__count"] or 0
             if not count:
                 continue
-            buckets = [(str(bound), row[f"{phase}__b{i}"] or 0) for i, bound in enumerate(PHASE_BUCKETS)]
+            buckets = [(floatToGoString(bound), row[f"{phase}__b{i}"] or 0) for i, bound in enumerate(PHASE_BUCKETS)]
             buckets.append(("+Inf", count))
             family.add_metric([phase], buckets, float(row[f"{phase}__sum"] or 0))
         yield family

@@ -181,7 +181,7 @@ class ReportLine:
     failing: bool
 
 
-def test_tail(text: str, *, lines: int = 200) -> dict[str, Any]:
+def report_tail(text: str, *, lines: int = 200) -> dict[str, Any]:
     """The last ``lines`` lines, with the failing ones marked and the first of them to scroll to."""
     all_lines = text.splitlines()
     tail = all_lines[-lines:]

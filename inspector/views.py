@@ -116,7 +116,7 @@ def run_detail(request: HttpRequest, task_id) -> HttpResponse:
         context["diff_cut"] = cut or diff_cut
         report = mine.get("test_report")
         if report is not None:
-            context["report"] = present.test_tail(_tail_text(report, 256 * 1024))
+            context["report"] = present.report_tail(_tail_text(report, 256 * 1024))
             event = selectors.final_test_event(task, attempt)
             if event is not None and context["report"]["exit_code"] is None:
                 context["report"]["exit_code"] = event.data.get("exit_code")
