@@ -23,7 +23,13 @@ def client_for(user) -> Client:
 def text_of(html: bytes) -> str:
     """What a reader sees: tags dropped, entities of the few characters we escape restored."""
     text = re.sub(r"<[^>]+>", "", html.decode())
-    return text.replace("&quot;", '"').replace("&#x27;", "'").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return (
+        text.replace("&quot;", '"')
+        .replace("&#x27;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+    )
 
 
 def test_pages_need_a_login_and_a_plain_user_can_sign_in(alice):
@@ -114,7 +120,9 @@ def test_events_json_follows_after_and_reports_status(succeeded_run, alice):
 def test_cancel_and_retry_need_csrf_and_report_refusals(tmp_path, alice, failed_run):
     from tests.inspector.runs import demo_repository
 
-    queued = registry.task_create(title="Waits", instructions="x", repository=demo_repository(tmp_path, name="q"), owner=alice)
+    queued = registry.task_create(
+        title="Waits", instructions="x", repository=demo_repository(tmp_path, name="q"), owner=alice
+    )
     strict = Client(enforce_csrf_checks=True)
     strict.force_login(alice)
     assert strict.post(f"/runs/{queued.pk}/cancel/").status_code == 403  # no CSRF token

@@ -24,9 +24,8 @@ new file mode 100644
 +++ b/new.txt
 @@ -0,0 +1 @@
 +<script>alert(1)</script>
--- 
-2.39.5
 """
+DIFF += "-- \n2.39.5\n"  # format-patch's signature (its "-- " ends in a space)
 
 
 def test_diff_is_split_by_file_numbered_highlighted_and_escaped():
@@ -67,11 +66,19 @@ def test_timeline_scales_phases_and_llm_share():
 def big_transcript(steps: int) -> bytes:
     out = io.StringIO()
     for n in range(1, steps + 1):
-        out.write(json.dumps({"type": "request", "model": "m", "messages": [{"role": "tool", "content": "x" * 200}]}) + "\n")
+        out.write(
+            json.dumps({"type": "request", "model": "m", "messages": [{"role": "tool", "content": "x" * 200}]}) + "\n"
+        )
         if n == 3:
-            out.write(json.dumps({"type": "error", "kind": "rate_limited", "message": "slow down", "status": 429}) + "\n")
+            out.write(
+                json.dumps({"type": "error", "kind": "rate_limited", "message": "slow down", "status": 429}) + "\n"
+            )
             out.write(json.dumps({"type": "retry", "kind": "rate_limited", "attempt": 1, "wait": 1.0}) + "\n")
-        call = {"id": f"c{n}", "type": "function", "function": {"name": "read_file", "arguments": json.dumps({"path": f"f{n}.py"})}}
+        call = {
+            "id": f"c{n}",
+            "type": "function",
+            "function": {"name": "read_file", "arguments": json.dumps({"path": f"f{n}.py"})},
+        }
         out.write(
             json.dumps(
                 {
@@ -86,7 +93,10 @@ def big_transcript(steps: int) -> bytes:
             + "\n"
         )
         result = "y\n" * (40 if n % 2 else 2)
-        out.write(json.dumps({"type": "tool_call", "name": "read_file", "arguments": "{}", "ok": n != 4, "result": result}) + "\n")
+        out.write(
+            json.dumps({"type": "tool_call", "name": "read_file", "arguments": "{}", "ok": n != 4, "result": result})
+            + "\n"
+        )
     return out.getvalue().encode()
 
 
