@@ -23,7 +23,7 @@ from registry import services
 from registry.states import ACTIVE, FailureReason, TaskStatus
 
 PAGE_SIZE = 50
-TRANSCRIPT_PAGE = 50
+TRANSCRIPT_PAGE = 25
 
 
 def _int(value, default: int, *, low: int = 1, high: int = 10**9) -> int:
