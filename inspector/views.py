@@ -42,7 +42,10 @@ def run_list(request: HttpRequest) -> HttpResponse:
         page = paginator.page(_int(request.GET.get("page"), 1))
     except EmptyPage:
         page = paginator.page(paginator.num_pages)
-    tasks = selectors.with_live_phase(list(page.object_list))
+    # The page's ids first (an index walk, however deep the page), then those rows with their joins.
+    ids = list(page.object_list.values_list("pk", flat=True))
+    rows = {task.pk: task for task in selectors.run_list(request.user, selectors.RunFilters()).filter(pk__in=ids)}
+    tasks = selectors.with_live_phase([rows[pk] for pk in ids if pk in rows])
     context = {
         "page": page,
         "tasks": tasks,
@@ -82,6 +85,29 @@ def _tail_text(link, limit: int) -> str:
     return data.decode("utf-8", "replace")
 
 
+def _fill_diff(context: dict, link, **_) -> None:
+    patch, cut = _read_text(link, settings.AGENTRUNNER_INSPECTOR_DIFF_MAX)
+    context["diff_files"], diff_cut = present.parse_diff(patch)
+    context["diff_cut"] = cut or diff_cut
+
+
+def _fill_report(context: dict, link, *, task, attempt, **_) -> None:
+    if link is None:
+        return
+    context["report"] = present.report_tail(_tail_text(link, 256 * 1024))
+    event = selectors.final_test_event(task, attempt)
+    if event is not None and context["report"]["exit_code"] is None:
+        context["report"]["exit_code"] = event.data.get("exit_code")
+
+
+def _fill_transcript(context: dict, link, *, request, **_) -> None:
+    if link is None:
+        return
+    page = _int(request.GET.get("tpage"), 1)
+    with artifact_open(artifact=link.artifact) as handle:
+        context["transcript"] = present.transcript_page(handle, page=page, per_page=TRANSCRIPT_PAGE)
+
+
 @login_required
 @require_GET
 def run_detail(request: HttpRequest, task_id) -> HttpResponse:
@@ -107,25 +133,16 @@ def run_detail(request: HttpRequest, task_id) -> HttpResponse:
         "can_retry": task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED),
         "events": events,
         "last_seq": events[-1].seq if events else 0,
-        "tab": request.GET.get("tab", ""),
     }
     if attempt is not None:
         context["timeline"] = present.timeline(attempt.metrics or {})
-        patch, cut = _read_text(mine.get("patch"), settings.AGENTRUNNER_INSPECTOR_DIFF_MAX)
-        context["diff_files"], diff_cut = present.parse_diff(patch)
-        context["diff_cut"] = cut or diff_cut
-        report = mine.get("test_report")
-        if report is not None:
-            context["report"] = present.report_tail(_tail_text(report, 256 * 1024))
-            event = selectors.final_test_event(task, attempt)
-            if event is not None and context["report"]["exit_code"] is None:
-                context["report"]["exit_code"] = event.data.get("exit_code")
-        transcript = mine.get("transcript")
-        if transcript is not None:
-            tpage = _int(request.GET.get("tpage"), 1)
-            with artifact_open(artifact=transcript.artifact) as handle:
-                context["transcript"] = present.transcript_page(handle, page=tpage, per_page=TRANSCRIPT_PAGE)
-            context["transcript_link"] = transcript
+        context["unreadable"] = unreadable = []
+        for role, fill in (("patch", _fill_diff), ("test_report", _fill_report), ("transcript", _fill_transcript)):
+            link = mine.get(role)
+            try:
+                fill(context, link, request=request, task=task, attempt=attempt)
+            except (OSError, DomainError) as exc:  # a blob gone from storage: say so, keep the page
+                unreadable.append(f"{role}: {getattr(exc, 'message', None) or type(exc).__name__}")
     return render(request, "inspector/run_detail.html", context)
 
 

@@ -158,3 +158,16 @@ def test_admin_links_each_task_to_its_run_page(succeeded_run, staff):
     staff.save()
     html = client_for(staff).get("/admin/registry/task/").content.decode()
     assert f'href="/runs/{succeeded_run.pk}/"' in html
+
+
+def test_a_blob_missing_from_storage_is_reported_not_a_500(succeeded_run, alice, settings):
+    from pathlib import Path
+
+    link = succeeded_run.artifact_links.select_related("artifact").get(role="transcript")
+    root = Path(settings.STORAGES["artifacts"]["OPTIONS"]["location"])
+    (root / link.artifact.storage_key).unlink()
+    response = client_for(alice).get(f"/runs/{succeeded_run.pk}/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'id="unreadable"' in html and "transcript: FileNotFoundError" in html
+    assert '<tr class="diff-line add">' in html  # the rest of the page is still there
