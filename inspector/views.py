@@ -136,6 +136,7 @@ def run_detail(request: HttpRequest, task_id) -> HttpResponse:
     }
     if attempt is not None:
         context["timeline"] = present.timeline(attempt.metrics or {})
+        context["attempt_elapsed"] = ((attempt.finished_at or context["now"]) - attempt.started_at).total_seconds()
         context["unreadable"] = unreadable = []
         for role, fill in (("patch", _fill_diff), ("test_report", _fill_report), ("transcript", _fill_transcript)):
             link = mine.get(role)

@@ -105,6 +105,7 @@ def test_running_task_streams_events_and_cancel_stops_it(browser, llm, alice, tm
     driver = browser.driver
     driver.get(f"{browser.base}/runs/{task.pk}/")
     assert driver.find_element(By.ID, "run-status").text == "running"
+    assert "has been running for" in driver.find_element(By.ID, "no-timings").text
     first_seq = int(driver.find_element(By.ID, "events").get_attribute("data-after"))
     driver.execute_script("window.stillTheSamePage = true;")
     wait_for(
