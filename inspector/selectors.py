@@ -22,14 +22,17 @@ from registry.states import ACTIVE, TERMINAL, FailureReason, TaskStatus
 
 # What a running task is doing, told by the last event it wrote.
 PHASE_OF_EVENT = {
-    "claimed": "allocate",
     "status": "starting",
+    "claimed": "allocate",
+    "slot_leased": "prepare",
+    "prepared": "agent",
     "llm_call": "agent",
     "llm_retry": "agent",
     "llm_error": "agent",
     "tool_call": "agent",
     "iteration": "agent",
     "tests": "tests",
+    "committed": "artifacts",
     "cancel_requested": "stopping",
 }
 

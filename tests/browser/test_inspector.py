@@ -99,9 +99,13 @@ def test_running_task_streams_events_and_cancel_stops_it(browser, llm, alice, tm
         time.sleep(0.1)
 
     sign_in(browser, "alice", "pw-alice-123")
-    running_row = css(browser, f'tr[data-id="{task.pk}"]')[0]
-    assert running_row.find_element(By.CSS_SELECTOR, ".badge").text == "running"
-    assert running_row.find_element(By.CSS_SELECTOR, ".phase").text == "agent"
+    # Read the row in one go: the list refreshes its rows while a run is active.
+    badge, phase = browser.driver.execute_script(
+        "const row = document.querySelector(`tr[data-id='${arguments[0]}']`);"
+        "return [row.querySelector('.badge').textContent, row.querySelector('.phase').textContent];",
+        str(task.pk),
+    )
+    assert (badge, phase) == ("running", "agent")
     driver = browser.driver
     driver.get(f"{browser.base}/runs/{task.pk}/")
     assert driver.find_element(By.ID, "run-status").text == "running"
