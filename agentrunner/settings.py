@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "artifacts",
     "registry",
     "agentrunner",
+    "inspector",
 ]
 
 MIDDLEWARE = [
@@ -210,6 +211,16 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("AGENTRUNNER_LOG_LEVEL", default="INFO")},
     "loggers": {"httpx": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}},
 }
+
+# --- Inspector/metrics --------------------------------------------------------------------------
+# The run pages (/runs/) sign users in with their own form (the admin's admits staff only).
+LOGIN_URL = "inspector:login"
+LOGIN_REDIRECT_URL = "inspector:runs"
+LOGOUT_REDIRECT_URL = "inspector:login"
+# /metrics answers staff (session or API token) and these scraper addresses or networks (CIDR).
+AGENTRUNNER_METRICS_ALLOWED_NETWORKS = env.list("AGENTRUNNER_METRICS_ALLOWED_NETWORKS", default=[])
+# The run page shows at most this much of a patch (bytes); the artifact downloads whole.
+AGENTRUNNER_INSPECTOR_DIFF_MAX = env.int("AGENTRUNNER_INSPECTOR_DIFF_MAX", default=1024 * 1024)
 
 # --- Runner -------------------------------------------------------------------------------------
 # A running attempt whose runner has not heartbeated for this long is lost (its task runs again).

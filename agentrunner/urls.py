@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from agentrunner.api import HealthView
 from agentrunner.drf import api_not_found
+from inspector.metrics import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -15,6 +16,8 @@ urlpatterns = [
     path("api/", include("registry.urls")),
     path("api/", include("repopool.urls")),
     path("api/", include("artifacts.urls")),
+    path("", include("inspector.urls")),
+    path("metrics", metrics_view, name="metrics"),
     re_path(r"^api/(?P<path>.*)$", api_not_found),  # last: JSON 404 for every other /api/ path
 ]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.contrib import admin, messages
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.html import format_html
@@ -136,7 +137,7 @@ class TaskAdmin(ReadOnlyAdmin):
     # Few columns, so cost, finished and duration stay on screen at 1,400 px with the admin's
     # sidebar and filters open: the repository rides under the title, the failure reason under the
     # status badge; priority and tokens are on the task's page.
-    list_display = ["task", "status_badge", "attempts", "cost", "created", "finished", "duration"]
+    list_display = ["task", "status_badge", "attempts", "cost", "created", "finished", "duration", "inspector_link"]
     list_display_links = ["task"]
     list_filter = ["status", "repository", "failure_reason"]
     search_fields = ["id", "title", "instructions", "result_branch", "result_commit"]
@@ -151,6 +152,10 @@ class TaskAdmin(ReadOnlyAdmin):
         return format_html(
             '<span title="{}">{}</span><br><span class="task-repository">{}</span>', obj.title, title, obj.repository
         )
+
+    @admin.display(description="")
+    def inspector_link(self, obj):
+        return format_html('<a href="{}">inspect</a>', reverse("inspector:run", args=[obj.pk]))
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj):
