@@ -202,6 +202,16 @@ REPO_POOL_MAX_WAIT_SECONDS = env.int("REPO_POOL_MAX_WAIT_SECONDS", default=600)
 REPO_POOL_STUCK_SECONDS = env.int("REPO_POOL_STUCK_SECONDS", default=1800)
 # A slot that fetched a branch from origin less than this many seconds ago does not fetch again.
 REPO_POOL_FETCH_TTL = env.float("REPO_POOL_FETCH_TTL", default=10.0)
+# Folders under which a repository may be a local path or file:// URL (resolved, so ".." and
+# symlinks cannot leave them). Unset: none in production; every local path when DEBUG is on (a
+# laptop). "*" allows every local path explicitly. The slot pool itself is never allowed.
+_local_repo_roots = env.list("AGENTRUNNER_LOCAL_REPO_ROOTS", default=None)
+if _local_repo_roots is None:
+    AGENTRUNNER_LOCAL_REPO_ROOTS: list[str] | None = None if DEBUG else []
+elif "*" in _local_repo_roots:
+    AGENTRUNNER_LOCAL_REPO_ROOTS = None
+else:
+    AGENTRUNNER_LOCAL_REPO_ROOTS = [str(Path(root).expanduser().resolve()) for root in _local_repo_roots if root]
 
 LOGGING = {
     "version": 1,

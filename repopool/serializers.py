@@ -4,6 +4,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from repopool.models import Repository, Slot
+from repopool.urls_policy import UrlRefused, check_repository_url
 
 
 def _validate_relative_paths(value):
@@ -13,6 +14,14 @@ def _validate_relative_paths(value):
         if item.startswith("/") or ".." in item.split("/") or "\x00" in item:
             raise serializers.ValidationError(f"{item!r} must be a relative path inside the repository.")
     return value
+
+
+def _checked_url(value: str, field: str) -> str:
+    """The one URL policy (repopool.urls_policy), reported as this field's validation error."""
+    try:
+        return check_repository_url(value, field=field)
+    except UrlRefused as exc:
+        raise serializers.ValidationError(exc.message, code=exc.code) from None
 
 
 class RepositorySerializer(serializers.ModelSerializer):
@@ -29,6 +38,12 @@ class RepositorySerializer(serializers.ModelSerializer):
         ]  # fmt: skip
         read_only_fields = ["id", "slots", "warm_requested_at", "created_at", "updated_at"]
         extra_kwargs = {"default_branch": {"required": False, "allow_blank": True}}
+
+    def validate_url(self, value):
+        return _checked_url(value, "url")
+
+    def validate_push_url(self, value):
+        return _checked_url(value, "push_url") if value else value
 
     def get_slots(self, repo) -> dict[str, int]:
         return repo.slot_counts()

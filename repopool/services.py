@@ -29,6 +29,7 @@ from common.procs import run_command, safe_env, tail_of
 from repopool import git
 from repopool.errors import NoSlotAvailable, RepositoryNotFound, SlotBroken, SlotNotFound, StaleLease
 from repopool.models import Repository, Slot, SlotState
+from repopool.urls_policy import check_repository_url
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,12 @@ def repository_create(
     push_url: str = "",
     verify: bool = True,
 ) -> Repository:
-    """Register a repository. With ``verify``, the URL must answer as a git repository, and an
-    empty default branch is read from it."""
+    """Register a repository. ``url`` and ``push_url`` must pass ``urls_policy`` (refused with a
+    DomainError naming the field, before git runs). With ``verify``, the URL must answer as a git
+    repository, and an empty default branch is read from it."""
+    url = check_repository_url(url, field="url")
+    if push_url:
+        push_url = check_repository_url(push_url, field="push_url")
     if verify:
         default_branch = default_branch or _remote_default_branch(url)
     repo = Repository(
@@ -104,9 +109,14 @@ def repository_create(
 
 
 def repository_update(*, repository: Repository, **fields) -> Repository:
-    """Change a repository's settings; a new URL must answer as a git repository."""
-    if "url" in fields and fields["url"] != repository.url:
-        _remote_default_branch(fields["url"])
+    """Change a repository's settings; a new URL must pass ``urls_policy`` and answer as a git
+    repository, a new push_url must pass ``urls_policy``."""
+    if "url" in fields:
+        fields["url"] = check_repository_url(fields["url"], field="url")
+        if fields["url"] != repository.url:
+            _remote_default_branch(fields["url"])
+    if fields.get("push_url"):
+        fields["push_url"] = check_repository_url(fields["push_url"], field="push_url")
     for name, value in fields.items():
         setattr(repository, name, value)
     repository.full_clean()
@@ -116,23 +126,18 @@ def repository_update(*, repository: Repository, **fields) -> Repository:
 
 def _remote_default_branch(url: str) -> str:
     try:
-        out = git.git("ls-remote", "--symref", url, "HEAD", timeout=60)
+        return git.remote_head(url)
     except git.GitError as exc:
-        raise git.GitError(f"{url!r} is not a reachable git repository: {exc.message}", field="url") from None
-    for line in out.splitlines():
-        if line.startswith("ref: refs/heads/"):
-            return line.split("refs/heads/", 1)[1].split()[0]
-    return ""
+        raise git.GitError(f"not a reachable git repository: {exc.message}", field="url") from None
 
 
 def repository_find_or_create_for_url(*, url: str, name: str = "", test_command: str = "") -> Repository:
-    """The repository registered under that name or for ``url`` (a local path is made
-    absolute), created if new."""
+    """The repository registered under that name or for ``url`` (checked by ``urls_policy``; a
+    local path is made absolute and resolved), created if new."""
     named = Repository.objects.filter(name=url).first()
     if named is not None:
         return named
-    if "://" not in url and not url.startswith("git@") and Path(url).exists():
-        url = str(Path(url).resolve())
+    url = check_repository_url(url, field="url")
     existing = Repository.objects.filter(url=url).first()
     if existing:
         return existing
@@ -181,7 +186,7 @@ def _prepare_new_slot(slot: Slot, repository: Repository) -> tuple[str, str]:
     """Clone and set up; returns (commit, setup hash). Runs outside any transaction."""
     path = Path(slot.path)
     git.clone(repository.url, path)
-    commit = git.resolve_or_fetch(path, repository.default_branch)
+    commit = git.resolve_or_fetch(path, repository.default_branch, url=repository.url)
     # The same state a reset leaves: detached at the commit, no local branches.
     git.reset_clean(path, commit, list(repository.keep_paths))
     _run_setup(repository, path)
@@ -418,7 +423,7 @@ def _checkout_for_lease(slot: Slot, repository: Repository, ref: str, fetch: boo
     # A slot that fetched moments ago is fresh enough: a busy pool does not pay a fetch per task.
     ttl = settings.REPO_POOL_FETCH_TTL
     refresh = fetch and (slot.fetched_at is None or (timezone.now() - slot.fetched_at).total_seconds() >= ttl)
-    commit = git.resolve_or_fetch(path, ref, refresh=refresh)
+    commit = git.resolve_or_fetch(path, ref, url=repository.url, refresh=refresh)
     fields: dict = {"commit": commit}
     if refresh:
         fields["fetched_at"] = timezone.now()
@@ -543,4 +548,5 @@ def repository_delete_slots(*, repository: Repository) -> None:
     """Remove every slot of this host from disk and the database (a repository being retired)."""
     for slot in Slot.objects.filter(repository=repository, host=host()):
         shutil.rmtree(slot.path, ignore_errors=True)
+        git.trusted_config_path(Path(slot.path)).unlink(missing_ok=True)
         slot.delete()
