@@ -37,7 +37,12 @@ class RepositorySerializer(serializers.ModelSerializer):
             "test_network", "slots", "warm_requested_at", "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = ["id", "slots", "warm_requested_at", "created_at", "updated_at"]
-        extra_kwargs = {"default_branch": {"required": False, "allow_blank": True}}
+        # URLs are checked as given: whitespace around one is refused, not silently trimmed.
+        extra_kwargs = {
+            "default_branch": {"required": False, "allow_blank": True},
+            "url": {"trim_whitespace": False},
+            "push_url": {"trim_whitespace": False},
+        }
 
     def validate_url(self, value):
         return _checked_url(value, "url")
