@@ -37,7 +37,7 @@ from pathlib import Path
 from django.conf import settings
 
 from common.errors import DomainError
-from repopool.urls_policy import check_repository_url
+from repopool.urls_policy import UrlRefused, check_repository_url
 
 # Never prompt for credentials, never run pagers, never pick up system or user config, and take
 # the protocol policy from our command line only (GIT_PROTOCOL_FROM_USER=0).
@@ -88,6 +88,20 @@ class GitError(DomainError):
 class RefNotFound(GitError):
     code = "ref_not_found"
     field = "ref"
+
+
+class UrlNotAllowed(GitError):
+    """A URL the policy refuses reached the git layer (a row stored before the policy, a
+    push_url sent by the server): git never sees it."""
+
+    code = "url_refused"
+
+
+def _allowed_url(url: str, *, field: str = "url", extra_roots: tuple = ()) -> str:
+    try:
+        return check_repository_url(url, field=field, extra_roots=extra_roots)
+    except UrlRefused as exc:
+        raise UrlNotAllowed(exc.message, field=field) from None
 
 
 def _env() -> dict[str, str]:
@@ -216,7 +230,7 @@ def _slot_git(path: Path, *args: str, check: bool = True) -> str:
 def remote_head(url: str, *, field: str = "url") -> str:
     """The branch ``url``'s HEAD names ("" when it names none). The URL is checked first: nothing
     git could read as an option or a program-running transport reaches it."""
-    url = check_repository_url(url, field=field)
+    url = _allowed_url(url, field=field)
     out = git("ls-remote", "--symref", "--", url, "HEAD", timeout=60)
     for line in out.splitlines():
         if line.startswith("ref: refs/heads/"):
@@ -226,7 +240,7 @@ def remote_head(url: str, *, field: str = "url") -> str:
 
 def clone(url: str, dest: Path) -> None:
     """Clone ``url`` into ``dest`` (no checkout) and keep the pool's copy of its config."""
-    url = check_repository_url(url)
+    url = _allowed_url(url)
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -261,7 +275,7 @@ def fetch(path: Path, url: str, ref: str | None = None) -> None:
     """Fetch ``ref`` (every branch when None) from ``url`` into refs/remotes/origin/.
 
     The URL comes from the caller (the Repository row), never from the slot's own config."""
-    url = check_repository_url(url)
+    url = _allowed_url(url)
     if ref:
         _check_ref(ref)
         refspec = ref if _looks_like_sha(ref) else f"+{ref}:refs/remotes/origin/{ref}"
@@ -390,5 +404,5 @@ def ensure_bare(path: Path) -> None:
 def push(path: Path, remote: str, branch: str) -> None:
     """Push HEAD to ``branch`` of ``remote``: a push_url (checked again here) or a results
     repository of ours."""
-    remote = check_repository_url(remote, field="push_url", extra_roots=[settings.RESULTS_ROOT])
+    remote = _allowed_url(remote, field="push_url", extra_roots=(settings.RESULTS_ROOT,))
     _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, f"HEAD:refs/heads/{branch}")

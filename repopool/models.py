@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+
+from repopool.urls_policy import UrlRefused, check_repository_url
 
 REPOSITORY_NAME_VALIDATOR = RegexValidator(
     r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,100}$",
@@ -50,6 +53,20 @@ class Repository(models.Model):
         for slot in self.slots.all():
             counts[slot.state] = counts.get(slot.state, 0) + 1
         return counts
+
+    def clean(self) -> None:
+        """The URL policy for every path that validates a row, the admin's form included."""
+        errors = {}
+        for field in ("url", "push_url"):
+            value = getattr(self, field)
+            if field == "push_url" and not value:
+                continue
+            try:
+                setattr(self, field, check_repository_url(value, field=field))
+            except UrlRefused as exc:
+                errors[field] = [exc.message]
+        if errors:
+            raise ValidationError(errors)
 
 
 class SlotState(models.TextChoices):

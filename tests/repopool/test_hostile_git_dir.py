@@ -28,9 +28,7 @@ def plant(slot: Path, log: Path) -> Path:
     evil = slot / "tools" / "evil.sh"
     evil.parent.mkdir(exist_ok=True)
     # As a filter it passes stdin through, as a textconv it prints the file: nothing else breaks.
-    evil.write_text(
-        f'#!/bin/sh\necho "$1" >> {log}\ncase "$1" in clean|smudge) cat ;; textconv) cat "$2" ;; esac\n'
-    )
+    evil.write_text(f'#!/bin/sh\necho "$1" >> {log}\ncase "$1" in clean|smudge) cat ;; textconv) cat "$2" ;; esac\n')
     evil.chmod(0o755)
     hooks = slot / "tools" / "hooks"
     hooks.mkdir(exist_ok=True)

@@ -95,16 +95,27 @@ def test_the_service_refuses_the_same_urls_with_the_field(marker):
         assert info.value.field == "push_url"
 
 
-def test_git_layer_refuses_an_injected_url_even_if_one_was_stored(marker, tmp_path):
-    """A row written before the policy (or by hand) still never reaches git as an option."""
-    from repopool import git
-    from repopool.urls_policy import UrlRefused
+def test_git_layer_refuses_an_injected_url_even_if_one_was_stored(marker, tmp_path, repository):
+    """A row written before the policy (or a push_url the server sends the runner) still never
+    reaches git: clone, ls-remote, fetch and push check it again, as a GitError the runner handles."""
+    from repopool import git, services
 
+    lease = services.slot_allocate(repository=repository, holder="h")
     for url in injection_urls(marker):
-        with pytest.raises(UrlRefused):
+        with pytest.raises(git.UrlNotAllowed):
             git.remote_head(url)
-        with pytest.raises(UrlRefused):
+        with pytest.raises(git.UrlNotAllowed):
             git.clone(url, tmp_path / "dest")
+        with pytest.raises(git.UrlNotAllowed):
+            git.fetch(lease.path, url, "main")
+        with pytest.raises(git.UrlNotAllowed) as info:
+            git.push(lease.path, url, "agent/x")
+        assert info.value.field == "push_url"
+    Repository.objects.filter(pk=repository.pk).update(url=f"--upload-pack=touch {marker}")
+    repository.refresh_from_db()
+    services.slot_release(slot_id=lease.slot_id, lease_token=lease.lease_token)
+    with pytest.raises(git.RefNotFound):  # the fetch is refused, so an unknown branch stays unknown
+        services.slot_allocate(repository=repository, holder="h", ref="no-such-branch")
 
 
 def test_local_paths_outside_the_roots_are_refused(staff_api, roots, make_repo, tmp_path, marker):
@@ -256,3 +267,28 @@ def test_ordinary_remote_urls_are_accepted_as_given(url):
     from repopool.urls_policy import check_repository_url
 
     assert check_repository_url(url) == url
+
+
+def test_the_admin_form_applies_the_same_policy(staff_api, marker, make_repo):
+    from django.test import Client
+
+    browser = Client()
+    browser.force_login(staff_api.user)
+    form = {
+        "name": "via-admin",
+        "url": f"--upload-pack=touch {marker}",
+        "default_branch": "main",
+        "pool_size": 1,
+        "test_command": "true",
+        "setup_watch_files": "[]",
+        "keep_paths": "[]",
+        "push_url": "ext::sh -c touch% /tmp/x",
+    }
+    response = browser.post("/admin/repopool/repository/add/", form)
+    assert response.status_code == 200  # the form again, with the errors
+    errors = response.context["adminform"].form.errors
+    assert "url" in errors and "push_url" in errors, errors
+    assert Repository.objects.count() == 0
+    form.update(url=str(make_repo()), push_url="")
+    assert browser.post("/admin/repopool/repository/add/", form).status_code == 302
+    assert Repository.objects.get().url == form["url"]
