@@ -194,7 +194,7 @@ def test_git_dir_redirections_are_undone_or_refused(repository, tmp_path):
 def test_a_hostile_ref_name_never_reaches_git_as_an_option(repository, tmp_path):
     marker = tmp_path / "pwned"
     for ref in (f"--upload-pack=touch {marker}", "-h", "main\n--exec=x", "a b"):
-        with pytest.raises(git.RefNotFound):
+        with pytest.raises(git.RefNotFound, match="not a valid branch, tag or commit name"):
             services.slot_allocate(repository=repository, holder="h", ref=ref)
     assert not marker.exists()
     assert Slot.objects.filter(state="leased").count() == 0
