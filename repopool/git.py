@@ -57,7 +57,8 @@ GIT_ENV = {
 BASE_CONFIG = [
     *("-c", "core.hooksPath=/dev/null"),
     *("-c", "core.fsmonitor=false"),
-    *("-c", "core.sshCommand=ssh"),
+    # No prompt (host key, passphrase) can hang an unattended clone.
+    *("-c", "core.sshCommand=ssh -o BatchMode=yes"),
     *("-c", "core.attributesFile=/dev/null"),
     *("-c", "core.pager=cat"),
     *("-c", "credential.helper="),
