@@ -4,6 +4,7 @@ create; the marker must stay absent."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -226,29 +227,34 @@ def test_manage_py_add_repository_exits_non_zero_and_runs_nothing(marker, tmp_pa
 
 def test_local_roots_setting_defaults(tmp_path):
     """Empty in production, every local path on a laptop, "*" or a list when set."""
-    script = "from django.conf import settings; print(repr(settings.AGENTRUNNER_LOCAL_REPO_ROOTS))"
     cases = [
-        ({"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "x"}, "[]"),
-        ({"DJANGO_DEBUG": "1"}, "None"),
-        ({"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "x", "AGENTRUNNER_LOCAL_REPO_ROOTS": "*"}, "None"),
+        ({"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "x"}, []),
+        ({"DJANGO_DEBUG": "1"}, None),
+        ({"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "x", "AGENTRUNNER_LOCAL_REPO_ROOTS": "*"}, None),
         (
             {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "x", "AGENTRUNNER_LOCAL_REPO_ROOTS": f"{tmp_path}/a/../b,/srv"},
-            repr([str(tmp_path.resolve() / "b"), "/srv"]),
+            [str(tmp_path.resolve() / "b"), "/srv"],
         ),
     ]
-    for extra, expected in cases:
-        env = {k: v for k, v in os.environ.items() if k != "AGENTRUNNER_LOCAL_REPO_ROOTS"}
-        env.update(extra, DJANGO_SETTINGS_MODULE="agentrunner.settings")
-        proc = subprocess.run(
-            [sys.executable, "-c", f"import django; django.setup(); {script}"],
-            cwd=BASE_DIR,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == expected, extra
+    # One fresh interpreter reads the settings module once per environment.
+    script = """
+import importlib, json, os, sys
+for extra in json.loads(sys.argv[1]):
+    for name in ("DJANGO_DEBUG", "DJANGO_SECRET_KEY", "AGENTRUNNER_LOCAL_REPO_ROOTS"):
+        os.environ.pop(name, None)
+    os.environ.update(extra)
+    sys.modules.pop("agentrunner.settings", None)
+    print(json.dumps(importlib.import_module("agentrunner.settings").AGENTRUNNER_LOCAL_REPO_ROOTS))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([extra for extra, _ in cases])],
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [expected for _, expected in cases]
 
 
 @pytest.mark.parametrize(
