@@ -158,6 +158,8 @@ def test_no_local_path_at_all_when_debug_is_off_and_no_roots_are_set(make_repo, 
 
 
 def test_a_repository_inside_the_roots_is_registered_and_cloned(staff_api, settings, make_repo, tmp_path):
+    from repopool import services
+
     origin = make_repo()
     settings.AGENTRUNNER_LOCAL_REPO_ROOTS = [str(tmp_path / "origin")]
     (tmp_path / "origin" / "alias").symlink_to(origin)  # a symlink that stays inside is fine
@@ -165,8 +167,8 @@ def test_a_repository_inside_the_roots_is_registered_and_cloned(staff_api, setti
         response = staff_api.post("/api/repositories/", {"name": name, "url": url, "pool_size": 1}, format="json")
         assert response.status_code == 201, response.content
         assert response.json()["url"] in (str(origin.resolve()), f"file://{origin.resolve()}")
-        warmed = staff_api.post(f"/api/repositories/{response.json()['id']}/warm/")
-        assert [slot["state"] for slot in warmed.json()] == ["free"], warmed.json()
+        slots = services.pool_warm(repository=Repository.objects.get(pk=response.json()["id"]))
+        assert [slot.state for slot in slots] == ["free"], [slot.last_error for slot in slots]
 
 
 def test_the_slot_pool_is_never_an_origin(make_repo, settings):
