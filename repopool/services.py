@@ -127,8 +127,11 @@ def repository_update(*, repository: Repository, **fields) -> Repository:
 def _remote_default_branch(url: str) -> str:
     try:
         return git.remote_head(url)
+    except git.UrlNotAllowed:
+        raise  # the policy's own reason, not "unreachable"
     except git.GitError as exc:
-        raise git.GitError(f"not a reachable git repository: {exc.message}", field="url") from None
+        # The URL passed the policy (no credentials, no control characters): safe to echo.
+        raise git.GitError(f"{url!r} is not a reachable git repository: {exc.message}", field="url") from None
 
 
 def repository_find_or_create_for_url(*, url: str, name: str = "", test_command: str = "") -> Repository:
