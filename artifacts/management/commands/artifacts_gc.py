@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand
 
 from artifacts.services import artifacts_gc
+from common.schema import require_schema
 
 
 class Command(BaseCommand):
@@ -15,6 +16,7 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true")
 
     def handle(self, *args, grace_seconds, dry_run, **opts):
+        require_schema()
         removed = artifacts_gc(grace_seconds=grace_seconds, dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
         self.stdout.write(

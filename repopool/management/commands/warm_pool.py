@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from common.errors import DomainError
+from common.schema import require_schema
 from repopool import services
 from repopool.management.commands.add_repository import call_warm
 
@@ -14,6 +15,7 @@ class Command(BaseCommand):
         parser.add_argument("repository", help="Repository name or id.")
 
     def handle(self, *args, repository, **opts):
+        require_schema()
         try:
             repo = services.repository_get(ref=repository)
         except DomainError as exc:
