@@ -62,20 +62,6 @@ def config_problem(config: LLMConfig) -> str | None:
     return None
 
 
-def task_config_errors(value: object) -> str | None:
-    """Why a task's stored LLM configuration is refused (None when it is fine)."""
-    if not isinstance(value, dict):
-        return "must be an object"
-    unknown = set(value) - TASK_CONFIG_KEYS
-    if unknown:
-        return f"unknown keys {sorted(unknown)} (allowed: {sorted(TASK_CONFIG_KEYS)})"
-    if value.get("provider", "openai") not in ("openai", "replay"):
-        return "provider must be openai or replay"
-    if not all(isinstance(v, str) for v in value.values()):
-        return "values must be strings"
-    return None
-
-
 def from_settings(**overrides) -> LLMConfig:
     from django.conf import settings
 

@@ -27,7 +27,7 @@ from django.conf import settings
 from agentrunner.agent.loop import Agent, Budget
 from agentrunner.agent.workspace import Workspace
 from agentrunner.llm.client import LLMClient, Transcript
-from agentrunner.llm.config import from_settings
+from agentrunner.llm.config import TASK_CONFIG_KEYS, from_settings
 from agentrunner.runner.ports import ClaimedTask, LeaseLost, Ports, SlotLease
 from common.procs import run_command, safe_env
 from repopool import git
@@ -177,18 +177,18 @@ class TaskRun:
 
     # --- helpers --------------------------------------------------------------------------------
     def progress(self, info: dict) -> None:
-        """Live progress for whoever runs the task. A reader that went away (a closed pipe) must
-        not strand the task: the command turns that into an interrupt, which winds down like
-        SIGTERM; once winding down, nothing the reporter raises stops the release and finish."""
+        """Live progress for whoever runs the task. While the task runs, what the reporter raises
+        is the runner's failure (a closed pipe arrives as an interrupt and winds down like
+        SIGTERM); once winding down, nothing it raises may stop the release and the finish."""
         if self._progress is None:
+            return
+        if not self.winding_down:
+            self._progress(info)
             return
         try:
             self._progress(info)
-        except KeyboardInterrupt:
-            if not self.winding_down:
-                raise
-        except Exception as exc:
-            self.log(f"progress reporter failed: {type(exc).__name__}")
+        except BaseException as exc:
+            self.log(f"progress reporter failed while winding down: {type(exc).__name__}")
 
     def event(self, type: str, message: str = "", data: dict | None = None) -> None:
         try:
@@ -268,7 +268,9 @@ class TaskRun:
     def agent_phase(self) -> tuple[Outcome | None, str]:
         task = self.task
         # The task's own provider (e.g. the demo's replay) holds whoever runs it; then the caller's.
-        config = from_settings(**{"model": task.llm_model or None, **task.llm_config, **self.llm_overrides})
+        # Only the keys a task may carry: a stored base URL must never redirect the runner's key.
+        stored = {k: v for k, v in task.llm_config.items() if k in TASK_CONFIG_KEYS}
+        config = from_settings(**{"model": task.llm_model or None, **stored, **self.llm_overrides})
         self.client = LLMClient(config, transcript=Transcript(self.transcript_path, secret=config.api_key))
         agent = Agent(
             client=self.client,

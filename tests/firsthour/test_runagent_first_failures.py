@@ -172,3 +172,44 @@ def test_an_interrupted_demo_task_keeps_its_replay_whoever_runs_it(llm):
     task.refresh_from_db()
     assert task.status == "succeeded" and not task.cost_usd
     wait_for(lambda: not Slot.objects.filter(state="leased").exists(), timeout=5, message="the slot's release")
+
+
+def test_a_stored_config_cannot_send_the_key_elsewhere(llm, sample_repo):
+    """Only the provider and its transcript are taken from a task: never a base URL or a key."""
+    from agentrunner.runner.pipeline import run_task
+    from tests.runner.conftest import fixer
+
+    llm.responder = fixer
+    elsewhere = LLMServer().start()
+    try:
+        task = registry.task_create(
+            title="stored", instructions="fix add", repository=sample_repo,
+            llm_config={"provider": "openai", "base_url": elsewhere.base_url, "api_key": "sk-stored"},
+        )  # fmt: skip
+        summary = run_task(task_id=task.pk)
+        assert summary.status == "succeeded"
+        assert elsewhere.requests == [] and llm.requests
+        assert all(h["authorization"] == f"Bearer {API_KEY}" for h in llm.headers)
+    finally:
+        elsewhere.stop()
+
+
+def test_a_reporter_failing_while_winding_down_does_not_strand_the_task(llm, sample_repo):
+    """Interrupted in the agent phase, then the reporter fails again on every later line: the slot
+    is still released and the task queued again."""
+    from agentrunner.runner.pipeline import run_task
+
+    llm.responder = lambda request: tool("list_files")
+
+    def progress(info):
+        if info.get("phase") == "agent":
+            raise KeyboardInterrupt
+        if info.get("phase") in ("artifacts", "release", "finish"):
+            raise BrokenPipeError
+
+    task = registry.task_create(title="reporter", instructions="fix add", repository=sample_repo, max_attempts=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_task(task_id=task.pk, progress=progress)
+    task.refresh_from_db()
+    assert task.status == "queued" and task.failure_reason == "infrastructure_error"
+    assert Slot.objects.get(repository=sample_repo, lease_count=1).state == "free"

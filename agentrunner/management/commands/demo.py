@@ -79,8 +79,8 @@ class Command(BaseCommand):
         from repopool.services import repository_create, repository_update
 
         # The shipped transcript replays offline; --live uses the configured provider.
-        llm_config = {} if live else {"provider": "replay", "replay_file": replay_file}
-        problem = config_problem(from_settings(**(llm_config or {"provider": "openai"})))
+        llm_config = {"provider": "openai"} if live else {"provider": "replay", "replay_file": replay_file}
+        problem = config_problem(from_settings(**llm_config))
         if problem:
             raise CommandError(f"no usable LLM: {problem}", returncode=2)
         project = make_sample_project(Path(settings.DATA_DIR) / "demo" / "sample-project")

@@ -135,7 +135,7 @@ class Command(BaseCommand):
 
     def _check_llm_config(self) -> None:
         """Fail at once, before anything is created or claimed, when no call could succeed."""
-        from agentrunner.llm.config import config_problem, from_settings
+        from agentrunner.llm.config import TASK_CONFIG_KEYS, config_problem, from_settings
         from registry.models import Task
 
         stored: dict = {}
@@ -148,7 +148,7 @@ class Command(BaseCommand):
             stored = (candidates.values_list("llm_config", flat=True).first()) or {}
         except (ValidationError, ValueError):
             pass  # not a task id: run_task says so
-        problem = config_problem(from_settings(**stored))
+        problem = config_problem(from_settings(**{k: v for k, v in stored.items() if k in TASK_CONFIG_KEYS}))
         if problem:
             raise CommandError(f"no usable LLM: {problem}", returncode=CONFIG_ERROR_EXIT)
 
