@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-live lint demo demo-live bench clean
+.PHONY: test test-live lint demo demo-live serve bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: $(VENV)/.installed  ## quick start: a sample task, with the model's answer
 demo-live: $(VENV)/.installed  ## the same with a real model (OPENAI_API_KEY, optionally OPENAI_BASE_URL)
 	$(PY) manage.py migrate --noinput -v 0
 	$(PY) manage.py demo --live
+
+# The API (/api/, docs at /api/docs/) and the admin (/admin/) on the demo's database.
+ADDR ?= 127.0.0.1:8000
+serve: $(VENV)/.installed  ## gunicorn on $(ADDR); static files collected for WhiteNoise
+	$(PY) manage.py migrate --noinput -v 0
+	$(PY) manage.py collectstatic --noinput -v 0
+	$(VENV)/bin/gunicorn agentrunner.wsgi -w 2 -b $(ADDR) --timeout 600
 
 bench: $(VENV)/.installed
 	$(PY) bench/pool.py

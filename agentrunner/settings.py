@@ -45,6 +45,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc shipped as static files: docs work offline
     "repopool",
     "artifacts",
     "registry",
@@ -54,6 +55,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # /static/ under gunicorn; see the static block
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -105,8 +107,15 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# --- Static files (admin, browsable API, API docs) -----------------------------------------------
+# WhiteNoise serves them from the WSGI app itself, so `gunicorn agentrunner.wsgi` needs no web
+# server in front. With DEBUG on it serves straight from the apps' folders (no collectstatic
+# needed, edits show at once); with DEBUG off it serves what `manage.py collectstatic` gathered in
+# STATIC_ROOT (`make serve` runs it), compressed, with long cache headers.
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_AUTOREFRESH = DEBUG
 
 # Request bodies: JSON bodies are small; artifacts stream to temporary files, never memory.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("AGENTRUNNER_MAX_JSON_BODY", default=1024 * 1024)
@@ -141,7 +150,8 @@ else:
     raise ImproperlyConfigured("ARTIFACTS_STORAGE must be 'local' or 's3'")
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    # Not the manifest variant: a missing manifest would turn every admin page into a 500.
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
     "artifacts": _artifact_storage,
 }
 
@@ -167,6 +177,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Tasks, repository pools and artifacts of a self-hosted AI coding task runner.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and ReDoc from our own /static/ (drf-spectacular-sidecar), never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No validator badge: it would send the schema's URL to validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {
         "TaskStatusEnum": "registry.states.TaskStatus.choices",

@@ -28,6 +28,9 @@ class Task(models.Model):
         default=3, validators=[MinValueValidator(1)], help_text="Agent rounds: test failures go back to the agent."
     )
     llm_model = models.CharField(max_length=200, blank=True, default="")
+    # The LLM provider this task must run with whoever runs it (e.g. the demo's replay), set only by
+    # operators' commands, never through the API; no secrets: {"provider": ..., "replay_file": ...}.
+    llm_config = models.JSONField(default=dict, blank=True)
     max_steps = models.PositiveIntegerField(null=True, blank=True)
     max_tokens = models.PositiveIntegerField(null=True, blank=True)
     max_cost_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)

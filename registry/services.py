@@ -209,6 +209,7 @@ def task_create(
     max_cost_usd: Decimal | None = None,
     depends_on: Iterable[Task] = (),
     owner: Any = None,
+    llm_config: dict | None = None,
 ) -> Task:
     """Create a task; it is queued at once when it has no unfinished dependency."""
     depends_on = list(depends_on)
@@ -227,6 +228,7 @@ def task_create(
             timeout_seconds=timeout_seconds,
             max_iterations=max_iterations,
             llm_model=llm_model,
+            llm_config=llm_config or {},
             max_steps=max_steps,
             max_tokens=max_tokens,
             max_cost_usd=max_cost_usd,

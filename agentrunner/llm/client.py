@@ -52,6 +52,8 @@ class Totals:
     cost_unknown: bool = False
     duration: float = 0.0
     retry_wait: float = 0.0
+    # A replay spends nothing: what the recorded calls cost is kept apart (None for a live model).
+    recorded_cost: Decimal | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -68,6 +70,7 @@ class Totals:
             "cost_unknown": self.cost_unknown,
             "duration": round(self.duration, 4),
             "retry_wait": round(self.retry_wait, 4),
+            "recorded_cost_usd": None if self.recorded_cost is None else str(self.recorded_cost),
         }
 
 
@@ -158,6 +161,7 @@ class OpenAIProvider:
         self._openai = openai
         self._client = _openai_client(config)
         self._secret = config.api_key
+        self._endpoint = config.endpoint
 
     def create(self, *, model, messages, tools, max_tokens, temperature, timeout):
         openai = self._openai
@@ -171,9 +175,10 @@ class OpenAIProvider:
         try:
             raw = self._client.chat.completions.with_raw_response.create(**kwargs)
         except openai.APITimeoutError:
-            raise LLMError("timeout", f"no answer within {timeout:g}s") from None
+            raise LLMError("timeout", f"no answer from {self._endpoint} within {timeout:g}s") from None
         except openai.APIConnectionError as exc:
-            raise LLMError("connection", redact(str(exc.__cause__ or exc), self._secret)) from None
+            cause = redact(str(exc.__cause__ or exc), self._secret)
+            raise LLMError("connection", f"cannot reach {self._endpoint}: {cause}") from None
         except openai.APIStatusError as exc:
             raise self._status_error(exc) from None
         body_text = raw.http_response.text
@@ -187,9 +192,9 @@ class OpenAIProvider:
         status = exc.status_code
         message = redact(_error_message(exc), self._secret)
         if status in (401, 403):
-            return LLMError("authentication", message, status=status)
+            return LLMError("authentication", f"{self._endpoint} refused the API key: {message}", status=status)
         if status == 404:
-            return LLMError("model_not_found", message, status=status)
+            return LLMError("model_not_found", f"{self._endpoint}: {message}", status=status)
         if status == 429:
             return LLMError("rate_limited", message, status=status, retry_after=_retry_after(exc.response.headers))
         if status >= 500:
@@ -345,6 +350,9 @@ class LLMClient:
         if self.provider is None:
             self.provider = make_provider(self.config)
         self._recorded_messages = 0
+        self._replay = self.config.provider == "replay"
+        if self._replay:
+            self.totals.recorded_cost = Decimal(0)
 
     def complete(
         self,
@@ -425,7 +433,7 @@ class LLMClient:
         self._bill_usage(body, model)
         message, finish_reason, prompt_tokens, completion_tokens, served_model = _parse_completion(body)
         served = served_model or model
-        cost = cost_of(served, prompt_tokens, completion_tokens, self.config.prices)
+        cost = Decimal(0) if self._replay else cost_of(served, prompt_tokens, completion_tokens, self.config.prices)
         return LLMResponse(message, served, prompt_tokens, completion_tokens, elapsed, cost, finish_reason)
 
     def _bill_usage(self, body: Any, model: str) -> None:
@@ -438,7 +446,11 @@ class LLMClient:
         self.totals.completion_tokens += completion
         served = str(body.get("model") or model) if isinstance(body, dict) else model
         cost = cost_of(served, prompt, completion, self.config.prices)
-        if cost is None:
+        if self._replay:
+            # Nothing was billed; the recording's price is reported as such, never as spent.
+            if cost is not None and self.totals.recorded_cost is not None:
+                self.totals.recorded_cost += cost
+        elif cost is None:
             self.totals.cost_unknown = True
         else:
             self.totals.cost += cost

@@ -1,6 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# What an operator may store on a task (never a key): the provider and, for replay, its transcript.
+TASK_CONFIG_KEYS = {"provider", "replay_file"}
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,40 @@ class LLMConfig:
     temperature: float | None = 0.0
     prices: dict = field(default_factory=dict)
     replay_file: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL as it may be shown: without credentials, query or fragment."""
+        return display_url(self.base_url or OPENAI_DEFAULT_BASE_URL)
+
+
+def display_url(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def config_problem(config: LLMConfig) -> str | None:
+    """What is missing for a first call to have a chance, in one line (None when nothing is).
+
+    A key is required for OpenAI itself; with OPENAI_BASE_URL set it is optional, since local
+    OpenAI-compatible servers (Ollama, vLLM, llama.cpp) often take none."""
+    if config.provider == "replay":
+        if not config.replay_file:
+            return "the replay provider needs AGENTRUNNER_LLM_REPLAY_FILE (a recorded transcript)"
+        if not Path(config.replay_file).is_file():
+            return f"the replay transcript {config.replay_file} does not exist"
+        return None
+    if config.provider != "openai":
+        return f"unknown LLM provider {config.provider!r} (AGENTRUNNER_LLM_PROVIDER: openai or replay)"
+    if not config.api_key and not config.base_url:
+        return (
+            "OPENAI_API_KEY is not set (set it, or OPENAI_BASE_URL for a local OpenAI-compatible server, "
+            "or use `manage.py demo` to try Agent Runner without a model)"
+        )
+    return None
 
 
 def from_settings(**overrides) -> LLMConfig:

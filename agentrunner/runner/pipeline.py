@@ -29,7 +29,7 @@ from django.conf import settings
 from agentrunner.agent.loop import Agent, Budget
 from agentrunner.agent.workspace import Workspace
 from agentrunner.llm.client import LLMClient, Transcript
-from agentrunner.llm.config import from_settings
+from agentrunner.llm.config import TASK_CONFIG_KEYS, from_settings
 from agentrunner.runner.ports import ClaimedTask, LeaseLost, Ports, SlotLease
 from common.procs import run_command, safe_env
 from repopool import git
@@ -69,6 +69,7 @@ class RunSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: str | None = None
+    recorded_cost_usd: str | None = None  # a replay: what the recorded calls cost (nothing was spent)
     llm_calls: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
@@ -154,7 +155,8 @@ class TaskRun:
         self.llm_overrides = llm_overrides or {}
         self.ports = ports
         self.runner_id = runner_id
-        self.progress = progress or (lambda info: None)
+        self._progress = progress
+        self.winding_down = False
         self.cancel = threading.Event()
         self.lease: SlotLease | None = None
         self.lease_lost = False
@@ -176,6 +178,20 @@ class TaskRun:
         self._feedback = ""
 
     # --- helpers --------------------------------------------------------------------------------
+    def progress(self, info: dict) -> None:
+        """Live progress for whoever runs the task. While the task runs, what the reporter raises
+        is the runner's failure (a closed pipe arrives as an interrupt and winds down like
+        SIGTERM); once winding down, nothing it raises may stop the release and the finish."""
+        if self._progress is None:
+            return
+        if not self.winding_down:
+            self._progress(info)
+            return
+        try:
+            self._progress(info)
+        except BaseException as exc:
+            self.log(f"progress reporter failed while winding down: {type(exc).__name__}")
+
     def event(self, type: str, message: str = "", data: dict | None = None) -> None:
         try:
             self.ports.registry.event(task_id=self.task.id, type=type, message=message, data=data)
@@ -236,6 +252,14 @@ class TaskRun:
 
     def on_agent_event(self, type: str, message: str, data: dict) -> None:
         self.event(type, message, data)
+        if type == "llm_retry" and self.client is not None:
+            config = self.client.config
+            what = "unreachable" if data.get("kind") in ("connection", "timeout") else f"failing ({data.get('kind')})"
+            self.progress({
+                "phase": "agent", "elapsed": time.monotonic() - self.started,
+                "note": f"LLM {what} at {config.endpoint}; retry {data.get('attempt')}/{config.max_retries} "
+                f"in {data.get('wait', 0):.0f} s",
+            })  # fmt: skip
         if type == "llm_call" and self.client is not None:
             totals = self.client.totals
             self.progress({
@@ -245,7 +269,10 @@ class TaskRun:
 
     def agent_phase(self) -> tuple[Outcome | None, str]:
         task = self.task
-        config = from_settings(**{"model": task.llm_model or None, **self.llm_overrides})
+        # The task's own provider (e.g. the demo's replay) holds whoever runs it; then the caller's.
+        # Only the keys a task may carry: a stored base URL must never redirect the runner's key.
+        stored = {k: v for k, v in task.llm_config.items() if k in TASK_CONFIG_KEYS}
+        config = from_settings(**{"model": task.llm_model or None, **stored, **self.llm_overrides})
         self.client = LLMClient(config, transcript=Transcript(self.transcript_path, secret=config.api_key))
         agent = Agent(
             client=self.client,
@@ -600,6 +627,7 @@ def run_task(
         outcome = Outcome("failed", "infrastructure_error", f"{type(exc).__name__}: {exc}", retry=True)
     if outcome is None:
         outcome = Outcome("succeeded")
+    run.winding_down = True
     heartbeat.stop_event.set()
     if heartbeat.is_alive():
         heartbeat.join(timeout=10)
@@ -607,6 +635,8 @@ def run_task(
         totals = run.client.totals
         run.summary.prompt_tokens, run.summary.completion_tokens = totals.prompt_tokens, totals.completion_tokens
         run.summary.cost_usd = None if totals.cost_unknown else str(totals.cost)
+        if totals.recorded_cost is not None:
+            run.summary.recorded_cost_usd = str(totals.recorded_cost)
         run.summary.llm_calls = totals.calls
         try:
             ports.registry.add_usage(

@@ -36,6 +36,7 @@ class ClaimedTask:
     attempt_id: int
     attempt_number: int
     max_attempts: int
+    llm_config: dict = field(default_factory=dict)  # the task's provider (e.g. replay); no secrets
 
     @property
     def short_id(self) -> str:
@@ -131,7 +132,7 @@ class LocalRegistry(_LocalPort):
             push_url=repo.push_url, timeout_seconds=task.timeout_seconds, max_iterations=task.max_iterations,
             llm_model=task.llm_model, max_steps=task.max_steps, max_tokens=task.max_tokens,
             max_cost_usd=task.max_cost_usd, attempt_id=attempt.pk, attempt_number=attempt.number,
-            max_attempts=task.max_attempts,
+            max_attempts=task.max_attempts, llm_config=dict(task.llm_config or {}),
         )  # fmt: skip
 
     def event(self, *, task_id, type, message="", data=None):

@@ -155,3 +155,84 @@ def test_transcript_records_requests_responses_and_retries(make_client, llm_serv
     assert [r["type"] for r in records] == ["request", "error", "retry", "response"]
     assert records[0]["messages"] == MESSAGES
     assert records[3]["message"]["content"] == "ok" and records[3]["prompt_tokens"] == 100
+
+
+def test_unreachable_endpoint_is_named_without_credentials(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = LLMConfig(
+        api_key="sk-never-shown-0123456789",
+        base_url=f"http://user:sk-in-url-secret@127.0.0.1:{port}/v1?token=abc",
+        max_retries=0,
+    )
+    with pytest.raises(LLMError) as info:
+        LLMClient(config).complete(MESSAGES, [])
+    message = info.value.message
+    assert info.value.kind == "connection"
+    assert f"cannot reach http://127.0.0.1:{port}/v1" in message
+    assert "sk-in-url-secret" not in message and "user" not in message and "token=abc" not in message
+    assert config.endpoint == f"http://127.0.0.1:{port}/v1"
+    assert LLMConfig().endpoint == "https://api.openai.com/v1"
+
+
+def test_401_names_the_endpoint_that_refused_the_key(llm_server):
+    client = LLMClient(LLMConfig(api_key="sk-wrong-key-0123456789", base_url=llm_server.base_url, model="test-model"))
+    with pytest.raises(LLMError) as info:
+        client.complete(MESSAGES, [])
+    assert info.value.kind == "authentication" and not info.value.retryable
+    assert f"{llm_server.base_url} refused the API key" in info.value.message
+    assert "sk-wrong-key" not in info.value.message
+
+
+def test_a_replay_spends_nothing_and_keeps_the_recorded_cost_apart(tmp_path):
+    transcript = tmp_path / "recorded.jsonl"
+    transcript.write_text(
+        json.dumps({"type": "request", "fingerprint": None})
+        + "\n"
+        + json.dumps(
+            {
+                "type": "response",
+                "model": "gpt-4o-mini",
+                "message": {"role": "assistant", "content": "done"},
+                "prompt_tokens": 1000,
+                "completion_tokens": 1000,
+            }
+        )
+        + "\n"
+    )
+    config = LLMConfig(provider="replay", replay_file=str(transcript), prices={"gpt-4o-mini": ("0.15", "0.60")})
+    client = LLMClient(config)
+    response = client.complete(MESSAGES, [])
+    assert response.message["content"] == "done" and response.cost == Decimal(0)
+    assert client.totals.cost == Decimal(0) and not client.totals.cost_unknown
+    assert client.totals.recorded_cost == Decimal("0.00075")  # 1000 * $0.15/M + 1000 * $0.60/M
+    assert client.totals.as_dict()["recorded_cost_usd"] == "0.00075"
+    assert client.totals.prompt_tokens == 1000  # the conversation's size is still reported
+
+
+def test_a_live_client_has_no_recorded_cost(make_client, llm_server):
+    llm_server.add(completion("hello", usage=(1000, 500)))
+    client = make_client()
+    client.complete(MESSAGES, [])
+    assert client.totals.cost == Decimal("0.002") and client.totals.recorded_cost is None
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        (LLMConfig(), "OPENAI_API_KEY is not set"),
+        (LLMConfig(api_key="sk-x"), None),
+        (LLMConfig(base_url="http://localhost:11434/v1"), None),  # a local server may need no key
+        (LLMConfig(provider="replay"), "AGENTRUNNER_LLM_REPLAY_FILE"),
+        (LLMConfig(provider="replay", replay_file="/nonexistent/t.jsonl"), "does not exist"),
+        (LLMConfig(provider="anthropic", api_key="x"), "unknown LLM provider"),
+    ],
+)
+def test_config_problem_names_what_is_missing(config, problem):
+    from agentrunner.llm.config import config_problem
+
+    found = config_problem(config)
+    assert (found is None) if problem is None else (problem in found and "\n" not in found)

@@ -4,6 +4,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from rest_framework.authtoken.models import Token
 
+from common.schema import require_schema
+
 
 class Command(BaseCommand):
     help = "Create the user if needed and print its API token (Authorization: Token <key>)."
@@ -16,6 +18,7 @@ class Command(BaseCommand):
         parser.add_argument("--superuser", action="store_true", help="Make the user a superuser.")
 
     def handle(self, *args, username, staff, superuser, **options):
+        require_schema()
         user, created = get_user_model().objects.get_or_create(username=username)
         if staff or superuser:
             user.is_staff = True

@@ -13,7 +13,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from agentrunner.runner.summary import format_summary, quiet_logs
+from agentrunner.runner.summary import Progress, format_summary, origin, quiet_logs, silence_output
+from common.schema import require_schema
 
 TRANSCRIPT = Path(__file__).resolve().parents[2] / "demo_data" / "transcript.jsonl"
 INSTRUCTIONS = "The test for calc.add fails: add() subtracts. Fix add() so the tests pass."
@@ -54,16 +55,34 @@ class Command(BaseCommand):
         )
         parser.add_argument("--quiet", action="store_true")
 
-    def handle(self, *args, live, replay_file, quiet, **opts):
+    def handle(self, *args, **opts):
+        self.out = Progress(self.stderr)
+        try:
+            self._handle(**opts)
+        except KeyboardInterrupt:
+            # A closed pipe (or Ctrl-C): the task wound down (slot released, queued again with its replay).
+            if not self.out.closed:
+                self.stderr.write("interrupted: the slot was released and the task queued again")
+            sys.exit(130)
+        except BrokenPipeError:  # the reader went away before or after the run: nothing to clean up
+            silence_output()
+            sys.exit(130)
+
+    def _handle(self, *, live, replay_file, quiet, **opts):
+        from agentrunner.llm.config import config_problem, from_settings
         from agentrunner.runner.pipeline import run_task
 
         quiet_logs(opts.get("verbosity", 1))
+        require_schema()
         from registry.services import task_create
         from repopool.models import Repository
         from repopool.services import repository_create, repository_update
 
-        if live and not settings.OPENAI_API_KEY and not settings.OPENAI_BASE_URL:
-            raise CommandError("--live needs OPENAI_API_KEY (and OPENAI_BASE_URL for a server other than OpenAI)")
+        # The shipped transcript replays offline; --live uses the configured provider.
+        llm_config = {"provider": "openai"} if live else {"provider": "replay", "replay_file": replay_file}
+        problem = config_problem(from_settings(**llm_config))
+        if problem:
+            raise CommandError(f"no usable LLM: {problem}", returncode=2)
         project = make_sample_project(Path(settings.DATA_DIR) / "demo" / "sample-project")
         test_command = f"{sys.executable} -m pytest -q -p no:cacheprovider"
         repo = Repository.objects.filter(name="demo-sample").first()
@@ -74,13 +93,18 @@ class Command(BaseCommand):
             from repopool.services import repository_delete_slots
 
             repository_delete_slots(repository=repo)  # the sample project was just re-created
-        task = task_create(title="Fix calc.add", instructions=INSTRUCTIONS, repository=repo, max_steps=20)
+        # The replay is stored on the task: whoever runs it next (`runagent --next` after an
+        # interrupted demo) replays it too, never spending on a real model.
+        task = task_create(
+            title="Fix calc.add", instructions=INSTRUCTIONS, repository=repo, max_steps=20, llm_config=llm_config
+        )
         self.stderr.write(f"sample project: {project}")
         self.stderr.write(f"task {task.pk}: {INSTRUCTIONS}")
-        overrides = None if live else {"provider": "replay", "replay_file": replay_file}
         self.stderr.write(
             "model: " + (f"{settings.AGENTRUNNER_LLM_MODEL} (live)" if live else f"replaying {replay_file}")
         )
+
+        out = self.out
 
         def progress(info):
             if quiet:
@@ -88,14 +112,20 @@ class Command(BaseCommand):
             parts = [f"[{info.get('elapsed', 0):6.2f}s]", info.get("phase", "")]
             if info.get("step") is not None:
                 parts.append(f"step {info['step']} · {info.get('tokens', 0):,} tokens")
-            self.stderr.write(" ".join(parts))
+            if info.get("note"):
+                parts.append(info["note"])
+            out.line(" ".join(parts))
 
-        summary = run_task(task_id=task.pk, progress=progress, llm_overrides=overrides)
+        summary = run_task(task_id=task.pk, progress=progress)
         self.stdout.write(format_summary(summary))
         if summary.status != "succeeded":
             raise CommandError(f"the demo task ended {summary.status}: {summary.message}")
         self.stdout.write("")
         self.stdout.write(f"See the change:  cd {project} && {summary.fetch} && git show FETCH_HEAD")
+        self.stdout.write(
+            f"Open the API and the admin:  make serve  (then {origin(summary.api_url)}/admin/; first user: "
+            "`.venv/bin/python manage.py createsuperuser`, API token: `.venv/bin/python manage.py create_api_token alice`)"
+        )
         self.stdout.write(
             "Run it with a real model:  OPENAI_API_KEY=sk-... make demo-live  (OPENAI_BASE_URL for other servers)"
         )

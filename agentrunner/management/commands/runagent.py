@@ -11,8 +11,11 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
-from agentrunner.runner.summary import format_summary, quiet_logs
+from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
+from common.schema import require_schema
+
+CONFIG_ERROR_EXIT = 2  # the command cannot work as configured: nothing was created or claimed
 
 
 def _raise_interrupt(signum, frame):
@@ -42,23 +45,46 @@ class Command(BaseCommand):
         parser.add_argument("--until-idle", action="store_true", help="With --loop: stop when nothing is runnable.")
         parser.add_argument("--repo", help="Path or URL of a repository: register it if needed and create a task.")
         parser.add_argument("--instructions", help="With --repo: what the agent should do.")
-        parser.add_argument("--title", default="")
-        parser.add_argument("--test-command", default="", help="With --repo: the command that runs the tests.")
-        parser.add_argument("--base-ref", default="")
-        parser.add_argument("--model", default="", help="LLM model for this task.")
-        parser.add_argument("--max-steps", type=int)
-        parser.add_argument("--max-tokens", type=int)
-        parser.add_argument("--max-cost", type=_money, help="USD.")
-        parser.add_argument("--timeout", type=int, default=1800, help="Task wall clock in seconds.")
-        parser.add_argument("--max-iterations", type=int, default=3)
         parser.add_argument(
-            "--enqueue", action="store_true", help="Hand the task to Celery instead of running it here."
+            "--title", default="", help="With --repo: the task's title (default: the instructions' first line)."
+        )
+        parser.add_argument("--test-command", default="", help="With --repo: the command that runs the tests.")
+        parser.add_argument(
+            "--base-ref",
+            default="",
+            help="With --repo: branch, tag or commit to start from (default: the default branch).",
+        )
+        parser.add_argument("--model", default="", help="LLM model for this task.")
+        parser.add_argument(
+            "--max-steps", type=int, help="LLM calls per agent round (default: AGENTRUNNER_DEFAULT_MAX_STEPS)."
+        )
+        parser.add_argument("--max-tokens", type=int, help="Total LLM tokens (prompt + completion) the task may use.")
+        parser.add_argument("--max-cost", type=_money, help="Most the task may spend on the LLM, in USD.")
+        parser.add_argument("--timeout", type=int, default=1800, help="Task wall clock in seconds.")
+        parser.add_argument(
+            "--max-iterations",
+            type=int,
+            default=3,
+            help="Agent rounds: when the tests fail, their output goes back to the agent (default 3).",
+        )
+        parser.add_argument(
+            "--enqueue",
+            action="store_true",
+            help="Hand the task to a Celery worker instead of running it here (needs CELERY_BROKER_URL).",
         )
         parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
         parser.add_argument("--quiet", action="store_true", help="No live progress.")
 
     def handle(self, *args, **opts):
+        try:
+            self._handle(**opts)
+        except BrokenPipeError:  # the summary's reader went away: nothing more to say
+            silence_output()
+            sys.exit(130)
+
+    def _handle(self, **opts):
         self.opts = opts
+        self.progress_out = Progress(self.stderr)
         # SIGTERM (systemd, docker stop, kill) winds down like Ctrl-C: the slot is released and
         # the task goes back to the queue instead of waiting for the reaper.
         signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -71,6 +97,15 @@ class Command(BaseCommand):
         for name in ("max_steps", "max_tokens", "timeout", "max_iterations"):
             if opts[name] is not None and opts[name] < 1:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+        if opts["enqueue"] and not settings.CELERY_BROKER_URL:
+            # Without a broker Celery would run the task eagerly right here and report it enqueued.
+            raise CommandError(
+                "--enqueue needs a broker: set CELERY_BROKER_URL (and run a worker), or drop --enqueue to run it here",
+                returncode=CONFIG_ERROR_EXIT,
+            )
+        require_schema()
+        if not opts["enqueue"]:  # a worker runs an enqueued task with its own configuration
+            self._check_llm_config()
         task_id = opts["task_id"]
         if opts["repo"]:
             task_id = self._create_task()
@@ -88,7 +123,8 @@ class Command(BaseCommand):
         except DomainError as exc:
             raise CommandError(exc.message) from None
         except KeyboardInterrupt:
-            self.stderr.write("interrupted: the slot was released and the task queued again")
+            if not self.progress_out.closed:
+                self.stderr.write("interrupted: the slot was released and the task queued again")
             sys.exit(130)
         if summary is None:
             self.stderr.write("nothing to run: no queued task")
@@ -96,6 +132,25 @@ class Command(BaseCommand):
         self._print_summary(summary)
         if summary.status != "succeeded":
             sys.exit(1)
+
+    def _check_llm_config(self) -> None:
+        """Fail at once, before anything is created or claimed, when no call could succeed."""
+        from agentrunner.llm.config import TASK_CONFIG_KEYS, config_problem, from_settings
+        from registry.models import Task
+
+        stored: dict = {}
+        candidates = Task.objects.none()
+        if self.opts["task_id"]:
+            candidates = Task.objects.filter(pk=self.opts["task_id"])
+        elif self.opts["next"]:
+            candidates = Task.objects.filter(status="queued").order_by("-priority", "created_at")
+        try:
+            stored = (candidates.values_list("llm_config", flat=True).first()) or {}
+        except (ValidationError, ValueError):
+            pass  # not a task id: run_task says so
+        problem = config_problem(from_settings(**{k: v for k, v in stored.items() if k in TASK_CONFIG_KEYS}))
+        if problem:
+            raise CommandError(f"no usable LLM: {problem}", returncode=CONFIG_ERROR_EXIT)
 
     # --- modes ----------------------------------------------------------------------------------
     def _create_task(self) -> str:
@@ -119,6 +174,12 @@ class Command(BaseCommand):
                 max_cost_usd=opts["max_cost"],
                 timeout_seconds=opts["timeout"],
                 max_iterations=opts["max_iterations"],
+                # A replayed task stays replayed whoever runs it (the key never goes in here).
+                llm_config=(
+                    {"provider": "replay", "replay_file": settings.AGENTRUNNER_LLM_REPLAY_FILE}
+                    if settings.AGENTRUNNER_LLM_PROVIDER == "replay"
+                    else {}
+                ),
             )
         except DomainError as exc:
             raise CommandError(exc.message) from None
@@ -132,8 +193,6 @@ class Command(BaseCommand):
 
         if not task_id:
             raise CommandError("--enqueue needs a task id or --repo")
-        if not settings.CELERY_BROKER_URL:
-            self.stderr.write("no CELERY_BROKER_URL: Celery runs eagerly, so the task runs here and now")
         run_agent_task.delay(str(task_id))
         self.stdout.write(
             json.dumps({"task_id": str(task_id), "enqueued": True}) if self.opts["json"] else f"enqueued {task_id}"
@@ -162,6 +221,8 @@ class Command(BaseCommand):
                         self._print_summary(summary)
                         if summary.status != "succeeded":
                             failures["n"] += 1
+            except KeyboardInterrupt:  # the output pipe closed: this task wound down; claim nothing more
+                stop.set()
             finally:
                 connection.close()
 
@@ -188,7 +249,9 @@ class Command(BaseCommand):
             parts.append(f"{info['tokens']:,} tokens")
         if info.get("cost") is not None:
             parts.append(f"${info['cost']:.4f}")
-        self.stderr.write(" · ".join(p for p in parts if p))
+        if info.get("note"):
+            parts.append(info["note"])
+        self.progress_out.line(" · ".join(p for p in parts if p))
 
     def _print_summary(self, summary) -> None:
         if self.opts["json"]:

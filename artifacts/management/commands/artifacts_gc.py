@@ -5,6 +5,7 @@ import uuid
 from django.core.management.base import BaseCommand
 
 from artifacts.services import artifacts_gc
+from common.schema import require_schema
 
 
 def attempt_running(task_id: uuid.UUID, number: int) -> bool:
@@ -27,6 +28,7 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true")
 
     def handle(self, *args, grace_seconds, dry_run, **opts):
+        require_schema()
         removed = artifacts_gc(grace_seconds=grace_seconds, dry_run=dry_run, attempt_running=attempt_running)
         verb = "would remove" if dry_run else "removed"
         self.stdout.write(

@@ -4,6 +4,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from common.errors import DomainError
+from common.schema import require_schema
 from repopool import services
 
 
@@ -23,6 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--warm", action="store_true", help="Clone the pool now.")
 
     def handle(self, *args, **opts):
+        require_schema()
         try:
             repo = services.repository_create(
                 name=opts["name"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from common.errors import DomainError
+from common.schema import require_schema
 from repopool import services
 from repopool.management.commands.add_repository import call_warm
 
@@ -17,6 +18,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, repository, **opts):
+        require_schema()
         if opts["pending"] == bool(repository):
             raise CommandError("give a repository, or --pending")
         if opts["pending"]:
