@@ -83,7 +83,10 @@ TEMPLATES = [
 ]
 
 # --- Database -----------------------------------------------------------------------------------
-DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
+# An empty DATABASE_URL counts as unset (a laptop's SQLite), not as a URL with no engine.
+DATABASES = {
+    "default": env.db_url_config(env.str("DATABASE_URL", default="") or f"sqlite:///{DATA_DIR / 'db.sqlite3'}")
+}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several runner threads write at once: take the write lock at BEGIN (no upgrade deadlocks)
     # and wait for it instead of failing with "database is locked".
