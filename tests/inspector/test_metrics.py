@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,6 +59,8 @@ def test_metrics_describe_real_runs(succeeded_run, failed_run, staff, tmp_path):
 
     waiting = registry.task_create(title="Waits", instructions="x", repository=demo_repository(tmp_path, name="idle"))
     assert waiting.status == "queued"
+    # Replays spend nothing (their recorded cost is not counted); a real call's cost is.
+    registry.task_add_usage(task_id=waiting.pk, prompt_tokens=0, completion_tokens=0, cost_usd=Decimal("0.25"))
     values = samples(token_client(staff).get("/metrics").content)
 
     assert values[("agentrunner_tasks", (("status", "succeeded"),))] == 1
@@ -81,7 +85,7 @@ def test_metrics_describe_real_runs(succeeded_run, failed_run, staff, tmp_path):
     # Two replays of the shipped conversation: 2 x (4,500 prompt + 240 completion) tokens.
     assert values[("agentrunner_llm_tokens_total", (("kind", "prompt"), ("model", "gpt-4o-mini")))] == 9000
     assert values[("agentrunner_llm_tokens_total", (("kind", "completion"), ("model", "gpt-4o-mini")))] == 480
-    assert values[("agentrunner_llm_cost_usd_total", (("model", "gpt-4o-mini"),))] == pytest.approx(0.001638)
+    assert values[("agentrunner_llm_cost_usd_total", (("model", "gpt-4o-mini"),))] == pytest.approx(0.25)
 
     assert Slot.objects.filter(repository__name="demo-sample").count() == 1
     assert values[("agentrunner_slots", (("repository", "demo-sample"), ("state", "free")))] == 1

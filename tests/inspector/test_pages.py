@@ -138,7 +138,7 @@ def test_cancel_and_retry_need_csrf_and_report_refusals(tmp_path, alice, failed_
     assert "Sent back to the queue." in response.content.decode()
     # A refused action (cancelling a cancelled task) is a message on the page, not an error.
     response = strict.post(f"/runs/{queued.pk}/cancel/", {"csrfmiddlewaretoken": token}, follow=True)
-    assert response.status_code == 200 and "cannot move task from cancelled" in response.content.decode()
+    assert response.status_code == 200 and "cannot cancel a cancelled task" in response.content.decode()
     assert strict.get(f"/runs/{failed_run.pk}/cancel/").status_code == 405
 
 
