@@ -344,6 +344,7 @@ class CommandCgroup:
         group = cls()
         name = f"agentrunner-{os.getpid()}-{uuid.uuid4().hex[:10]}"
         bases = writable_cgroups()
+        _remove_stale_cgroups(bases)
         for base in bases.values():
             folder = base / name
             if folder in group.dirs:
@@ -399,6 +400,30 @@ class CommandCgroup:
                     break
                 except OSError:
                     time.sleep(0.02)  # killed processes not yet reaped by the kernel
+
+
+_stale_checked = False
+
+
+def _remove_stale_cgroups(bases: dict[str, Path]) -> None:
+    """Once per process: remove the cgroups a killed runner left (its pid gone, the group empty:
+    its processes died with it through --die-with-parent)."""
+    global _stale_checked
+    if _stale_checked:
+        return
+    _stale_checked = True
+    for base in set(bases.values()):
+        try:
+            entries = list(base.glob("agentrunner-*-*"))
+        except OSError:
+            continue
+        for folder in entries:
+            owner = folder.name.split("-")[1]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                try:
+                    folder.rmdir()  # refused while a process is still in it
+                except OSError:
+                    pass
 
 
 def _write(path: Path, value: str) -> None:
