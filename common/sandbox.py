@@ -39,6 +39,10 @@ from common.errors import DomainError
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "bwrap", "none")
+# Every namespace; a user namespace for certain, with no capability in it (root in the box keeps
+# uid 0 but could otherwise unmount what hides the data dir) and no nested one.
+ISOLATION = ("--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL")
+ISOLATION += ("--die-with-parent", "--new-session")
 HOME_IN_BOX = "/home/sandbox"
 # Dot folders that hold credentials: never re-bound whole, even when a PATH entry lies inside.
 SENSITIVE_DOT_DIRS = {".ssh", ".gnupg", ".aws", ".azure", ".config", ".docker", ".kube", ".local", ".netrc"}
@@ -134,8 +138,8 @@ def _probe(bwrap: str) -> tuple[bool, str]:
     path = shutil.which(bwrap)
     if path is None:
         return False, f"bubblewrap not found ({bwrap}); install the package 'bubblewrap'"
-    argv = [path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-all"]
-    argv += ["--die-with-parent", "--new-session", "--tmpfs", "/tmp", "--", "true"]
+    argv = [path, *ISOLATION, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    argv += ["--tmpfs", "/tmp", "--", "true"]
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -243,8 +247,7 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
     hidden += [Path(h) for h in config.hidden]
     ro_paths = list(config.ro_paths) if config.ro_paths is not None else default_ro_paths(hidden)
 
-    argv = [bwrap, "--unshare-all", "--share-net" if policy.network else "--unshare-net"]
-    argv += ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
+    argv = [bwrap, *ISOLATION, "--share-net" if policy.network else "--unshare-net", "--hostname", "sandbox"]
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     for folder in hidden:
         if folder.is_dir() and not _under(folder, Path("/tmp")):  # /tmp is a fresh tmpfs already

@@ -173,6 +173,20 @@ def test_command_sees_neither_the_data_dir_nor_home(isolated_data_dir, tmp_path)
     assert "DATA: pool\n" in seen  # only the path down to its own slot
 
 
+def test_command_has_no_capability_to_undo_the_mounts(isolated_data_dir):
+    slot = slot_dir(isolated_data_dir)
+    (isolated_data_dir / "db.sqlite3").write_text("DATABASE-CONTENT\n")
+    data = isolated_data_dir
+    probe = (
+        "grep CapEff /proc/self/status; "
+        f"umount {data} 2>&1; umount -l {data} 2>&1; mount -o remount,rw / 2>&1; "
+        f"unshare -Urm sh -c 'umount -l {data}; cat {data}/db.sqlite3' 2>&1; cat {data}/db.sqlite3 2>&1; true"
+    )
+    _result, seen = run(probe, slot)
+    assert "CapEff:\t0000000000000000" in seen, seen
+    assert "DATABASE-CONTENT" not in seen, seen
+
+
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 def test_sqlite_database_folder_is_hidden(isolated_data_dir, tmp_path, settings):
     project = tmp_path / "project"
