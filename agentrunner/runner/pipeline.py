@@ -32,7 +32,7 @@ from agentrunner.llm.client import LLMClient, Transcript
 from agentrunner.llm.config import TASK_CONFIG_KEYS, from_settings
 from agentrunner.runner.ports import ClaimedTask, LeaseLost, Ports, SlotLease
 from common.procs import run_command, safe_env
-from common.sandbox import SandboxPolicy, sandbox_status
+from common.sandbox import SandboxPolicy, SandboxUnavailable, sandbox_status
 from repopool import git
 
 log = logging.getLogger(__name__)
@@ -585,7 +585,11 @@ def run_task(
 ) -> RunSummary | None:
     """Claim a task (the one named, or the next runnable) and run it to a final state.
 
-    Returns None when nothing was runnable."""
+    Returns None when nothing was runnable. Raises SandboxUnavailable, before claiming anything,
+    when repository commands may not run on this host (see common.sandbox)."""
+    sandbox = sandbox_status()
+    if sandbox["mode"] == "unavailable":
+        raise SandboxUnavailable(sandbox["reason"])
     ports = ports or Ports.local()
     runner_id = runner_id or default_runner_id()
     claim_started = time.monotonic()
@@ -724,8 +728,8 @@ def _allocate(run: TaskRun) -> Outcome | None:
 
 
 def _check_sandbox(run: TaskRun) -> Outcome | None:
-    """Before any command runs: refuse when no sandbox may run them; say so on the task when
-    they run without one."""
+    """Before any command runs: say so on the task when they run without a sandbox (refused
+    earlier, before the claim, when none may run them; refused here if that changed since)."""
     status = sandbox_status()
     if status["mode"] == "unavailable":
         run.event("sandbox", f"commands refused: {status['reason']}", status)

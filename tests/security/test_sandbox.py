@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
+from django.core.management import CommandError, call_command
 
 from agentrunner.runner.pipeline import run_task
 from common.procs import run_command, safe_env, strip_credentials
@@ -409,8 +410,13 @@ def test_a_task_without_the_sandbox_says_so(llm, sample_repo, settings):
     assert event.message.startswith("commands ran WITHOUT a sandbox:") and "/nonexistent/bwrap" in event.message
     assert "sandbox   commands ran WITHOUT a sandbox" in format_summary(summary)
 
-    settings.DEBUG = False  # production: refused before a slot is leased or a command runs
+    settings.DEBUG = False  # production: refused before anything is claimed; the task stays queued
     task = registry.task_create(title="refused", instructions="x", repository=sample_repo, max_attempts=1)
-    summary = run_task(task_id=task.pk)
-    assert summary.status == "failed" and summary.failure_reason == "infrastructure_error"
-    assert "Refusing to run repository commands unsandboxed" in summary.message
+    with pytest.raises(SandboxUnavailable, match="Refusing to run repository commands unsandboxed"):
+        run_task(task_id=task.pk)
+    task.refresh_from_db()
+    assert task.status == "queued" and task.attempts.count() == 0
+    with pytest.raises(CommandError, match="Refusing to run repository commands unsandboxed"):
+        call_command("runagent", "--loop", "--until-idle", "--quiet")
+    task.refresh_from_db()
+    assert task.status == "queued"
