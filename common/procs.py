@@ -20,7 +20,7 @@ from common.sandbox import (
     SandboxConfig,
     SandboxPolicy,
     current_mode,
-    make_preexec,
+    launcher,
     sandbox_argv,
     writable_cgroups,
 )
@@ -154,7 +154,8 @@ def run_command(
         argv = ["/bin/sh", "-c", command]
     cgroup = CommandCgroup.create(policy) if config.cgroup and writable_cgroups() else None
     use_nproc = os.geteuid() != 0 and not (cgroup and "pids" in writable_cgroups())
-    preexec = make_preexec(policy, cgroup, use_nproc=use_nproc)
+    prefix, preexec = launcher(policy, cgroup, use_nproc=use_nproc)
+    argv = prefix + argv
 
     started = time.monotonic()
     output_path.parent.mkdir(parents=True, exist_ok=True)
