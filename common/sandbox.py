@@ -44,6 +44,7 @@ MODES = ("auto", "bwrap", "none")
 ISOLATION = ("--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL")
 ISOLATION += ("--die-with-parent", "--new-session")
 HOME_IN_BOX = "/home/sandbox"
+SYSTEM_DIRS = {Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt", "/var", "/srv", "/proc")}
 # Dot folders that hold credentials: never re-bound whole, even when a PATH entry lies inside.
 SENSITIVE_DOT_DIRS = {".ssh", ".gnupg", ".aws", ".azure", ".config", ".docker", ".kube", ".local", ".netrc"}
 # Credential files a toolchain folder may hold (cargo, pip, npm): masked with an empty file.
@@ -77,7 +78,13 @@ class SandboxConfig:
     def from_settings(cls) -> SandboxConfig:
         from django.conf import settings
 
-        hidden = []
+        # Where the pool, results, artifacts, spool and run folders live, even when configured
+        # outside the data dir: none of it is any command's business but its own slot.
+        hidden = [
+            Path(getattr(settings, name)).resolve()
+            for name in ("REPO_POOL_ROOT", "RESULTS_ROOT", "ARTIFACTS_ROOT", "SPOOL_ROOT", "TMP_ROOT")
+            if getattr(settings, name, None)
+        ]
         database = settings.DATABASES["default"]
         if database["ENGINE"].endswith("sqlite3"):
             for name in (database.get("NAME"), database.get("TEST", {}).get("NAME")):
@@ -250,6 +257,8 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
     argv = [bwrap, *ISOLATION, "--share-net" if policy.network else "--unshare-net", "--hostname", "sandbox"]
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     for folder in hidden:
+        if len(folder.parts) < 2 or folder in SYSTEM_DIRS:
+            continue  # never cover the system (a database configured at /db.sqlite3, say)
         if folder.is_dir() and not _under(folder, Path("/tmp")):  # /tmp is a fresh tmpfs already
             argv += ["--tmpfs", str(folder)]
     for path in ro_paths:
@@ -490,16 +499,28 @@ def make_preexec(policy: SandboxPolicy, cgroup: CommandCgroup | None, *, use_npr
 
 
 # --- the backstop: processes left in a slot ------------------------------------------------------
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                pid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
 def kill_processes_in(folder: Path) -> list[int]:
     """SIGKILL every process whose working directory or root lies inside ``folder`` (what an
     unsandboxed command, or a runner killed mid-command, left behind). Returns the pids killed."""
     folder = Path(folder).resolve()
-    own = os.getpid()
+    spared = _ancestors(os.getpid())  # never ourselves, nor whoever started us from in there
     killed: list[int] = []
     for _ in range(5):  # a process may fork while we scan; a few rounds catch the children
         round_killed = []
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == own:
+            if not entry.name.isdigit() or int(entry.name) in spared:
                 continue
             pid = int(entry.name)
             for link in ("cwd", "root"):

@@ -174,6 +174,25 @@ def test_command_sees_neither_the_data_dir_nor_home(isolated_data_dir, tmp_path)
     assert "DATA: pool\n" in seen  # only the path down to its own slot
 
 
+def test_pool_and_results_configured_outside_the_data_dir_are_hidden(isolated_data_dir, settings):
+    elsewhere = Path("/var/tmp") / f"ar-sandbox-test-{uuid.uuid4().hex[:8]}"  # not under /tmp
+    try:
+        settings.RESULTS_ROOT = elsewhere / "results"
+        settings.REPO_POOL_ROOT = elsewhere / "pool"
+        (elsewhere / "results").mkdir(parents=True)
+        (elsewhere / "results" / "HEAD").write_text("RESULTS-CONTENT\n")
+        other = elsewhere / "pool" / "other" / "0"
+        other.mkdir(parents=True)
+        (other / "secret.txt").write_text("OTHER-SLOT-SECRET\n")
+        slot = elsewhere / "pool" / "mine" / "0"
+        slot.mkdir(parents=True)
+        _result, seen = run(f"cat {elsewhere}/results/HEAD {other}/secret.txt; ls -A {elsewhere}/pool", slot)
+    finally:
+        shutil.rmtree(elsewhere)
+    assert "RESULTS-CONTENT" not in seen and "OTHER-SLOT-SECRET" not in seen, seen
+    assert "other" not in seen.replace(f"{other}/secret.txt", "")
+
+
 def test_command_has_no_capability_to_undo_the_mounts(isolated_data_dir):
     slot = slot_dir(isolated_data_dir)
     (isolated_data_dir / "db.sqlite3").write_text("DATABASE-CONTENT\n")
