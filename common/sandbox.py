@@ -214,8 +214,12 @@ def _under(path: Path, folder: Path) -> bool:
 def default_ro_paths(hidden: list[Path]) -> list[Path]:
     """The toolchains a command needs from hidden folders: the running interpreter's installation
     and, for each PATH entry inside a hidden folder, its toolchain (the nearest dot folder such as
-    ~/.pyenv, ~/.nvm, ~/.asdf, else the entry itself). Never a credentials folder."""
-    paths = [Path(sys.base_prefix).resolve()]
+    ~/.pyenv, ~/.nvm, ~/.asdf, else the entry itself). Never a credentials folder.
+
+    The interpreter's virtualenv too (``sys.prefix``, as named and as resolved): the demo and
+    the usual test commands run ``sys.executable``, which lives in the project's .venv, under
+    /home on a laptop or /tmp in a fresh clone."""
+    paths = [Path(sys.base_prefix).resolve(), Path(sys.prefix).absolute(), Path(sys.prefix).resolve()]
     for entry in os.environ.get("PATH", "").split(os.pathsep):
         if not entry or not os.path.isabs(entry):
             continue
@@ -262,9 +266,9 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
         if folder.is_dir() and not _under(folder, Path("/tmp")):  # /tmp is a fresh tmpfs already
             argv += ["--tmpfs", str(folder)]
     for path in ro_paths:
-        path = Path(path)
-        if path.exists() and any(_under(path, h) for h in hidden):
-            argv += ["--ro-bind", str(path), str(path)]
+        path = Path(path).absolute()  # as named: a symlinked .venv is bound where commands call it
+        if path.exists() and any(_under(path, h) for h in [*hidden, Path("/tmp")]):
+            argv += ["--ro-bind", str(path.resolve()), str(path)]
             for name in MASKED_FILES:
                 if (path / name).is_file():
                     argv += ["--ro-bind", "/dev/null", str(path / name)]
