@@ -12,6 +12,8 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from common.sandbox import sandbox_status
+
 log = logging.getLogger(__name__)
 
 
@@ -49,9 +51,21 @@ class HealthView(APIView):
     @extend_schema(
         auth=[],
         responses={
-            200: inline_serializer("Health", {"status": serializers.CharField(), "checks": serializers.DictField()}),
+            200: inline_serializer(
+                "Health",
+                {
+                    "status": serializers.CharField(),
+                    "checks": serializers.DictField(),
+                    "sandbox": serializers.DictField(),
+                },
+            ),
             503: inline_serializer(
-                "HealthFailing", {"status": serializers.CharField(), "checks": serializers.DictField()}
+                "HealthFailing",
+                {
+                    "status": serializers.CharField(),
+                    "checks": serializers.DictField(),
+                    "sandbox": serializers.DictField(),
+                },
             ),
         },
     )
@@ -66,7 +80,12 @@ class HealthView(APIView):
                 # The class name only: exception texts can carry URLs with credentials.
                 checks[name] = f"failing: {type(exc).__name__}"
                 log.warning("health check %s failing: %s", name, type(exc).__name__)
+        # Commands run without a sandbox only where the operator allows it (then still healthy);
+        # a runner that must refuse every command is not.
+        sandbox = sandbox_status()
+        if sandbox["mode"] == "unavailable":
+            healthy = False
         return Response(
-            {"status": "ok" if healthy else "failing", "checks": checks},
+            {"status": "ok" if healthy else "failing", "checks": checks, "sandbox": sandbox},
             status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
         )

@@ -255,6 +255,24 @@ AGENTRUNNER_INSPECTOR_DIFF_MAX = env.int("AGENTRUNNER_INSPECTOR_DIFF_MAX", defau
 # A running attempt whose runner has not heartbeated for this long is lost (its task runs again).
 AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS", default=120)
 
+# --- Sandbox ------------------------------------------------------------------------------------
+# Every setup and test command runs under bubblewrap (see docs/security.md, "The sandbox").
+# auto: bubblewrap when it works here, else (DEBUG only) no sandbox, loudly; production refuses.
+# bwrap: bubblewrap or refuse. none: no sandbox (the operator accepts the risk).
+AGENTRUNNER_SANDBOX = env.str("AGENTRUNNER_SANDBOX", default="auto")
+if AGENTRUNNER_SANDBOX not in ("auto", "bwrap", "none"):
+    raise ImproperlyConfigured("AGENTRUNNER_SANDBOX must be 'auto', 'bwrap' or 'none'")
+AGENTRUNNER_BWRAP = env.str("AGENTRUNNER_BWRAP", default="bwrap")  # the executable (name or path)
+# Read-only binds into the box of folders otherwise hidden (/root, /home): toolchains. Unset: the
+# running interpreter's installation and the toolchains of PATH entries (~/.pyenv, ~/.nvm, ...).
+AGENTRUNNER_SANDBOX_RO_PATHS = env.list("AGENTRUNNER_SANDBOX_RO_PATHS", default=None)
+AGENTRUNNER_SANDBOX_MEMORY_BYTES = env.int("AGENTRUNNER_SANDBOX_MEMORY_BYTES", default=8 * 1024**3)
+AGENTRUNNER_SANDBOX_MAX_PROCESSES = env.int("AGENTRUNNER_SANDBOX_MAX_PROCESSES", default=1024)
+AGENTRUNNER_SANDBOX_MAX_FILE_BYTES = env.int("AGENTRUNNER_SANDBOX_MAX_FILE_BYTES", default=4 * 1024**3)
+AGENTRUNNER_SANDBOX_OUTPUT_BYTES = env.int("AGENTRUNNER_SANDBOX_OUTPUT_BYTES", default=8 * 1024**2)
+# A per-command cgroup (pids, memory) when one is writable; off: rlimits only.
+AGENTRUNNER_SANDBOX_CGROUP = env.bool("AGENTRUNNER_SANDBOX_CGROUP", default=True)
+
 # --- LLM ----------------------------------------------------------------------------------------
 AGENTRUNNER_LLM_PROVIDER = env.str("AGENTRUNNER_LLM_PROVIDER", default="openai")  # openai | replay
 AGENTRUNNER_LLM_REPLAY_FILE = env.str("AGENTRUNNER_LLM_REPLAY_FILE", default="")

@@ -37,6 +37,7 @@ from pathlib import Path
 from django.conf import settings
 
 from common.errors import DomainError
+from common.sandbox import kill_processes_in
 from repopool.urls_policy import UrlRefused, check_repository_url
 
 # Never prompt for credentials, never run pagers, never pick up system or user config, and take
@@ -330,6 +331,9 @@ def clear_operation_state(path: Path) -> None:
 def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
     """Make the working copy exactly ``commit``: tracked files restored, untracked and ignored
     files removed except ``keep_paths``, every local branch and stash deleted, HEAD detached."""
+    # Nothing a command left running (unsandboxed, or its runner killed mid-command) may write
+    # into the slot after the reset, for the next task to commit.
+    kill_processes_in(path)
     secure_slot(path)  # raises when .git is not a real directory
     clear_operation_state(path)
     checkout_detached(path, commit)

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from common.errors import DomainError
 from common.procs import run_command, safe_env, tail_of
+from common.sandbox import SandboxPolicy
 from repopool import git
 from repopool.errors import NoSlotAvailable, RepositoryNotFound, SlotBroken, SlotNotFound, StaleLease
 from repopool.models import Repository, Slot, SlotState
@@ -175,6 +176,7 @@ def _run_setup(repository: Repository, path: Path) -> None:
             timeout=settings.REPO_POOL_SETUP_TIMEOUT,
             output_path=out,
             env=safe_env(),
+            policy=SandboxPolicy(writable=path, network=repository.setup_network),
         )
         tail = tail_of(out, 2000)
     finally:

@@ -32,6 +32,7 @@ from agentrunner.llm.client import LLMClient, Transcript
 from agentrunner.llm.config import TASK_CONFIG_KEYS, from_settings
 from agentrunner.runner.ports import ClaimedTask, LeaseLost, Ports, SlotLease
 from common.procs import run_command, safe_env
+from common.sandbox import SandboxPolicy, SandboxUnavailable, sandbox_status
 from repopool import git
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     spooled: list[str] = field(default_factory=list)
+    sandbox: str = ""  # set when commands ran without the sandbox: why
     api_url: str = ""
     admin_url: str = ""
 
@@ -231,8 +233,9 @@ class TaskRun:
         timeout = max(1.0, min(self.remaining(), settings.AGENTRUNNER_TEST_TIMEOUT))
         env = safe_env({"PYTHONDONTWRITEBYTECODE": "1", "CI": "true", "AGENT_RUNNER": "1"})
         result = run_command(
-            command, cwd=self.lease.path, timeout=timeout, output_path=output, env=env, should_stop=self.cancel.is_set
-        )
+            command, cwd=self.lease.path, timeout=timeout, output_path=output, env=env, should_stop=self.cancel.is_set,
+            policy=SandboxPolicy(writable=self.lease.path, network=self.task.test_network),
+        )  # fmt: skip
         self.test_seconds += result.duration
         if final:
             self.test_log = output
@@ -582,7 +585,11 @@ def run_task(
 ) -> RunSummary | None:
     """Claim a task (the one named, or the next runnable) and run it to a final state.
 
-    Returns None when nothing was runnable."""
+    Returns None when nothing was runnable. Raises SandboxUnavailable, before claiming anything,
+    when repository commands may not run on this host (see common.sandbox)."""
+    sandbox = sandbox_status()
+    if sandbox["mode"] == "unavailable":
+        raise SandboxUnavailable(sandbox["reason"])
     ports = ports or Ports.local()
     runner_id = runner_id or default_runner_id()
     claim_started = time.monotonic()
@@ -696,6 +703,9 @@ def _allocate(run: TaskRun) -> Outcome | None:
     from repopool.errors import NoSlotAvailable, SlotBroken
 
     task = run.task
+    refused = _check_sandbox(run)
+    if refused is not None:
+        return refused
     try:
         run.lease = run.ports.pool.allocate(
             repository_id=task.repository_id, holder=f"{run.runner_id} task {task.short_id}",
@@ -714,6 +724,20 @@ def _allocate(run: TaskRun) -> Outcome | None:
         f"slot {run.lease.slot_id} at {run.lease.commit[:12]}",
         {"slot": run.lease.slot_id, "commit": run.lease.commit, "path": str(run.lease.path)},
     )
+    return None
+
+
+def _check_sandbox(run: TaskRun) -> Outcome | None:
+    """Before any command runs: say so on the task when they run without a sandbox (refused
+    earlier, before the claim, when none may run them; refused here if that changed since)."""
+    status = sandbox_status()
+    if status["mode"] == "unavailable":
+        run.event("sandbox", f"commands refused: {status['reason']}", status)
+        return Outcome("failed", "infrastructure_error", status["reason"], retry=True)
+    if status["mode"] == "none":
+        run.summary.sandbox = f"commands ran WITHOUT a sandbox: {status['reason']}"
+        run.log(run.summary.sandbox)
+        run.event("sandbox", run.summary.sandbox, status)
     return None
 
 

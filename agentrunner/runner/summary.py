@@ -42,6 +42,8 @@ def format_summary(summary: RunSummary) -> str:
         )
     if summary.spooled:
         lines.append(f"spooled   {', '.join(summary.spooled)} (uploaded by a later attempt)")
+    if summary.sandbox:
+        lines.append(f"sandbox   {summary.sandbox}")
     lines.append(f"api       {summary.api_url}")
     lines.append(f"admin     {summary.admin_url}")
     if summary.status in ("queued", "pending"):

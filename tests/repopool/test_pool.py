@@ -63,19 +63,30 @@ def test_failing_setup_breaks_slot_with_error_and_later_warm_repairs(make_repo):
     assert slot.state == "free" and slot.last_error == ""
 
 
-def test_hanging_setup_is_killed_with_its_process_group(make_repo, settings, tmp_path):
+def test_hanging_setup_is_killed_with_its_process_group(make_repo, settings):
     settings.REPO_POOL_SETUP_TIMEOUT = 1
-    marker = tmp_path / "child-pid"
+    # The background child's pid lives in the sandbox's own pid namespace: find it by its argv.
     repo = services.repository_create(
-        name="hang", url=str(make_repo()), pool_size=1, setup_command=f"sleep 300 & echo $! > {marker}; sleep 300"
+        name="hang", url=str(make_repo()), pool_size=1, setup_command="sleep 317 & sleep 318"
     )
     [slot] = services.pool_warm(repository=repo)
     assert slot.state == "broken" and "timed out" in slot.last_error
-    child = int(marker.read_text())
-    with pytest.raises(ProcessLookupError):  # the background grandchild died with the group
-        for _ in range(50):
-            os.kill(child, 0)
-            threading.Event().wait(0.05)
+
+    def alive() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if open(f"/proc/{pid}/cmdline", "rb").read() in (b"sleep\x00317\x00", b"sleep\x00318\x00"):
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
+
+    for _ in range(50):  # the background grandchild died with the command
+        if not alive():
+            break
+        threading.Event().wait(0.05)
+    assert alive() == []
 
 
 def test_fetch_ttl_skips_a_fetch_right_after_one(make_repo, settings):

@@ -13,6 +13,7 @@ from django.db import connection
 
 from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
+from common.sandbox import sandbox_status
 from common.schema import require_schema
 
 CONFIG_ERROR_EXIT = 2  # the command cannot work as configured: nothing was created or claimed
@@ -106,6 +107,9 @@ class Command(BaseCommand):
         require_schema()
         if not opts["enqueue"]:  # a worker runs an enqueued task with its own configuration
             self._check_llm_config()
+            sandbox = sandbox_status()  # refused before any task is created or claimed
+            if sandbox["mode"] == "unavailable":
+                raise CommandError(sandbox["reason"], returncode=CONFIG_ERROR_EXIT)
         task_id = opts["task_id"]
         if opts["repo"]:
             task_id = self._create_task()
