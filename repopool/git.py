@@ -411,3 +411,25 @@ def push(path: Path, remote: str, branch: str) -> None:
     repository of ours."""
     remote = _allowed_url(remote, field="push_url", extra_roots=(settings.RESULTS_ROOT,))
     _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, f"HEAD:refs/heads/{branch}")
+
+
+def content_tree(path: Path, keep_paths: list[str]) -> str:
+    """The tree id of the working copy's content as ``commit_all`` would stage it (kept and
+    ignored paths left out), computed in a temporary index: the slot's own index is untouched.
+
+    Two equal ids mean the same files with the same content and modes, so a test run on one
+    stands for a run on the other."""
+    path = Path(path)
+    gitdir = secure_slot(path)
+    folder = Path(settings.TMP_ROOT)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix="index-") as scratch:
+        index = Path(scratch) / "index"
+        env = {**_slot_env(path, gitdir), "GIT_INDEX_FILE": str(index)}
+        own = gitdir / "index"
+        if own.is_file() and not own.is_symlink():
+            shutil.copyfile(own, index)  # its stat cache spares hashing every unchanged file
+        else:
+            _run(("read-tree", "HEAD"), cwd=path, env=env)
+        _run((*_excluding_kept(keep_paths), "add", "--all"), cwd=path, env=env)
+        return _run(("write-tree",), cwd=path, env=env).decode().strip()

@@ -34,6 +34,11 @@ class Repository(models.Model):
     )
     setup_network = models.BooleanField(default=True, help_text="The setup command may reach the network.")
     test_network = models.BooleanField(default=False, help_text="Test commands may reach the network.")
+    rerun_final_tests = models.BooleanField(
+        default=False,
+        help_text="Always run the suite again as the final check, even when the agent's last run passed on the "
+        "same tree (for suites known to be flaky).",
+    )
     # Set by a warm request (API, admin); a runner host or a Celery worker clears it and warms.
     # Warming runs the setup command, which never runs inside a web request.
     warm_requested_at = models.DateTimeField(null=True, blank=True)

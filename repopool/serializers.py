@@ -34,7 +34,7 @@ class RepositorySerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "url", "default_branch", "pool_size", "setup_command", "setup_watch_files",
             "test_command", "keep_paths", "push_url", "allow_test_command_override", "setup_network",
-            "test_network", "slots", "warm_requested_at", "created_at", "updated_at",
+            "test_network", "rerun_final_tests", "slots", "warm_requested_at", "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = ["id", "slots", "warm_requested_at", "created_at", "updated_at"]
         # URLs are checked as given: whitespace around one is refused, not silently trimmed.

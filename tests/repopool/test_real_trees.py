@@ -126,3 +126,23 @@ def test_repository_with_a_submodule_commits_without_touching_it(make_repo, tmp_
     git.commit_all(lease.path, "c", author_name="A", author_email="a@b", keep_paths=[])
     assert _changed(lease.path, lease.commit) == {"main.py": "M"}
     assert run_git(lease.path, "ls-tree", "HEAD", "vendor/lib").startswith("160000 commit")
+
+
+def test_content_tree_names_the_content_and_leaves_the_index_alone(make_repo):
+    repo, lease = _lease(make_repo)
+    root = lease.path
+    clean = git.content_tree(root, repo.keep_paths)
+    assert clean == run_git(root, "rev-parse", "HEAD^{tree}")
+    (root / ".venv").mkdir()
+    (root / ".venv" / "x").write_text("kept\n")
+    (root / "build").mkdir()
+    (root / "build" / "y").write_text("ignored\n")
+    assert git.content_tree(root, repo.keep_paths) == clean  # kept and ignored files are no content
+    (root / "src" / "app.py").write_text("changed\n")
+    changed = git.content_tree(root, repo.keep_paths)
+    assert changed != clean
+    assert run_git(root, "status", "--porcelain", "--untracked-files=no") == "M src/app.py"  # index untouched
+    os.chmod(root / "scripts" / "run.sh", 0o755)
+    assert git.content_tree(root, repo.keep_paths) != changed  # a mode is content too
+    commit = git.commit_all(root, "c", author_name="A", author_email="a@b", keep_paths=repo.keep_paths)
+    assert git.content_tree(root, repo.keep_paths) == run_git(root, "rev-parse", f"{commit}^{{tree}}")
