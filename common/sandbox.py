@@ -112,6 +112,9 @@ class SandboxPolicy:
 
     writable: Path  # the slot: the only place the command may write (besides its private /tmp)
     network: bool = False
+    # Folders of the runner's own the command may write too (where a test runner leaves its JUnit
+    # report), bound at the same path so the command finds them where the environment says.
+    extra_writable: tuple[Path, ...] = ()
     memory_bytes: int | None = None
     max_processes: int | None = None
     max_file_bytes: int | None = None
@@ -121,6 +124,7 @@ class SandboxPolicy:
         return SandboxPolicy(
             writable=Path(self.writable).resolve(),
             network=self.network,
+            extra_writable=tuple(Path(p).resolve() for p in self.extra_writable),
             memory_bytes=self.memory_bytes or config.memory_bytes,
             max_processes=self.max_processes or config.max_processes,
             max_file_bytes=self.max_file_bytes or config.max_file_bytes,
@@ -276,6 +280,8 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
     argv += ["--bind", str(slot), str(slot)]
     if (slot / ".git").exists():
         argv += ["--ro-bind", str(slot / ".git"), str(slot / ".git")]
+    for folder in policy.extra_writable:
+        argv += ["--bind", str(folder), str(folder)]
     argv += ["--setenv", "HOME", HOME_IN_BOX, "--setenv", "TMPDIR", "/tmp", "--chdir", str(slot)]
     argv += ["--", "/bin/sh", "-c", command]
     return argv

@@ -47,6 +47,9 @@ class Task(models.Model):
     result_commit = models.CharField(max_length=64, blank=True, default="")
     result_fetch = models.CharField(max_length=2000, blank=True, default="", help_text="How to fetch the result.")
     tests_passed = models.BooleanField(null=True, blank=True)
+    # The final test run as data: passed/failed/errored/skipped counts and the failing tests, when
+    # the suite wrote JUnit XML or printed a summary line we recognise; empty otherwise.
+    test_results = models.JSONField(default=dict, blank=True)
     summary = models.TextField(blank=True, default="")
 
     prompt_tokens = models.BigIntegerField(default=0)

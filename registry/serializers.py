@@ -108,7 +108,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "priority", "max_attempts", "timeout_seconds", "max_iterations", "llm_model", "max_steps",
             "max_tokens", "max_cost_usd", "depends_on", "status", "failure_reason", "failure_message",
             "cancel_requested", "attempts_count", "result_branch", "result_commit", "result_fetch",
-            "tests_passed", "summary", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
+            "tests_passed", "test_results", "summary", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
             "cost_unknown", "created_at", "updated_at", "queued_at", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields

@@ -462,7 +462,7 @@ def task_finish(
         )
         result_fields = {
             key: result[key]
-            for key in ("result_branch", "result_commit", "result_fetch", "tests_passed", "summary")
+            for key in ("result_branch", "result_commit", "result_fetch", "tests_passed", "test_results", "summary")
             if key in result
         }
         if task.cancel_requested and status != S.SUCCEEDED:

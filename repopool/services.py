@@ -83,6 +83,10 @@ def repository_create(
     test_command: str = "",
     keep_paths: list[str] | None = None,
     push_url: str = "",
+    allow_test_command_override: bool = False,
+    setup_network: bool = True,
+    test_network: bool = False,
+    rerun_final_tests: bool = False,
     verify: bool = True,
 ) -> Repository:
     """Register a repository. ``url`` and ``push_url`` must pass ``urls_policy`` (refused with a
@@ -103,6 +107,10 @@ def repository_create(
         test_command=test_command or Repository._meta.get_field("test_command").default,
         keep_paths=keep_paths or [],
         push_url=push_url,
+        allow_test_command_override=allow_test_command_override,
+        setup_network=setup_network,
+        test_network=test_network,
+        rerun_final_tests=rerun_final_tests,
     )
     repo.full_clean()
     repo.save()

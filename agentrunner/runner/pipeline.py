@@ -30,8 +30,9 @@ from agentrunner.agent.loop import Agent, Budget
 from agentrunner.agent.workspace import Workspace
 from agentrunner.llm.client import LLMClient, Transcript
 from agentrunner.llm.config import TASK_CONFIG_KEYS, from_settings
+from agentrunner.runner import testreport
 from agentrunner.runner.ports import ClaimedTask, LeaseLost, Ports, SlotLease
-from common.procs import run_command, safe_env
+from common.procs import run_command, safe_env, tail_of
 from common.sandbox import SandboxPolicy, SandboxUnavailable, sandbox_status
 from repopool import git
 
@@ -66,6 +67,8 @@ class RunSummary:
     files_changed: list[str] = field(default_factory=list)
     tests_passed: bool | None = None
     tests_tail: str = ""
+    test_results: dict = field(default_factory=dict)  # counts and failing tests, when recognised
+    tests_reused: bool = False  # the final check is the agent's own passing run on the same tree
     summary: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -178,6 +181,10 @@ class TaskRun:
         self.test_runs = 0
         self.test_seconds = 0.0
         self._feedback = ""
+        # The agent's last run of the plain test command, when it passed: (content tree, log,
+        # results). A final check on the same tree would only repeat it.
+        self._passing_run: tuple[str, Path, testreport.TestReport | None] | None = None
+        self._last_report: testreport.TestReport | None = None
 
     # --- helpers --------------------------------------------------------------------------------
     def progress(self, info: dict) -> None:
@@ -221,37 +228,83 @@ class TaskRun:
 
     # --- steps ----------------------------------------------------------------------------------
     def run_tests(self, extra_args: list[str], *, final: bool) -> tuple[int | None, str]:
-        """The repository's test command in the slot: own process group, timeout, safe env."""
+        """The repository's test command in the slot, in the sandbox, with a timeout.
+
+        Returns the exit code (None when timed out or cancelled) and what the agent reads: the
+        failing tests' messages first when the results are recognised, then the output's tail.
+        A final check on the very tree the agent's last plain run passed on is that run."""
         assert self.lease is not None
+        if final:
+            reused = self._reuse_passing_run()
+            if reused is not None:
+                return reused
         self.test_runs += 1
         output = self.workdir / f"tests-{self.test_runs}.log"
+        # Where a test runner may write JUnit XML (pytest --junitxml="$AGENTRUNNER_JUNIT_XML", jest-junit,
+        # gotestsum, Maven): a folder of ours, writable inside the sandbox, outside the working copy.
+        reports = self.workdir / "reports"
+        reports.mkdir(exist_ok=True)
+        junit = reports / f"junit-{self.test_runs}.xml"
         command = self.task.test_command
         if extra_args:
             import shlex
 
             command = f"{command} {' '.join(shlex.quote(a) for a in extra_args)}"
         timeout = max(1.0, min(self.remaining(), settings.AGENTRUNNER_TEST_TIMEOUT))
-        env = safe_env({"PYTHONDONTWRITEBYTECODE": "1", "CI": "true", "AGENT_RUNNER": "1"})
+        env = safe_env({
+            "PYTHONDONTWRITEBYTECODE": "1", "CI": "true", "AGENT_RUNNER": "1", "AGENTRUNNER_JUNIT_XML": str(junit),
+        })  # fmt: skip
         result = run_command(
             command, cwd=self.lease.path, timeout=timeout, output_path=output, env=env, should_stop=self.cancel.is_set,
-            policy=SandboxPolicy(writable=self.lease.path, network=self.task.test_network),
+            policy=SandboxPolicy(writable=self.lease.path, network=self.task.test_network, extra_writable=(reports,)),
         )  # fmt: skip
         self.test_seconds += result.duration
+        report = testreport.parse(junit_path=junit, output=tail_of(output, 256 * 1024))
+        self._last_report = report
         if final:
             self.test_log = output
         status = "cancelled" if result.cancelled else "timed out" if result.timed_out else f"exit {result.exit_code}"
-        self.log(f"tests ({command}): {status} in {result.duration:.2f}s")
+        counts = f" ({report.headline()})" if report else ""
+        self.log(f"tests ({command}): {status}{counts} in {result.duration:.2f}s")
         self.event(
             "tests",
-            f"{'final ' if final else ''}test run: {status}",
+            f"{'final ' if final else ''}test run: {status}{counts}",
             {
                 "exit_code": result.exit_code,
                 "timed_out": result.timed_out,
                 "duration": round(result.duration, 3),
                 "final": final,
+                **({"results": _results_brief(report)} if report else {}),
             },
         )
-        return (None if (result.timed_out or result.cancelled) else result.exit_code), result.tail
+        code = None if (result.timed_out or result.cancelled) else result.exit_code
+        if not final and not extra_args and code == 0:
+            self._passing_run = (git.content_tree(self.lease.path, self.task.keep_paths), output, report)
+        elif not extra_args:
+            self._passing_run = None
+        if report is not None and report.failures:
+            return code, f"{report.feedback(4000)}\n\nThe end of the output:\n{result.tail[-3000:]}"
+        return code, result.tail
+
+    def _reuse_passing_run(self) -> tuple[int, str] | None:
+        """The agent's last plain run as the final check, when it passed on this same content and
+        the repository does not ask for a fresh run; None otherwise."""
+        if self._passing_run is None or self.task.rerun_final_tests:
+            return None
+        tree, output, report = self._passing_run
+        if git.content_tree(self.lease.path, self.task.keep_paths) != tree:
+            return None  # changed since: run again
+        self.test_log = output
+        self._last_report = report
+        self.summary.tests_reused = True
+        message = "final test run: the agent's last run passed on this same tree; not run again"
+        self.log(message)
+        self.event(
+            "tests",
+            message,
+            {"exit_code": 0, "final": True, "reused": True, **({"results": _results_brief(report)} if report else {})},
+        )
+        return 0, tail_of(output, 4000)
 
     def on_agent_event(self, type: str, message: str, data: dict) -> None:
         self.event(type, message, data)
@@ -308,6 +361,7 @@ class TaskRun:
             with self.phase("tests"):
                 code, tail = self.run_tests([], final=True)
             self.summary.tests_tail = tail[-2000:]
+            self.summary.test_results = self._last_report.as_dict() if self._last_report else {}
             if self.cancel.is_set():
                 return self._cancelled(), summary
             if code == 0:
@@ -319,7 +373,8 @@ class TaskRun:
             if iteration < task.max_iterations:
                 self._feedback = (
                     f"The test command `{task.test_command}` failed ({'timed out' if code is None else f'exit code {code}'}). "
-                    f"The end of its output:\n\n{tail[-6000:]}\n\nFix the code so the tests pass, then call finish."
+                    f"{'Its results' if self._last_report and self._last_report.failures else 'The end of its output'}:"
+                    f"\n\n{tail[-7000:]}\n\nFix the code so the tests pass, then call finish."
                 )
                 self.event("iteration", f"tests failed; agent round {iteration + 1} of {task.max_iterations}")
         return Outcome("failed", "tests_failed", f"the tests still fail after {task.max_iterations} round(s)"), summary
@@ -676,7 +731,7 @@ def run_task(
                 message=outcome_message, retry=outcome.retry,
                 result={
                     "result_branch": run.summary.branch, "result_commit": run.summary.commit, "result_fetch": run.summary.fetch,
-                    "tests_passed": run.summary.tests_passed, "summary": summary_text,
+                    "tests_passed": run.summary.tests_passed, "test_results": run.summary.test_results, "summary": summary_text,
                 },
                 metrics=metrics,
             )  # fmt: skip
@@ -771,3 +826,11 @@ def _metrics(run: TaskRun) -> dict[str, Any]:
         "slot": run.lease.slot_id if run.lease else None,
         "cost_usd": totals.get("cost_usd"),
     }
+
+
+def _results_brief(report: testreport.TestReport) -> dict[str, Any]:
+    """Counts and the first failing test ids, small enough for an event."""
+    return {
+        "source": report.source, "passed": report.passed, "failed": report.failed, "errored": report.errored,
+        "skipped": report.skipped, "failing": [f.test for f in report.failures[:20]],
+    }  # fmt: skip

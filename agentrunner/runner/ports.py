@@ -37,6 +37,7 @@ class ClaimedTask:
     attempt_number: int
     max_attempts: int
     llm_config: dict = field(default_factory=dict)  # the task's provider (e.g. replay); no secrets
+    rerun_final_tests: bool = False  # the repository's suite is flaky: never reuse a passing run
     test_network: bool = False  # may the test commands reach the network (the repository's policy)
 
     @property
@@ -134,6 +135,7 @@ class LocalRegistry(_LocalPort):
             llm_model=task.llm_model, max_steps=task.max_steps, max_tokens=task.max_tokens,
             max_cost_usd=task.max_cost_usd, attempt_id=attempt.pk, attempt_number=attempt.number,
             max_attempts=task.max_attempts, llm_config=dict(task.llm_config or {}),
+            rerun_final_tests=repo.rerun_final_tests,
             test_network=repo.test_network,
         )  # fmt: skip
 

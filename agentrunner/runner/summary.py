@@ -25,7 +25,14 @@ def format_summary(summary: RunSummary) -> str:
     if summary.files_changed:
         lines.append(f"files     {', '.join(summary.files_changed)}")
     if summary.tests_passed is not None:
-        lines.append(f"tests     {'passed' if summary.tests_passed else 'failed'}")
+        line = f"tests     {'passed' if summary.tests_passed else 'failed'}"
+        results = summary.test_results
+        if results:
+            counts = [f"{results[k]} {k}" for k in ("failed", "errored", "passed", "skipped") if results.get(k)]
+            line += f" ({', '.join(counts) or 'no tests ran'}; {results.get('source')})"
+        if summary.tests_reused:
+            line += " · the final check is the agent's own passing run on the same tree"
+        lines.append(line)
     if summary.recorded_cost_usd is not None:
         # A replay bills nothing: the recording's price is shown as what it is.
         cost = f"replayed: recorded cost ${Decimal(summary.recorded_cost_usd):.4f}, spent $0"

@@ -264,3 +264,15 @@ def test_schema_and_docs_are_public_and_hold_no_data(world):
 def test_staff_sees_and_acts_on_every_task(world):
     staff = world.clients["staff"]
     assert staff.post(f"/api/tasks/{world.task.pk}/cancel/").json()["status"] == TaskStatus.CANCELLED
+
+
+def test_staff_sets_a_repositorys_policies_through_the_api(world):
+    body = {
+        "name": "policied", "url": str(world.task.repository.url), "allow_test_command_override": True,
+        "setup_network": False, "test_network": True, "rerun_final_tests": True,
+    }  # fmt: skip
+    created = world.clients["staff"].post("/api/repositories/", body, format="json")
+    assert created.status_code == 201, created.content
+    assert {k: created.json()[k] for k in body if k not in ("name", "url")} == {
+        "allow_test_command_override": True, "setup_network": False, "test_network": True, "rerun_final_tests": True,
+    }  # fmt: skip
