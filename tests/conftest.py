@@ -40,6 +40,20 @@ def run_git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def processes_running(argv: list[str]) -> list[int]:
+    """Pids on the host whose command line is exactly ``argv``."""
+    wanted = b"\0".join(a.encode() for a in argv) + b"\0"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read() == wanted:
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def write_files(root: Path, files: dict[str, str]) -> None:
     for name, content in files.items():
         path = root / name

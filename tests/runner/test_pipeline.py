@@ -14,7 +14,7 @@ from agentrunner.runner.pipeline import run_task
 from registry import services as registry
 from registry.models import Attempt, Task
 from repopool.models import Slot
-from tests.conftest import run_git
+from tests.conftest import processes_running, run_git
 from tests.llm_server import Reply, error, tool
 from tests.runner.conftest import API_KEY, fixer
 
@@ -251,31 +251,18 @@ def test_cancel_a_running_task_during_the_agent(llm, sample_repo):
     assert_slots_free_and_clean(sample_repo)
 
 
-def _pids_of(argv: list[str]) -> list[int]:
-    wanted = b"\0".join(a.encode() for a in argv) + b"\0"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if fh.read() == wanted:
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def test_cancel_during_a_long_test_run_kills_it(llm, sample_repo):
     # The command runs in its own pid namespace: its child is found on the host by its argv.
     llm.add(tool("edit_file", path="calc.py", old_text="a - b", new_text="a + b"), tool("finish", summary="done"))
     task = new_task(sample_repo, test_command="sleep 121 & wait")
-    watcher = _cancel_when(task, lambda: bool(_pids_of(["sleep", "121"])))
+    watcher = _cancel_when(task, lambda: bool(processes_running(["sleep", "121"])))
     started = time.monotonic()
     summary = run_task(task_id=task.pk)
     watcher.join()
     assert summary.status == "cancelled"
     assert time.monotonic() - started < 15
     deadline = time.monotonic() + 5
-    while _pids_of(["sleep", "121"]):
+    while processes_running(["sleep", "121"]):
         if time.monotonic() > deadline:
             pytest.fail("the test command's child survived cancellation")
         time.sleep(0.05)

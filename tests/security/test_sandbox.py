@@ -23,7 +23,7 @@ from common.sandbox import SandboxPolicy, SandboxUnavailable, sandbox_status
 from registry import services as registry
 from registry.models import TaskEvent
 from repopool import services as pool
-from tests.conftest import run_git
+from tests.conftest import processes_running, run_git
 from tests.runner.conftest import TEST_COMMAND, fixer
 from tests.runner.helpers import ROOT, wait_for
 
@@ -56,20 +56,6 @@ def run(command: str, slot: Path, **kwargs) -> tuple[object, str]:
     timeout = kwargs.pop("timeout", 30)
     result = run_command(command, cwd=slot, timeout=timeout, output_path=out, **kwargs)
     return result, out.read_text(errors="replace")
-
-
-def processes_running(argv: list[str]) -> list[int]:
-    """Pids on the host whose command line is exactly ``argv``."""
-    wanted = b"\0".join(a.encode() for a in argv) + b"\0"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if fh.read() == wanted:
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 # --- a runner process with real secrets in its environment ---------------------------------------
