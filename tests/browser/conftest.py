@@ -75,6 +75,11 @@ def sign_in(browser, username: str, password: str) -> None:
 
 
 def wait_for(browser, condition, what: str, timeout: float = 15):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser.driver, timeout, poll_frequency=0.1).until(condition, f"timed out waiting for {what}")
+    # A page that refreshes or navigates (after a form post, say) replaces its elements between
+    # finding one and reading it: look again rather than fail.
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    wait = WebDriverWait(browser.driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored)
+    return wait.until(condition, f"timed out waiting for {what}")

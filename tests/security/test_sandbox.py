@@ -371,6 +371,11 @@ try:
 except OSError:
     print("PROBE postgres refused")
 print("PROBE data-dir", sorted(os.listdir(sys.argv[1])))
+# Besides the slot, only this run's own report folder (for JUnit XML) is there, and nothing else
+# of the runner's tmp/ (other runs, spooled uploads).
+tmp = os.path.join(sys.argv[1], "tmp")
+runs = os.listdir(tmp) if os.path.isdir(tmp) else []
+print("PROBE tmp", len(runs), sorted(os.listdir(os.path.join(tmp, runs[0]))) if runs else [])
 """
 
 
@@ -393,7 +398,8 @@ def test_a_task_runs_its_tests_in_the_sandbox(llm, make_repo, monkeypatch, setti
     assert summary.status == "succeeded", summary.message
     assert "PROBE environ-secrets none" in summary.tests_tail
     assert "PROBE postgres refused" in summary.tests_tail
-    assert "PROBE data-dir ['pool']" in summary.tests_tail
+    assert "PROBE data-dir ['pool', 'tmp']" in summary.tests_tail
+    assert "PROBE tmp 1 ['reports']" in summary.tests_tail
     assert not TaskEvent.objects.filter(task=task, type="sandbox").exists()  # sandboxed: nothing to say
     assert summary.sandbox == ""
     run_git(origin, "status")  # the origin is untouched by the box
