@@ -13,8 +13,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import run_git
-
 # The shared interpreter, not its virtualenv: a project's own venv is built from it inside the box.
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
 JUNIT = '--junitxml="$AGENTRUNNER_JUNIT_XML"'
@@ -34,6 +32,7 @@ class Project:
     keep_paths: list[str] = field(default_factory=list)
     setup_watch_files: list[str] = field(default_factory=list)
     min_passed: int = 100  # the project's own suite: at least this many tests pass
+    setup_marker: str = ""  # a file in a kept folder that the setup command appends a line to
 
 
 # A pure-Python library, no setup: its suite runs on the runner's interpreter (pytest only).
@@ -66,7 +65,45 @@ MORE_ITERTOOLS = Project(
     setup_watch_files=["pyproject.toml"],
     test_command=f".venv/bin/python -m pytest -q -p no:cacheprovider {JUNIT} tests",
     min_passed=600,
+    setup_marker=".venv/agentrunner-setup-runs",
 )
+
+# Not Python: an npm package that ships its tests (tape files). Setup installs the runner it declares
+# into a kept folder (no .gitignore here: kept paths alone keep it out of commits); node's own test
+# runner runs each file and writes JUnit XML, one test case per file.
+MINIMIST = Project(
+    name="minimist",
+    registry="npm",
+    package="minimist",
+    version="1.2.8",
+    path="index.js",
+    good="\treturn (/^[-+]?(?:\\d+(?:\\.\\d*)?|\\.\\d+)(e[-+]?\\d+)?$/).test(x);\n",
+    bad="\treturn (/^[-+]?\\d+(e[-+]?\\d+)?$/).test(x);\n",
+    setup_command=(
+        # A folder of its own (not --prefix, which would also move npm's global config away):
+        # only the runner, not the project's whole list of development tools.
+        "mkdir -p .deps && cd .deps && echo '{}' > package.json && npm install --no-save --no-package-lock"
+        " --ignore-scripts --no-audit --no-fund --cache .npm-cache --loglevel=error tape@5.6.3"
+        " && echo ran >> agentrunner-setup-runs"
+    ),
+    keep_paths=[".deps"],
+    setup_watch_files=["package.json"],
+    test_command=(
+        "NODE_PATH=.deps/node_modules node --test --test-reporter=spec"
+        ' --test-reporter=junit --test-reporter-destination=stdout --test-reporter-destination="$AGENTRUNNER_JUNIT_XML" test/'
+    ),
+    min_passed=15,
+    setup_marker=".deps/agentrunner-setup-runs",
+)
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    env = {
+        **os.environ, "GIT_AUTHOR_NAME": "Test Author", "GIT_AUTHOR_EMAIL": "author@example.com",
+        "GIT_COMMITTER_NAME": "Test Author", "GIT_COMMITTER_EMAIL": "author@example.com", "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": "/tmp",
+    }  # fmt: skip
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def cache_dir() -> Path:

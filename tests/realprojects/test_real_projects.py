@@ -13,9 +13,8 @@ from agentrunner.runner.pipeline import run_task
 from registry import services as registry
 from repopool import services as pool
 from repopool.models import Slot
-from tests.conftest import run_git
 from tests.llm_server import tool
-from tests.realprojects.projects import MORE_ITERTOOLS, TOOLZ, Project, make_repository
+from tests.realprojects.projects import MINIMIST, MORE_ITERTOOLS, TOOLZ, Project, make_repository, run_git
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -33,15 +32,22 @@ def script_fix(llm, project: Project, slot_path: Path, line: int, seen: dict) ->
 
     def look_then_read(request):
         # The first model call comes after the lease and before any tool: the slot as the task got it.
-        seen["status"] = run_git(slot_path, "status", "--porcelain")
+        seen["status"] = status(slot_path, project)
         seen["head"] = run_git(slot_path, "rev-parse", "HEAD")
         return tool("read_file", path=project.path, start_line=max(1, line - 3), end_line=line + 3)
 
     def edit(request):
-        seen["read"] = request["messages"][-1]["content"]
+        reads = [m["content"] for m in request["messages"] if m["role"] == "tool"]
+        seen["read"] = reads[0]
         return tool("edit_file", path=project.path, old_text=project.bad, new_text=project.good)
 
-    llm.add(look_then_read, edit, tool("run_tests"), tool("finish", summary="restored the released behaviour"))
+    before = [tool("run_tests")] if seen.get("run_first") else []  # the suite catches the bug
+    llm.add(look_then_read, *before, edit, tool("run_tests"), tool("finish", summary="restored the released behaviour"))
+
+
+def status(path: Path, project: Project) -> str:
+    """git status of the working copy, kept folders aside (they need not be ignored by the project)."""
+    return run_git(path, "status", "--porcelain", "--", ".", *[f":(exclude){p}" for p in project.keep_paths])
 
 
 def assert_patch_is_the_fix(patch: str, project: Project) -> None:
@@ -72,7 +78,7 @@ def run_two_tasks(project: Project, llm, fetched, tmp_path, user) -> tuple[Path,
     )
     slot_path = pool.slot_path(repo, 0)
     for n in (1, 2):
-        seen: dict = {}
+        seen: dict = {"run_first": n == 1}
         script_fix(llm, project, slot_path, line, seen)
         task = registry.task_create(
             title=f"Fix {project.name} ({n})", instructions="A regression broke the tests; fix it.", repository=repo,
@@ -88,6 +94,12 @@ def run_two_tasks(project: Project, llm, fetched, tmp_path, user) -> tuple[Path,
         assert results["source"] == "junit" and results["failed"] == 0 and results["errored"] == 0, results
         assert results["passed"] >= project.min_passed, results
         assert summary.tests_reused
+        runs = [e.data for e in task.events.filter(type="tests").order_by("seq")]
+        if n == 1:  # the planted bug fails the project's own suite; the fix makes it pass
+            assert runs[0]["exit_code"] != 0 and runs[0]["results"]["failed"] >= 1, runs[0]
+            assert runs[1]["exit_code"] == 0 and runs[2]["reused"], runs
+        else:
+            assert [r["exit_code"] for r in runs] == [0, 0] and runs[1]["reused"], runs
         task.refresh_from_db()
         assert task.status == "succeeded" and task.tests_passed
         assert summary.files_changed == [project.path]
@@ -103,9 +115,9 @@ def test_pure_python_library_with_its_own_suite(llm, fetched, tmp_path, user):
     run_two_tasks(TOOLZ, llm, fetched, tmp_path, user)
 
 
-def test_setup_into_a_kept_virtualenv_runs_once_per_slot(llm, fetched, tmp_path, user):
-    slot_path, _ = run_two_tasks(MORE_ITERTOOLS, llm, fetched, tmp_path, user)
-    # One setup for two tasks; the venv it built ran the suite and survived both resets.
-    assert (slot_path / ".venv/agentrunner-setup-runs").read_text() == "ran\n"
-    assert (slot_path / ".venv/bin/pytest").exists()
-    assert run_git(slot_path, "status", "--porcelain") == ""
+@pytest.mark.parametrize("project", [MORE_ITERTOOLS, MINIMIST], ids=lambda p: p.name)
+def test_setup_into_a_kept_folder_runs_once_per_slot(project, llm, fetched, tmp_path, user):
+    slot_path, _ = run_two_tasks(project, llm, fetched, tmp_path, user)
+    # One setup for two tasks; what it installed ran the suite and survived both resets.
+    assert (slot_path / project.setup_marker).read_text() == "ran\n"
+    assert status(slot_path, project) == ""
