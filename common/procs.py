@@ -29,7 +29,11 @@ from common.sandbox import (
 ENV_ALLOW = (
     "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "TMPDIR", "USER", "LOGNAME", "SHELL",
     "PYTHONPATH", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX",
-    "PIP_CONSTRAINT", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+    "PIP_CONSTRAINT", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+    # Where the host's CA certificates are (a company proxy's, say): paths, never secrets, and
+    # without them a setup command's pip or npm cannot reach the registry through that proxy.
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
 )  # fmt: skip
 ENV_DENY_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "DATABASE_URL", "BROKER")
 

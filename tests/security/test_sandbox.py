@@ -280,6 +280,14 @@ def test_credentials_in_allowed_variables_are_stripped(isolated_data_dir, monkey
     assert strip_credentials("git+ssh://git@host/x ftp://h/y") == "git+ssh://host/x ftp://h/y"
 
 
+def test_the_hosts_ca_certificates_reach_setup_commands(isolated_data_dir, monkeypatch):
+    # Behind a proxy with its own CA, pip and npm in a setup command need the host's CA paths.
+    monkeypatch.setenv("NODE_EXTRA_CA_CERTS", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt")
+    result, seen = run('echo "N=$NODE_EXTRA_CA_CERTS P=$PIP_CERT"', slot_dir(isolated_data_dir), env=safe_env())
+    assert "N=/etc/ssl/certs/ca-certificates.crt P=/etc/ssl/certs/ca-certificates.crt" in seen
+
+
 def test_killed_runner_leaves_no_process_and_no_write_behind(isolated_data_dir):
     slot = slot_dir(isolated_data_dir)
     output = isolated_data_dir / "tmp" / "orphan-run.log"
