@@ -44,6 +44,10 @@ MODES = ("auto", "bwrap", "none")
 ISOLATION = ("--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL")
 ISOLATION += ("--die-with-parent", "--new-session")
 HOME_IN_BOX = "/home/sandbox"
+# Where daemons keep their Unix sockets (PostgreSQL, MySQL, Docker, D-Bus, gunicorn...). A socket
+# on the read-only root is still connectable: its own network namespace does not keep the box from
+# a service's local socket, so these folders are covered like the data dir.
+SOCKET_DIRS = (Path("/run"), Path("/var/run"))
 SYSTEM_DIRS = {Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt", "/var", "/srv", "/proc")}
 # Dot folders that hold credentials: never re-bound whole, even when a PATH entry lies inside.
 SENSITIVE_DOT_DIRS = {".ssh", ".gnupg", ".aws", ".azure", ".config", ".docker", ".kube", ".local", ".netrc"}
@@ -90,6 +94,8 @@ class SandboxConfig:
             for name in (database.get("NAME"), database.get("TEST", {}).get("NAME")):
                 if name and str(name) != ":memory:" and not str(name).startswith("file:"):
                     hidden.append(Path(name).resolve().parent)  # the database and its -wal/-shm
+        elif str(database.get("HOST") or "").startswith("/"):
+            hidden.append(Path(database["HOST"]).resolve())  # the database server's socket folder
         ro_paths = getattr(settings, "AGENTRUNNER_SANDBOX_RO_PATHS", None)
         return cls(
             configured=getattr(settings, "AGENTRUNNER_SANDBOX", "auto"),
@@ -253,6 +259,7 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
     bwrap = shutil.which(config.bwrap) or config.bwrap
     slot = Path(policy.writable).resolve()
     hidden = [Path("/root"), Path("/home")]
+    hidden += [folder for folder in SOCKET_DIRS if not folder.is_symlink()]
     if config.data_dir is not None:
         hidden.append(config.data_dir)
     hidden += [Path(h) for h in config.hidden]
@@ -265,6 +272,11 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
             continue  # never cover the system (a database configured at /db.sqlite3, say)
         if folder.is_dir() and not _under(folder, Path("/tmp")):  # /tmp is a fresh tmpfs already
             argv += ["--tmpfs", str(folder)]
+    # /etc/resolv.conf often points into /run (systemd-resolved): a box granted the network still
+    # resolves names.
+    resolv = Path("/etc/resolv.conf").resolve()
+    if resolv.is_file() and any(_under(resolv, folder) for folder in SOCKET_DIRS):
+        argv += ["--ro-bind", str(resolv), str(resolv)]
     for path in ro_paths:
         path = Path(path).absolute()  # as named: a symlinked .venv is bound where commands call it
         if path.exists() and any(_under(path, h) for h in [*hidden, Path("/tmp")]):

@@ -1,0 +1,83 @@
+"""An attacker's review of the trust boundary: each test is one attack that worked against main,
+run with real components (real bubblewrap, real git, real PostgreSQL, the real test client), and
+asserts that it no longer does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.db import connection
+
+from common.procs import run_command
+from common.sandbox import sandbox_status
+
+PY = sys.executable
+
+
+@pytest.fixture
+def bwrap_required(settings):
+    settings.AGENTRUNNER_SANDBOX = "bwrap"
+    status = sandbox_status()
+    assert status["mode"] == "bwrap", f"bubblewrap must work here: {status['reason']}"
+
+
+def slot_dir(data: Path) -> Path:
+    path = data / "pool" / "repo" / "0"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_in_box(command: str, slot: Path, **kwargs) -> str:
+    out = Path(django_settings.TMP_ROOT) / f"out-{uuid.uuid4().hex[:6]}.log"
+    run_command(command, cwd=slot, timeout=30, output_path=out, **kwargs)
+    return out.read_text(errors="replace")
+
+
+CONNECT = """
+import socket, sys
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        print("CONNECTED", path)
+    except OSError as exc:
+        print("refused", path, type(exc).__name__)
+"""
+
+
+# --- a hostile repository command --------------------------------------------------------------
+@pytest.mark.django_db
+def test_box_cannot_reach_host_unix_sockets(bwrap_required, isolated_data_dir):
+    """The box has its own network namespace, but a Unix socket on the read-only root is a file:
+    connect() works through a read-only bind. PostgreSQL's own socket (trust or peer auth for
+    local connections is common) and any service socket under /run were reachable: a test
+    command could read and rewrite the whole database."""
+    targets = []
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW unix_socket_directories")
+            dirs = [d.strip() for d in cursor.fetchone()[0].split(",") if d.strip()]
+            cursor.execute("SHOW port")
+            port = cursor.fetchone()[0]
+        targets += [f"{d}/.s.PGSQL.{port}" for d in dirs if Path(f"{d}/.s.PGSQL.{port}").exists()]
+    # A service socket of our own under /run, where daemons put theirs.
+    ours = Path("/run") / f"agentrunner-attack-{uuid.uuid4().hex[:8]}.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(ours))
+    server.listen(1)
+    try:
+        targets.append(str(ours))
+        slot = slot_dir(isolated_data_dir)
+        (slot / "connect.py").write_text(CONNECT)
+        output = run_in_box(f"{PY} connect.py " + " ".join(targets), slot)
+    finally:
+        server.close()
+        os.unlink(ours)
+    assert all(f"refused {t}" in output for t in targets), output
+    assert "CONNECTED" not in output, output
