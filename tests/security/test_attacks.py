@@ -81,3 +81,31 @@ def test_box_cannot_reach_host_unix_sockets(bwrap_required, isolated_data_dir):
         os.unlink(ours)
     assert all(f"refused {t}" in output for t in targets), output
     assert "CONNECTED" not in output, output
+
+
+@pytest.mark.django_db
+def test_setup_command_cannot_make_the_runner_read_a_huge_watched_file(bwrap_required, make_repo):
+    """The setup hash is computed outside the box, from files the setup command just wrote: a
+    sparse watched file (instant to make, within the file size limit) was read whole into the
+    runner's memory (``read_bytes``). Hashing streams now, at a bounded chunk size."""
+    import tracemalloc
+
+    from repopool import services as pool
+
+    origin = make_repo({"requirements.txt": "a\n", "test_x.py": "def test(): pass\n"})
+    repo = pool.repository_create(
+        name="sparse",
+        url=str(origin),
+        pool_size=1,
+        setup_command="truncate -s 512M requirements.txt",
+        setup_watch_files=["requirements.txt"],
+    )
+    tracemalloc.start()
+    try:
+        [slot] = pool.pool_warm(repository=repo)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (Path(slot.path) / "requirements.txt").stat().st_size == 512 * 1024**2  # the setup did run
+    assert slot.state == "free", slot.last_error
+    assert peak < 64 * 1024**2, f"the runner held {peak // 1024**2} MiB to hash a watched file"
