@@ -4,6 +4,7 @@ asserts that it no longer does."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -14,8 +15,12 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import connection
 
+from agentrunner.runner.pipeline import run_task
 from common.procs import run_command
 from common.sandbox import sandbox_status
+from registry import services as registry
+from tests.llm_server import completion, tool
+from tests.runner.conftest import llm, sample_repo  # noqa: F401  (the runner's fixtures, reused)
 
 PY = sys.executable
 
@@ -109,3 +114,26 @@ def test_setup_command_cannot_make_the_runner_read_a_huge_watched_file(bwrap_req
     assert (Path(slot.path) / "requirements.txt").stat().st_size == 512 * 1024**2  # the setup did run
     assert slot.state == "free", slot.last_error
     assert peak < 64 * 1024**2, f"the runner held {peak // 1024**2} MiB to hash a watched file"
+
+
+# --- a hostile model ---------------------------------------------------------------------------
+HUGE = 1_000_000
+
+
+@pytest.mark.django_db
+def test_model_cannot_write_megabytes_into_every_event(llm, sample_repo):  # noqa: F811
+    """Each tool call is an event carrying the model's ``path`` (in the message and the data) and
+    each step an event naming the model the server answered with: a megabyte per step, times up to
+    10,000 steps, filled the events table and every page and API response that lists events."""
+    llm.add(
+        tool("read_file", path="a/" * (HUGE // 2)),
+        completion(None, ("list_files", {"path": "."}), model="m" * HUGE),
+        tool("finish", summary="done"),
+    )
+    task = registry.task_create(repository=sample_repo, title="t", instructions="look around")
+    run_task(task_id=task.pk)
+    events = list(task.events.order_by("seq"))
+    assert {e.type for e in events} >= {"tool_call", "llm_call"}
+    for event in events:
+        size = len(event.message) + len(json.dumps(event.data))
+        assert size < 16 * 1024, f"event {event.seq} {event.type} is {size} characters"
