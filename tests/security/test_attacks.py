@@ -137,3 +137,16 @@ def test_model_cannot_write_megabytes_into_every_event(llm, sample_repo):  # noq
     for event in events:
         size = len(event.message) + len(json.dumps(event.data))
         assert size < 16 * 1024, f"event {event.seq} {event.type} is {size} characters"
+
+
+# --- a hostile plain user ----------------------------------------------------------------------
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["q", "repository", "owner", "status", "reason"])
+def test_inspector_filters_with_a_nul_are_not_a_500(client, user, name):
+    """PostgreSQL refuses a NUL in a text parameter: ``/runs/?q=%00`` was an Internal Server Error
+    (a traceback in the log for every probe). A filter holding one matches nothing, like any
+    unknown value."""
+    client.raise_request_exception = False
+    client.force_login(user)
+    response = client.get(f"/runs/?{name}=a%00b")
+    assert response.status_code == 200
