@@ -89,6 +89,9 @@ class SandboxConfig:
             for name in ("REPO_POOL_ROOT", "RESULTS_ROOT", "ARTIFACTS_ROOT", "SPOOL_ROOT", "TMP_ROOT")
             if getattr(settings, name, None)
         ]
+        # The default data dir inside the project checkout: when the data dir was moved, the
+        # laptop's old database (users, API tokens) may still be there, under the readable root.
+        hidden.append((Path(settings.BASE_DIR) / "var").resolve())
         database = settings.DATABASES["default"]
         if database["ENGINE"].endswith("sqlite3"):
             for name in (database.get("NAME"), database.get("TEST", {}).get("NAME")):

@@ -116,6 +116,24 @@ def test_setup_command_cannot_make_the_runner_read_a_huge_watched_file(bwrap_req
     assert peak < 64 * 1024**2, f"the runner held {peak // 1024**2} MiB to hash a watched file"
 
 
+@pytest.mark.django_db
+def test_box_cannot_read_the_checkouts_old_data_dir(bwrap_required, isolated_data_dir):
+    """The root is readable in the box, the project checkout with it. With the data dir moved
+    (``AGENTRUNNER_DATA_DIR``), the default one, ``var/`` in the checkout, was not hidden: a
+    laptop's old SQLite database there (users, API tokens in clear) could be read."""
+    old_data = Path(django_settings.BASE_DIR) / "var"
+    old_data.mkdir(exist_ok=True)
+    probe = old_data / f"attack-probe-{uuid.uuid4().hex[:8]}.sqlite3"
+    probe.write_text("token-of-a-laptop-user")
+    try:
+        slot = slot_dir(isolated_data_dir)
+        output = run_in_box(f"cat {probe}; ls {old_data} | sed 's/^/LISTED /'", slot)
+    finally:
+        probe.unlink()
+    assert "token-of-a-laptop-user" not in output
+    assert f"LISTED {probe.name}" not in output
+
+
 # --- a hostile model ---------------------------------------------------------------------------
 HUGE = 1_000_000
 
