@@ -157,6 +157,57 @@ def test_model_cannot_write_megabytes_into_every_event(llm, sample_repo):  # noq
         assert size < 16 * 1024, f"event {event.seq} {event.type} is {size} characters"
 
 
+LEAK_TEST = """
+import pathlib, zlib
+
+MARK = "ALICE-" + "SECRET"
+
+
+def test_leak():
+    found = 0
+    for path in pathlib.Path(".git/objects").glob("??/*"):
+        if MARK.encode() in zlib.decompress(path.read_bytes()):
+            found += 1
+    logs = pathlib.Path(".git/logs")
+    reflog = "".join(p.read_text() for p in logs.rglob("*") if p.is_file()) if logs.exists() else ""
+    assert False, f"LEAKED-OBJECTS {found} REFLOG {reflog!r}"
+"""
+
+
+@pytest.mark.django_db
+def test_next_user_of_a_slot_cannot_read_the_previous_tasks_work(llm, make_repo):  # noqa: F811
+    """Slots are shared between users. After a task, the reset removed its branch but kept its
+    commit, its files' blobs and the HEAD reflog naming them in the slot's .git, which the box
+    reads: the next user's model wrote a test that printed them into that user's own test report."""
+    from django.contrib.auth import get_user_model
+
+    from artifacts.services import artifact_open
+    from repopool import services as pool
+    from tests.runner.conftest import TEST_COMMAND
+
+    users = get_user_model().objects
+    alice, bob = users.create_user(username="alice2"), users.create_user(username="bob2")
+    repo = pool.repository_create(name="shared", url=str(make_repo()), pool_size=1, test_command=TEST_COMMAND)
+    llm.add(
+        tool("write_file", path="notes.txt", content="ALICE-SECRET launch codes\n"),
+        tool("finish", summary="noted"),
+        tool("write_file", path="test_leak.py", content=LEAK_TEST),
+        tool("finish", summary="looked"),
+    )
+    first = registry.task_create(repository=repo, title="a", instructions="x", owner=alice, max_iterations=1)
+    run_task(task_id=first.pk)
+    first.refresh_from_db()
+    assert first.result_commit  # alice's work was committed in the slot
+    second = registry.task_create(repository=repo, title="b", instructions="y", owner=bob, max_iterations=1)
+    run_task(task_id=second.pk)
+    link = second.artifact_links.get(role="test_report")
+    with artifact_open(artifact=link.artifact) as handle:
+        report = handle.read().decode()
+    assert "LEAKED-OBJECTS" in report, report  # bob's test did run and report
+    assert "LEAKED-OBJECTS 0 " in report, report
+    assert first.result_commit[:12] not in report, report  # nor the reflog naming alice's commit
+
+
 # --- a hostile plain user ----------------------------------------------------------------------
 @pytest.mark.django_db
 @pytest.mark.parametrize("name", ["q", "repository", "owner", "status", "reason"])
