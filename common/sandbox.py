@@ -48,6 +48,7 @@ HOME_IN_BOX = "/home/sandbox"
 # on the read-only root is still connectable: its own network namespace does not keep the box from
 # a service's local socket, so these folders are covered like the data dir.
 SOCKET_DIRS = (Path("/run"), Path("/var/run"))
+PROC_KNOBS = ("/proc/sys", "/proc/sysrq-trigger")
 SYSTEM_DIRS = {Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt", "/var", "/srv", "/proc")}
 # Dot folders that hold credentials: never re-bound whole, even when a PATH entry lies inside.
 SENSITIVE_DOT_DIRS = {".ssh", ".gnupg", ".aws", ".azure", ".config", ".docker", ".kube", ".local", ".netrc"}
@@ -270,6 +271,12 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
 
     argv = [bwrap, *ISOLATION, "--share-net" if policy.network else "--unshare-net", "--hostname", "sandbox"]
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # The kernel's knobs under the fresh /proc stay writable for a box whose uid 0 is the host's
+    # root (a runner started as root): kernel.core_pattern names a program the kernel runs as
+    # root outside every namespace. bubblewrap covers them only when it judges them writable.
+    for knob in PROC_KNOBS:
+        if os.path.exists(knob):
+            argv += ["--ro-bind", knob, knob]
     for folder in hidden:
         if len(folder.parts) < 2 or folder in SYSTEM_DIRS:
             continue  # never cover the system (a database configured at /db.sqlite3, say)

@@ -89,6 +89,19 @@ def test_box_cannot_reach_host_unix_sockets(bwrap_required, isolated_data_dir):
 
 
 @pytest.mark.django_db
+def test_box_cannot_write_kernel_settings(bwrap_required, isolated_data_dir):
+    """With the runner running as root (CI, containers), uid 0 in the box is the host's root for
+    /proc/sys, and bubblewrap left /proc/sys writable: a test command could set
+    kernel.core_pattern to ``|/its/slot/program`` and have the kernel run it as root outside
+    the box at the next crash. The write here rewrites a harmless knob with its current value."""
+    slot = slot_dir(isolated_data_dir)
+    knob = "/proc/sys/vm/stat_interval"
+    output = run_in_box(f"cat {knob} > {knob} && echo KNOB-WRITTEN; echo done", slot)
+    assert "done" in output
+    assert "KNOB-WRITTEN" not in output, output
+
+
+@pytest.mark.django_db
 def test_setup_command_cannot_make_the_runner_read_a_huge_watched_file(bwrap_required, make_repo):
     """The setup hash is computed outside the box, from files the setup command just wrote: a
     sparse watched file (instant to make, within the file size limit) was read whole into the
