@@ -126,11 +126,15 @@ class SandboxPolicy:
     max_processes: int | None = None
     max_file_bytes: int | None = None
     output_bytes: int | None = None
+    # Paths inside ``writable`` the command may read, not change: the slot's kept paths (a .venv
+    # the setup made), which survive resets and so serve the next task, maybe another user's.
+    readonly: tuple[str, ...] = ()
 
     def resolved(self, config: SandboxConfig) -> SandboxPolicy:
         return SandboxPolicy(
             writable=Path(self.writable).resolve(),
             network=self.network,
+            readonly=tuple(self.readonly),
             memory_bytes=self.memory_bytes or config.memory_bytes,
             max_processes=self.max_processes or config.max_processes,
             max_file_bytes=self.max_file_bytes or config.max_file_bytes,
@@ -253,6 +257,16 @@ def default_ro_paths(hidden: list[Path]) -> list[Path]:
     return unique
 
 
+def is_symlink_inside(root: Path, path: Path) -> bool:
+    """Is some component of ``path`` below ``root`` a symlink (after resolving, a race)?"""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
+
+
 def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> list[str]:
     """The bubblewrap argv that runs ``command`` (a shell command line) under ``policy``.
 
@@ -298,6 +312,17 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
     argv += ["--bind", str(slot), str(slot)]
     if (slot / ".git").exists():
         argv += ["--ro-bind", str(slot / ".git"), str(slot / ".git")]
+    for keep in policy.readonly:
+        # Resolved (the slot is hostile: a link must not point the bind elsewhere), made when
+        # missing so the command cannot create it, and only ever inside the slot.
+        real = (slot / keep.strip("/")).resolve()
+        if real == slot or not _under(real, slot) or is_symlink_inside(slot, real):
+            continue
+        try:
+            real.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue  # a file there: nothing the command can grow into a kept folder
+        argv += ["--ro-bind", str(real), str(real)]
     argv += ["--setenv", "HOME", HOME_IN_BOX, "--setenv", "TMPDIR", "/tmp", "--chdir", str(slot)]
     argv += ["--", "/bin/sh", "-c", command]
     return argv

@@ -221,6 +221,50 @@ def test_next_user_of_a_slot_cannot_read_the_previous_tasks_work(llm, make_repo)
     assert first.result_commit[:12] not in report, report  # nor the reflog naming alice's commit
 
 
+PLANT_TEST = """
+import pathlib
+
+
+def test_plant():
+    pathlib.Path(".venv/lib").mkdir(parents=True, exist_ok=True)
+    pathlib.Path(".venv/lib/planted.pth").write_text("import os; os.system('steal')")
+"""
+
+
+@pytest.mark.django_db
+def test_task_cannot_plant_code_in_kept_paths_for_the_next_user(llm, make_repo):  # noqa: F811
+    """A repository's keep_paths (its .venv) survive resets to serve the next task, maybe another
+    user's. The model (write_file) and the tests it wrote (in the box, where the slot is writable)
+    could put a .pth there that the next user's test run would execute."""
+    from repopool import services as pool
+    from repopool.models import Slot
+    from tests.runner.conftest import TEST_COMMAND
+
+    repo = pool.repository_create(
+        name="kept",
+        url=str(make_repo()),
+        pool_size=1,
+        test_command=TEST_COMMAND,
+        setup_command="mkdir -p .venv && echo installed > .venv/ok",
+        keep_paths=[".venv"],
+    )
+    pool.pool_warm(repository=repo)
+    llm.add(
+        tool("write_file", path=".venv/evil.pth", content="import os\n"),
+        tool("write_file", path="test_plant.py", content=PLANT_TEST),
+        tool("run_tests", args=[]),
+        tool("finish", summary="planted"),
+    )
+    task = registry.task_create(repository=repo, title="a", instructions="x", max_iterations=1)
+    run_task(task_id=task.pk)
+    venv = Path(Slot.objects.get(repository=repo).path) / ".venv"
+    assert (venv / "ok").read_text() == "installed\n"  # the kept folder itself is still there
+    assert not (venv / "evil.pth").exists()
+    assert not (venv / "lib" / "planted.pth").exists()
+    refusal = llm.requests[1]["messages"][-1]["content"]
+    assert "keep_paths" in refusal, refusal
+
+
 # --- a hostile plain user ----------------------------------------------------------------------
 @pytest.mark.django_db
 @pytest.mark.parametrize("name", ["q", "repository", "owner", "status", "reason"])
