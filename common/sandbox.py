@@ -44,6 +44,11 @@ MODES = ("auto", "bwrap", "none")
 ISOLATION = ("--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL")
 ISOLATION += ("--die-with-parent", "--new-session")
 HOME_IN_BOX = "/home/sandbox"
+# Where daemons keep their Unix sockets (PostgreSQL, MySQL, Docker, D-Bus, gunicorn...). A socket
+# on the read-only root is still connectable: its own network namespace does not keep the box from
+# a service's local socket, so these folders are covered like the data dir.
+SOCKET_DIRS = (Path("/run"), Path("/var/run"))
+PROC_KNOBS = ("/proc/sys", "/proc/sysrq-trigger")
 SYSTEM_DIRS = {Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt", "/var", "/srv", "/proc")}
 # Dot folders that hold credentials: never re-bound whole, even when a PATH entry lies inside.
 SENSITIVE_DOT_DIRS = {".ssh", ".gnupg", ".aws", ".azure", ".config", ".docker", ".kube", ".local", ".netrc"}
@@ -85,11 +90,16 @@ class SandboxConfig:
             for name in ("REPO_POOL_ROOT", "RESULTS_ROOT", "ARTIFACTS_ROOT", "SPOOL_ROOT", "TMP_ROOT")
             if getattr(settings, name, None)
         ]
+        # The default data dir inside the project checkout: when the data dir was moved, the
+        # laptop's old database (users, API tokens) may still be there, under the readable root.
+        hidden.append((Path(settings.BASE_DIR) / "var").resolve())
         database = settings.DATABASES["default"]
         if database["ENGINE"].endswith("sqlite3"):
             for name in (database.get("NAME"), database.get("TEST", {}).get("NAME")):
                 if name and str(name) != ":memory:" and not str(name).startswith("file:"):
                     hidden.append(Path(name).resolve().parent)  # the database and its -wal/-shm
+        elif str(database.get("HOST") or "").startswith("/"):
+            hidden.append(Path(database["HOST"]).resolve())  # the database server's socket folder
         ro_paths = getattr(settings, "AGENTRUNNER_SANDBOX_RO_PATHS", None)
         return cls(
             configured=getattr(settings, "AGENTRUNNER_SANDBOX", "auto"),
@@ -119,12 +129,16 @@ class SandboxPolicy:
     max_processes: int | None = None
     max_file_bytes: int | None = None
     output_bytes: int | None = None
+    # Paths inside ``writable`` the command may read, not change: the slot's kept paths (a .venv
+    # the setup made), which survive resets and so serve the next task, maybe another user's.
+    readonly: tuple[str, ...] = ()
 
     def resolved(self, config: SandboxConfig) -> SandboxPolicy:
         return SandboxPolicy(
             writable=Path(self.writable).resolve(),
             network=self.network,
             extra_writable=tuple(Path(p).resolve() for p in self.extra_writable),
+            readonly=tuple(self.readonly),
             memory_bytes=self.memory_bytes or config.memory_bytes,
             max_processes=self.max_processes or config.max_processes,
             max_file_bytes=self.max_file_bytes or config.max_file_bytes,
@@ -247,6 +261,16 @@ def default_ro_paths(hidden: list[Path]) -> list[Path]:
     return unique
 
 
+def is_symlink_inside(root: Path, path: Path) -> bool:
+    """Is some component of ``path`` below ``root`` a symlink (after resolving, a race)?"""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
+
+
 def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> list[str]:
     """The bubblewrap argv that runs ``command`` (a shell command line) under ``policy``.
 
@@ -257,6 +281,7 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
     bwrap = shutil.which(config.bwrap) or config.bwrap
     slot = Path(policy.writable).resolve()
     hidden = [Path("/root"), Path("/home")]
+    hidden += [folder for folder in SOCKET_DIRS if not folder.is_symlink()]
     if config.data_dir is not None:
         hidden.append(config.data_dir)
     hidden += [Path(h) for h in config.hidden]
@@ -264,11 +289,22 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
 
     argv = [bwrap, *ISOLATION, "--share-net" if policy.network else "--unshare-net", "--hostname", "sandbox"]
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # The kernel's knobs under the fresh /proc stay writable for a box whose uid 0 is the host's
+    # root (a runner started as root): kernel.core_pattern names a program the kernel runs as
+    # root outside every namespace. bubblewrap covers them only when it judges them writable.
+    for knob in PROC_KNOBS:
+        if os.path.exists(knob):
+            argv += ["--ro-bind", knob, knob]
     for folder in hidden:
         if len(folder.parts) < 2 or folder in SYSTEM_DIRS:
             continue  # never cover the system (a database configured at /db.sqlite3, say)
         if folder.is_dir() and not _under(folder, Path("/tmp")):  # /tmp is a fresh tmpfs already
             argv += ["--tmpfs", str(folder)]
+    # /etc/resolv.conf often points into /run (systemd-resolved): a box granted the network still
+    # resolves names.
+    resolv = Path("/etc/resolv.conf").resolve()
+    if resolv.is_file() and any(_under(resolv, folder) for folder in SOCKET_DIRS):
+        argv += ["--ro-bind", str(resolv), str(resolv)]
     for path in ro_paths:
         path = Path(path).absolute()  # as named: a symlinked .venv is bound where commands call it
         if path.exists() and any(_under(path, h) for h in [*hidden, Path("/tmp")]):
@@ -282,6 +318,17 @@ def sandbox_argv(command: str, policy: SandboxPolicy, config: SandboxConfig) -> 
         argv += ["--ro-bind", str(slot / ".git"), str(slot / ".git")]
     for folder in policy.extra_writable:
         argv += ["--bind", str(folder), str(folder)]
+    for keep in policy.readonly:
+        # Resolved (the slot is hostile: a link must not point the bind elsewhere), made when
+        # missing so the command cannot create it, and only ever inside the slot.
+        real = (slot / keep.strip("/")).resolve()
+        if real == slot or not _under(real, slot) or is_symlink_inside(slot, real):
+            continue
+        try:
+            real.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue  # a file there: nothing the command can grow into a kept folder
+        argv += ["--ro-bind", str(real), str(real)]
     argv += ["--setenv", "HOME", HOME_IN_BOX, "--setenv", "TMPDIR", "/tmp", "--chdir", str(slot)]
     argv += ["--", "/bin/sh", "-c", command]
     return argv

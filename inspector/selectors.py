@@ -49,6 +49,8 @@ class RunFilters:
     def from_query(cls, query) -> RunFilters:
         def pick(name: str, allowed=None) -> str:
             value = (query.get(name) or "").strip()[:200]
+            if "\x00" in value:  # no stored text holds one (PostgreSQL refuses it in a query)
+                return ""
             return value if allowed is None or value in allowed else ""
 
         return cls(

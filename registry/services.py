@@ -48,8 +48,35 @@ A = Action
 
 
 # --- events -------------------------------------------------------------------------------------
+# Events carry what the model and the repository's commands chose (a tool call's path, the model
+# name a server answered with, an error text): every string is cut, so a run's events stay small.
+EVENT_MESSAGE_MAX = 2000
+EVENT_STRING_MAX = 1000
+EVENT_ITEMS_MAX = 1000
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _cut(value, EVENT_STRING_MAX)
+    if depth > 5 and isinstance(value, (dict, list, tuple)):
+        return "…"
+    if isinstance(value, dict):
+        items = list(value.items())[:EVENT_ITEMS_MAX]
+        return {_cut(str(k), 100): _bounded(v, depth + 1) for k, v in items}
+    if isinstance(value, (list, tuple)):
+        return [_bounded(v, depth + 1) for v in value[:EVENT_ITEMS_MAX]]
+    return value
+
+
 def event_append(*, task_id: uuid.UUID, type: str, message: str = "", data: dict[str, Any] | None = None) -> TaskEvent:
-    """Append one event; its ``seq`` is the task's next number, unique and increasing."""
+    """Append one event; its ``seq`` is the task's next number, unique and increasing. The message
+    and every string in ``data`` are cut to a bound (see EVENT_MESSAGE_MAX)."""
+    message = _cut(message, EVENT_MESSAGE_MAX)
+    data = _bounded(data or {})
     with transaction.atomic():
         # The UPDATE takes the task row lock until commit: concurrent appenders queue here.
         updated = Task.objects.filter(pk=task_id).update(event_seq=F("event_seq") + 1)

@@ -322,7 +322,15 @@ def checkout_detached(path: Path, commit: str) -> None:
 def clear_operation_state(path: Path) -> None:
     """Remove what a killed git or an abandoned merge/rebase leaves in .git."""
     gitdir = path / ".git"
-    for name in ("index.lock", "HEAD.lock", "MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD"):
+    for name in (
+        "index.lock",
+        "HEAD.lock",
+        "MERGE_HEAD",
+        "CHERRY_PICK_HEAD",
+        "REVERT_HEAD",
+        "REBASE_HEAD",
+        "ORIG_HEAD",
+    ):
         (gitdir / name).unlink(missing_ok=True)
     for name in ("rebase-merge", "rebase-apply"):
         shutil.rmtree(gitdir / name, ignore_errors=True)
@@ -330,7 +338,8 @@ def clear_operation_state(path: Path) -> None:
 
 def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
     """Make the working copy exactly ``commit``: tracked files restored, untracked and ignored
-    files removed except ``keep_paths``, every local branch and stash deleted, HEAD detached."""
+    files removed except ``keep_paths``, every local branch and stash deleted, HEAD detached,
+    and nothing of the previous task left in ``.git`` (reflogs, its commits and blobs)."""
     # Nothing a command left running (unsandboxed, or its runner killed mid-command) may write
     # into the slot after the reset, for the next task to commit.
     kill_processes_in(path)
@@ -346,6 +355,10 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
         # One process deletes them all; refs created by the agent never survive a reset.
         stdin = "".join(f"delete {ref}\n" for ref in refs.splitlines())
         _slot_run(path, ("update-ref", "--stdin"), stdin=stdin.encode())
+    # Slots are shared between users, and the next task's commands read .git (read-only): the
+    # previous task's commits and file contents, and the reflog naming them, must go with it.
+    _slot_git(path, "reflog", "expire", "--expire=now", "--expire-unreachable=now", "--all")
+    _slot_git(path, "prune", "--expire=now")
 
 
 def head(path: Path) -> str:

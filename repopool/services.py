@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -163,13 +165,31 @@ def repository_find_or_create_for_url(*, url: str, name: str = "", test_command:
 
 
 # --- warming and cloning ------------------------------------------------------------------------
+# A watched file is a lockfile or a requirements list; past this size only its size counts.
+SETUP_HASH_READ_MAX = 64 * 1024 * 1024
+_HASH_CHUNK = 1024 * 1024
+
+
 def _setup_hash(repository: Repository, path: Path) -> str:
+    """The setup command and the watched files. Those files were just written by hostile code
+    (the setup command itself): read in bounded chunks, up to a bounded size, regular files only
+    (never a FIFO that would block the runner)."""
     digest = hashlib.sha256(repository.setup_command.encode())
     for name in repository.setup_watch_files:
-        file = path / name
         digest.update(name.encode() + b"\0")
-        if file.is_file():
-            digest.update(file.read_bytes())
+        try:
+            fd = os.open(path / name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            digest.update(f"{info.st_size}\0".encode())
+            left = SETUP_HASH_READ_MAX
+            while left > 0 and (chunk := handle.read(min(_HASH_CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
     return digest.hexdigest()
 
 

@@ -104,8 +104,13 @@ class Workspace:
     changed: set[str] = field(default_factory=set)
     # Files written or edited that do not parse right now (path -> error); `finish` checks it.
     broken: dict[str, str] = field(default_factory=dict)
+    # Kept paths (a slot's .venv): they outlive the task and serve the next one, so never written.
+    protected: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self._protected = [
+            [part for part in keep.split("/") if part not in ("", ".")] for keep in self.protected if keep.strip("/.")
+        ]
         self.root = Path(self.root)
         self._real_root = os.path.realpath(self.root)
         # An absolute symlink target may name the root either way.
@@ -132,7 +137,13 @@ class Workspace:
         return parts
 
     def _locate(
-        self, fds: _Descriptors, path: str, *, create_dirs: bool = False, follow_last: bool = True
+        self,
+        fds: _Descriptors,
+        path: str,
+        *,
+        create_dirs: bool = False,
+        follow_last: bool = True,
+        writing: bool = False,
     ) -> _Location:
         """Walks ``path`` from the root without ever letting the kernel follow a symlink.
 
@@ -159,6 +170,8 @@ class Workspace:
                 continue
             if is_git_name(name):
                 raise ToolError(f"{path}: the .git folder is off limits")
+            if writing and self._is_protected([*names, name]):
+                raise ToolError(f"{path}: kept between tasks (the repository's keep_paths); not writable")
             if not pending:
                 target = self._link_target(folders[-1], name) if follow_last else None
                 if target is None:
@@ -203,6 +216,9 @@ class Workspace:
                 names.clear()
                 target = inside
             pending.extend(reversed([part for part in target.split("/") if part not in ("", ".")]))
+
+    def _is_protected(self, parts: list[str]) -> bool:
+        return any(parts[: len(keep)] == keep for keep in self._protected if len(parts) >= len(keep))
 
     @staticmethod
     def _link_target(dir_fd: int, name: str) -> str | None:
@@ -480,7 +496,7 @@ class Workspace:
         if len(data) > MAX_WRITE_BYTES:
             raise ToolError(f"content larger than {MAX_WRITE_BYTES} bytes")
         with _Descriptors() as fds:
-            loc = self._locate(fds, path, create_dirs=True)
+            loc = self._locate(fds, path, create_dirs=True, writing=True)
             if loc.name == ".":
                 raise ToolError(f"{path}: is a folder")
             existed = self._replace(loc, path, data)
@@ -494,7 +510,7 @@ class Workspace:
         _encode(old_text, "old_text")
         _encode(new_text, "new_text")
         with _Descriptors() as fds:
-            loc = self._locate(fds, path)
+            loc = self._locate(fds, path, writing=True)
             fd, info = self._open_regular(fds, loc, path)
             data = _read_at_most(fd, MAX_WRITE_BYTES + 1)
             if len(data) > MAX_WRITE_BYTES:
@@ -520,7 +536,7 @@ class Workspace:
     def delete_file(self, path: str) -> str:
         """Deletes one entry; a symlink is removed itself, its target is left alone."""
         with _Descriptors() as fds:
-            loc = self._locate(fds, path, follow_last=False)
+            loc = self._locate(fds, path, follow_last=False, writing=True)
             try:
                 info = os.stat(loc.name, dir_fd=loc.dir_fd, follow_symlinks=False)
             except FileNotFoundError:

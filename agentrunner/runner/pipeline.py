@@ -256,7 +256,10 @@ class TaskRun:
         })  # fmt: skip
         result = run_command(
             command, cwd=self.lease.path, timeout=timeout, output_path=output, env=env, should_stop=self.cancel.is_set,
-            policy=SandboxPolicy(writable=self.lease.path, network=self.task.test_network, extra_writable=(reports,)),
+            policy=SandboxPolicy(
+                writable=self.lease.path, network=self.task.test_network, extra_writable=(reports,),
+                readonly=tuple(self.task.keep_paths),
+            ),
         )  # fmt: skip
         self.test_seconds += result.duration
         report = testreport.parse(junit_path=junit, output=tail_of(output, 256 * 1024))
@@ -332,7 +335,7 @@ class TaskRun:
         self.client = LLMClient(config, transcript=Transcript(self.transcript_path, secret=config.api_key))
         agent = Agent(
             client=self.client,
-            workspace=Workspace(self.lease.path),
+            workspace=Workspace(self.lease.path, protected=tuple(task.keep_paths)),
             run_tests=lambda args: self.run_tests(args, final=False),
             model=task.llm_model or None,
             on_event=self.on_agent_event,
