@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 from agentrunner.runner.pipeline import run_task
 from registry import services as registry
@@ -104,8 +105,10 @@ def run_two_tasks(project: Project, llm, fetched, tmp_path, user) -> tuple[Path,
         assert task.status == "succeeded" and task.tests_passed
         assert summary.files_changed == [project.path]
         assert_patch_is_the_fix(artifact_text(task, "patch"), project)
-        # The commit holds the release again: the fix and nothing else (no .venv, no caches).
-        assert run_git(slot_path, "diff", "--stat", release, summary.commit) == ""
+        # The commit holds the release again: the fix and nothing else (no .venv, no caches). It is
+        # looked up where it was pushed: a reset prunes the task's objects from the slot.
+        pushed = Path(settings.RESULTS_ROOT) / f"{repo.name}.git"
+        assert run_git(pushed, "diff", "--stat", release, summary.commit) == ""
     slots = list(Slot.objects.filter(repository=repo))
     assert len(slots) == 1 and slots[0].state == "free", [(s.state, s.last_error) for s in slots]
     return slot_path, release
