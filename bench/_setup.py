@@ -1,22 +1,98 @@
-"""Shared bench plumbing: a throwaway data folder and database, Django set up on them."""
+"""Shared bench plumbing: scratch databases and folders, gunicorn, a real repository, statistics.
+
+Every bench uses its own throwaway PostgreSQL database (created on the server named by
+BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/postgres, and dropped at exit), its
+own temp folder and free ports, so a developer's DATABASE_URL, data folder and port 8000 are never
+touched.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import glob
+import http.client
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+PG_SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+GIT_ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "b",
+    "GIT_AUTHOR_EMAIL": "b@example.com",
+    "GIT_COMMITTER_NAME": "b",
+    "GIT_COMMITTER_EMAIL": "b@example.com",
+}
+_cleanups: list[Callable[[], None]] = []
 
 
-def django_in_tempdir(prefix: str) -> Path:
-    """Point Agent Runner at a fresh data folder (SQLite unless DATABASE_URL is set) and migrate."""
-    data = Path(tempfile.mkdtemp(prefix=prefix))
+@atexit.register
+def _cleanup() -> None:
+    while _cleanups:
+        with contextlib.suppress(Exception):
+            _cleanups.pop()()
+
+
+def _signal_exit(signum, frame) -> None:  # Ctrl-C or kill: still drop databases and folders
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, _signal_exit)
+
+
+# --- scratch resources ----------------------------------------------------------------------------
+def temp_dir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _cleanups.append(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+def _admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_SERVER, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def pg_database(label: str) -> str:
+    """Create an empty database of our own and return its URL; it is dropped at exit."""
+    name = f"ar_bench_{label}_{os.getpid()}"
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _admin(f'CREATE DATABASE "{name}"')
+    _cleanups.append(lambda: _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    parts = urlsplit(PG_SERVER)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def django_in_tempdir(prefix: str, *, database: str = "postgres") -> Path:
+    """Point Agent Runner at a fresh data folder and a fresh database ("postgres" or "sqlite"), migrate.
+
+    DEBUG is off, as in production; local repositories under the temp folder are allowed.
+    """
+    data = temp_dir(prefix)
+    (data / "static").mkdir()  # WhiteNoise's root with DEBUG off; nothing static is timed
     os.environ["AGENTRUNNER_DATA_DIR"] = str(data)
-    os.environ.setdefault("DATABASE_URL", f"sqlite:///{data / 'bench.sqlite3'}")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentrunner.settings")
+    if database == "postgres":
+        os.environ["DATABASE_URL"] = pg_database(prefix.strip("-").replace("-", "_"))
+    else:
+        os.environ["DATABASE_URL"] = f"sqlite:///{data / 'bench.sqlite3'}"
+    os.environ["DJANGO_SETTINGS_MODULE"] = "agentrunner.settings"
+    os.environ["DJANGO_DEBUG"] = "0"
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-secret-key-" + "x" * 40)
+    os.environ["AGENTRUNNER_LOCAL_REPO_ROOTS"] = f"{data},{tempfile.gettempdir()}"
     os.environ.setdefault("AGENTRUNNER_LOG_LEVEL", "WARNING")
+    os.environ.pop("CELERY_BROKER_URL", None)  # no worker here: the health check must not wait on one
     sys.path.insert(0, str(ROOT))
     import django
 
@@ -27,6 +103,64 @@ def django_in_tempdir(prefix: str) -> Path:
     return data
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gunicorn(*, workers: int = 4, env: dict[str, str] | None = None) -> Iterator[int]:
+    """gunicorn on a free port with the current settings environment (plus ``env``); yields the port."""
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "agentrunner.wsgi", "-w", str(workers), "-b", f"127.0.0.1:{port}"]
+        + ["--timeout", "600", "--log-level", "warning"],
+        cwd=ROOT,
+        env=full_env,
+    )
+    _cleanups.append(lambda: server.poll() is None and (server.kill(), server.wait()))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/api/health/")
+                conn.getresponse().read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("gunicorn did not start") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+# --- a real repository ----------------------------------------------------------------------------
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def build_django_repo(dest: Path) -> int:
+    """A git repository of the installed Django package's own source (thousands of files, no download)."""
+    import django
+
+    source = Path(django.__file__).parent
+    shutil.copytree(source, dest / "django", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (dest / ".gitignore").write_text("*.pyc\n__pycache__/\nbuild/\n.venv/\n")
+    (dest / "README.md").write_text("Django's source, as a benchmark repository.\n")
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "import")
+    return int(git(dest, "ls-files", "-z").count("\0"))
+
+
+# --- statistics -----------------------------------------------------------------------------------
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -36,3 +170,65 @@ def median(values: list[float]) -> float:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    """'median (p25–p75)' of a sample."""
+    m, lo, hi = (scale * x for x in (median(values), percentile(values, 0.25), percentile(values, 0.75)))
+    return f"{fmt.format(m)} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def pgbench_path() -> str | None:
+    found = shutil.which("pgbench") or sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+# --- an HTTP load driver --------------------------------------------------------------------------
+def http_load(
+    port: int,
+    make_request: Callable[[int, int], tuple[str, str, bytes | None, dict[str, str]]],
+    *,
+    clients: int,
+    seconds: float,
+    expect: int = 200,
+) -> tuple[float, list[float]]:
+    """``clients`` threads, each on one keep-alive connection, for ``seconds``.
+
+    ``make_request(client, n)`` returns (method, path, body, headers). Returns requests per second and
+    the latencies. A response other than ``expect`` stops the run with an error.
+    """
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    stop_at = [0.0]
+    barrier = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine = latencies[index]
+        barrier.wait()
+        n = 0
+        while time.perf_counter() < stop_at[0] and not errors:
+            method, path, body, headers = make_request(index, n)
+            start = time.perf_counter()
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            payload = response.read()
+            mine.append(time.perf_counter() - start)
+            if response.status != expect:
+                errors.append(f"{method} {path}: {response.status} {payload[:300]!r}")
+            n += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    started = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(errors[0])
+    flat = [x for bucket in latencies for x in bucket]
+    return len(flat) / elapsed, flat
