@@ -1,10 +1,13 @@
-"""Artifact store benchmark: 1 GiB up and down through the HTTP API under gunicorn.
+"""Artifact store benchmark: 1 GiB up and down through the HTTP API under gunicorn, beside its floors.
 
-    python bench/artifacts.py [--size-mb 1024]
+    python bench/artifacts.py [--size-mb 1024] [--rounds 5]
 
-Prints, in one run: a raw copy of the same file on the same disk (the floor), upload and download
-throughput through the API, their ratio to the floor, and the gunicorn worker's peak memory growth.
-Target: at least half the raw copy throughput; peak memory growth under 64 MB.
+The floors do the same work as the store, in one Python process on the same disk: for the upload,
+read the file in 1 MiB chunks, sha256 them, write them to a temp file, fsync, rename; for the
+download, read, write, fsync. Each round runs floor-up, upload, floor-down, download (interleaved),
+each round on fresh content; it prints medians with p25–p75 over rounds, the ratios of the medians,
+and the gunicorn worker's peak memory growth. PostgreSQL, DEBUG off.
+Targets: at least half the floor's throughput; peak memory growth under 64 MiB.
 """
 
 from __future__ import annotations
@@ -14,23 +17,15 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _setup import ROOT, django_in_tempdir
+from _setup import ROOT, django_in_tempdir, free_port, median, spread
 
 CHUNK = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -45,9 +40,85 @@ def worker_pid(master: int) -> int:
     return int(children[0])
 
 
+def floor_upload(source: Path, dest_dir: Path) -> str:
+    """The store's work without the store: read, sha256, write a temp file, fsync, rename."""
+    digest = hashlib.sha256()
+    tmp = dest_dir / "floor.part"
+    with open(source, "rb") as fh, open(tmp, "wb") as out:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.rename(dest_dir / digest.hexdigest())
+    return digest.hexdigest()
+
+
+def floor_download(source: Path, dest: Path) -> None:
+    with open(source, "rb") as fh, open(dest, "wb") as out:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def fresh_content(source: Path, size_mb: int, round_no: int) -> str:
+    """New bytes each round (a store may short-cut content it has); returns their sha256."""
+    digest = hashlib.sha256()
+    block = os.urandom(CHUNK)
+    with open(source, "wb") as fh:
+        for i in range(size_mb):
+            chunk = block if i else os.urandom(CHUNK)
+            fh.write(chunk)
+            digest.update(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def api_upload(port: int, token: str, source: Path, sha: str, name: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.putrequest("POST", f"/api/artifacts/?name={name}&kind=file")
+    conn.putheader("Authorization", f"Token {token}")
+    conn.putheader("Content-Type", "application/octet-stream")
+    conn.putheader("Content-Length", str(source.stat().st_size))
+    conn.putheader("X-Content-SHA256", sha)
+    conn.endheaders()
+    with open(source, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            conn.send(chunk)
+    response = conn.getresponse()
+    body = response.read()
+    assert response.status == 201, body
+    return json.loads(body)["id"]
+
+
+def api_download(port: int, token: str, artifact_id: str, dest: Path) -> int:
+    """Download to disk and fsync, as the floor does; returns the byte count."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("GET", f"/api/artifacts/{artifact_id}/content/", headers={"Authorization": f"Token {token}"})
+    response = conn.getresponse()
+    assert response.status == 200, response.status
+    received = 0
+    with open(dest, "wb") as out:
+        while chunk := response.read(CHUNK):
+            out.write(chunk)
+            received += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return received
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     data = django_in_tempdir("bench-artifacts-")
     from django.contrib.auth import get_user_model
@@ -55,43 +126,18 @@ def main() -> None:
 
     token = Token.objects.create(user=get_user_model().objects.create_user(username="bench")).key
     source = data / "source.bin"
-    with open(source, "wb") as fh:
-        block = os.urandom(CHUNK)
-        for _ in range(args.size_mb):
-            fh.write(block)
-    size = source.stat().st_size
-    digest = hashlib.sha256()
-    with open(source, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-
-    os.sync()
-    start = time.perf_counter()
-    shutil.copyfile(source, data / "copy.bin")
-    os.sync()
-    raw = time.perf_counter() - start
-    (data / "copy.bin").unlink()
+    floor_dir = data / "floor"
+    floor_dir.mkdir()
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "agentrunner.wsgi",
-            "-w",
-            "1",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--timeout",
-            "600",
-            "--log-level",
-            "warning",
-        ],
+        [sys.executable, "-m", "gunicorn", "agentrunner.wsgi", "-w", "1", "-b", f"127.0.0.1:{port}"]
+        + ["--timeout", "600", "--log-level", "warning"],
         cwd=ROOT,
         env=env,
     )
+    results: dict[str, list[float]] = {"floor_up": [], "upload": [], "floor_down": [], "download": []}
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -105,49 +151,39 @@ def main() -> None:
         worker = worker_pid(server.pid)
         baseline = proc_status(worker, "VmRSS")
 
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        start = time.perf_counter()
-        conn.putrequest("POST", "/api/artifacts/?name=big.bin&kind=file")
-        conn.putheader("Authorization", f"Token {token}")
-        conn.putheader("Content-Type", "application/octet-stream")
-        conn.putheader("Content-Length", str(size))
-        conn.putheader("X-Content-SHA256", digest.hexdigest())
-        conn.endheaders()
-        with open(source, "rb") as fh:
-            for chunk in iter(lambda: fh.read(CHUNK), b""):
-                conn.send(chunk)
-        response = conn.getresponse()
-        body = response.read()
-        os.sync()
-        upload = time.perf_counter() - start
-        assert response.status == 201, body
-        artifact_id = json.loads(body)["id"]
+        for round_no in range(args.rounds):
+            sha = fresh_content(source, args.size_mb, round_no)
+            size = source.stat().st_size
+            results["floor_up"].append(timed(lambda: floor_upload(source, floor_dir)))
+            for stale in floor_dir.iterdir():
+                stale.unlink()
 
-        start = time.perf_counter()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        conn.request("GET", f"/api/artifacts/{artifact_id}/content/", headers={"Authorization": f"Token {token}"})
-        response = conn.getresponse()
-        received = 0
-        with open(data / "download.bin", "wb") as out:
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-                received += len(chunk)
-        os.sync()
-        download = time.perf_counter() - start
-        assert received == size
+            start = time.perf_counter()
+            artifact_id = api_upload(port, token, source, sha, f"big{round_no}.bin")
+            results["upload"].append(time.perf_counter() - start)
+
+            results["floor_down"].append(timed(lambda: floor_download(source, floor_dir / "copy.bin")))
+            (floor_dir / "copy.bin").unlink()
+
+            results["download"].append(timed(lambda a=artifact_id: api_download(port, token, a, data / "download.bin")))
+            assert (data / "download.bin").stat().st_size == size
+            (data / "download.bin").unlink()
         peak = proc_status(worker, "VmHWM") - baseline
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-    mb = size / CHUNK
-    print(f"artifact size: {mb:.0f} MiB")
-    print(f"{'raw copy on the same disk (floor)':36s} {mb / raw:8.0f} MiB/s")
-    print(f"{'upload through the API':36s} {mb / upload:8.0f} MiB/s   ratio {raw / upload:5.2f} of floor")
-    print(
-        f"{'download through the API (to disk)':36s} {mb / download:8.0f} MiB/s   ratio {raw / download:5.2f} of floor"
-    )
-    print(f"gunicorn worker peak memory growth: {peak / CHUNK:.1f} MiB (target < 64)")
-    shutil.rmtree(data, ignore_errors=True)
+    mb = args.size_mb
+    rate = {k: [mb / t for t in v] for k, v in results.items()}
+    m = {k: median(v) for k, v in rate.items()}
+    print(f"artifact size: {mb} MiB; PostgreSQL, gunicorn -w 1, DEBUG off; {args.rounds} interleaved rounds")
+    print(f"  {'':52s} {'median (p25–p75) MiB/s':>24s}")
+    print(f"  {'floor up: read + sha256 + write + fsync + rename':52s} {spread(rate['floor_up'], fmt='{:.0f}'):>24s}")
+    print(f"  {'upload through the API':52s} {spread(rate['upload'], fmt='{:.0f}'):>24s}", end="")
+    print(f"   ratio {m['upload'] / m['floor_up']:.2f} of floor")
+    print(f"  {'floor down: read + write + fsync':52s} {spread(rate['floor_down'], fmt='{:.0f}'):>24s}")
+    print(f"  {'download through the API (to disk, fsync)':52s} {spread(rate['download'], fmt='{:.0f}'):>24s}", end="")
+    print(f"   ratio {m['download'] / m['floor_down']:.2f} of floor")
+    print(f"  gunicorn worker peak memory growth: {peak / CHUNK:.1f} MiB (target < 64)")
 
 
 if __name__ == "__main__":
