@@ -1,10 +1,13 @@
 """Runner benchmark against the local OpenAI-compatible test server with a fixed response delay.
 
-    python bench/runner.py [--tasks 20] [--delay 0.05] [--speedup-delay 1.0]
+The repository is real source: Django's own files (about 3,600) plus a small module with a bug
+and its test; PostgreSQL in a scratch database, DEBUG off.
+
+    python bench/runner.py [--tasks 20] [--delay 0.05] [--speedup-delay 1.0] [--speedup-tasks 16]
 
 Prints (1) the runner's own overhead per task, wall time minus LLM time minus test time, median
 and p95, with the time per phase; (2) the speedup of `runagent --loop --concurrency 1, 2, 4, 8`
-on 16 tasks whose LLM answers take `--speedup-delay` seconds each.
+on `--speedup-tasks` tasks whose LLM answers take `--speedup-delay` seconds each.
 Targets: overhead under 250 ms per task; speedup at 8 at least 6x.
 """
 
@@ -12,30 +15,19 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _setup import ROOT, django_in_tempdir, median, percentile
-
-GIT_ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "b",
-    "GIT_AUTHOR_EMAIL": "b@example.com",
-    "GIT_COMMITTER_NAME": "b",
-    "GIT_COMMITTER_EMAIL": "b@example.com",
-}
+from _setup import ROOT, build_django_repo, django_in_tempdir, median, percentile, temp_dir
 
 
 def sample_repo(where: Path) -> Path:
+    """Django's own source (thousands of files) plus a small module with a bug and its test."""
     where.mkdir(parents=True)
     (where / "calc.py").write_text("def add(a, b):\n    return a - b\n")
     (where / "test_calc.py").write_text("from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n")
-    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
-        subprocess.run(["git", *cmd], cwd=where, env=GIT_ENV, check=True)
+    build_django_repo(where)
     return where
 
 
@@ -44,6 +36,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.05)
     parser.add_argument("--speedup-delay", type=float, default=1.0)
+    parser.add_argument("--speedup-tasks", type=int, default=16)
     args = parser.parse_args()
 
     django_in_tempdir("bench-runner-")
@@ -68,10 +61,10 @@ def main() -> None:
     settings.OPENAI_BASE_URL = server.base_url
     settings.OPENAI_API_KEY = "bench"
     settings.AGENTRUNNER_LLM_MODEL = "test-model"
-    work = Path(tempfile.mkdtemp(prefix="bench-runner-src-"))
+    work = temp_dir("bench-runner-src-")
     repo = repository_create(
         name="sample", url=str(sample_repo(work / "sample")), pool_size=8,
-        test_command=f"{sys.executable} -m pytest -q -p no:cacheprovider",
+        test_command=f"{sys.executable} -m pytest -q -p no:cacheprovider test_calc.py",
     )  # fmt: skip
     pool_warm(repository=repo)
 
@@ -102,15 +95,19 @@ def main() -> None:
     repo.save()
     results = {}
     for concurrency in (1, 2, 4, 8):
-        for i in range(16):
+        for i in range(args.speedup_tasks):
             task_create(title=f"c{concurrency}-{i}", instructions="make add() add", repository=repo)
         started = time.perf_counter()
         call_command(
             "runagent", "--loop", "--until-idle", "--quiet", "--concurrency", str(concurrency), stdout=io.StringIO()
         )
         results[concurrency] = time.perf_counter() - started
-        assert Task.objects.filter(title__startswith=f"c{concurrency}-", status="succeeded").count() == 16
-    print(f"speedup on 16 tasks, 2 LLM calls each at {args.speedup_delay}s (runagent --loop --concurrency N):")
+        assert (
+            Task.objects.filter(title__startswith=f"c{concurrency}-", status="succeeded").count() == args.speedup_tasks
+        )
+    print(
+        f"speedup on {args.speedup_tasks} tasks, 2 LLM calls each at {args.speedup_delay}s (runagent --loop --concurrency N):"
+    )
     for concurrency, seconds in results.items():
         print(f"  concurrency {concurrency}: {seconds:6.1f} s   speedup {results[1] / seconds:4.1f}x")
     print("  (target: at least 6x at 8)")
