@@ -61,7 +61,16 @@ def temp_dir(prefix: str) -> Path:
 def _admin(sql: str) -> None:
     import psycopg
 
-    with psycopg.connect(PG_SERVER, autocommit=True) as conn:
+    try:
+        conn = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        parts = urlsplit(PG_SERVER)
+        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # never print a password
+        raise SystemExit(
+            f"bench: PostgreSQL is not reachable at {shown} (set BENCH_POSTGRES_URL to a server where this user "
+            f"may create databases): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    with conn:
         conn.execute(sql)
 
 

@@ -1,9 +1,8 @@
 """Run inspector benchmark: server time of the pages with 50,000 tasks and a 5,000-step transcript.
 
-    DATABASE_URL=postgres://.../a_throwaway_db python bench/inspector.py [--tasks 50000] [--steps 5000] [--runs 9]
+    python bench/inspector.py [--tasks 50000] [--steps 5000] [--runs 9] [--database postgres|sqlite]
 
-Fills the database (SQLite in a temp folder unless DATABASE_URL is set; it adds rows, so point it
-at a throwaway database) with tasks of every status over 14 days, an attempt with phase metrics
+Fills a scratch database of its own (PostgreSQL, dropped at exit; or SQLite in a temp folder) with tasks of every status over 14 days, an attempt with phase metrics
 each, and one task with a 5,000-step transcript, a 2,000-line patch and 10,000 events. Then times
 each page in-process through Django's test client (server time: URL routing, queries, templates;
 no network) and prints medians and worst times with the query counts. Targets: the list under
@@ -195,8 +194,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=50_000)
     parser.add_argument("--steps", type=int, default=5_000)
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--database", choices=["postgres", "sqlite"], default="postgres")
     args = parser.parse_args()
-    django_in_tempdir("ar-bench-inspector-")
+    django_in_tempdir("bench-inspector-", database=args.database)
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.db import connection
