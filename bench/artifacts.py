@@ -4,9 +4,9 @@
 
 The floors do the same work as the store, in one Python process on the same disk: for the upload,
 read the file in 1 MiB chunks, sha256 them, write them to a temp file, fsync, rename; for the
-download, read, write, fsync. Each round runs floor-up, upload, floor-down, download (interleaved),
-each round on fresh content; it prints medians with p25–p75 over rounds, the ratios of the medians,
-and the gunicorn worker's peak memory growth. PostgreSQL, DEBUG off.
+download, read, write, fsync. Each round runs floor-up, upload, floor-down, download (interleaved,
+the order of each pair swapped in odd rounds), each round on fresh content; it prints medians with
+p25–p75 over rounds, the ratios of the medians, and the gunicorn worker's peak memory growth. PostgreSQL, DEBUG off.
 Targets: at least half the floor's throughput; peak memory growth under 64 MiB.
 """
 
@@ -154,20 +154,38 @@ def main() -> None:
         for round_no in range(args.rounds):
             sha = fresh_content(source, args.size_mb, round_no)
             size = source.stat().st_size
-            results["floor_up"].append(timed(lambda: floor_upload(source, floor_dir)))
-            for stale in floor_dir.iterdir():
-                stale.unlink()
 
-            start = time.perf_counter()
-            artifact_id = api_upload(port, token, source, sha, f"big{round_no}.bin")
-            results["upload"].append(time.perf_counter() - start)
+            def up_floor() -> None:
+                results["floor_up"].append(timed(lambda: floor_upload(source, floor_dir)))
+                for stale in floor_dir.iterdir():
+                    stale.unlink()
 
-            results["floor_down"].append(timed(lambda: floor_download(source, floor_dir / "copy.bin")))
-            (floor_dir / "copy.bin").unlink()
+            def up_api(sha: str = sha, name: str = f"big{round_no}.bin") -> str:
+                start = time.perf_counter()
+                artifact_id = api_upload(port, token, source, sha, name)
+                results["upload"].append(time.perf_counter() - start)
+                return artifact_id
 
-            results["download"].append(timed(lambda a=artifact_id: api_download(port, token, a, data / "download.bin")))
-            assert (data / "download.bin").stat().st_size == size
-            (data / "download.bin").unlink()
+            def down_floor() -> None:
+                results["floor_down"].append(timed(lambda: floor_download(source, floor_dir / "copy.bin")))
+                (floor_dir / "copy.bin").unlink()
+
+            def down_api(artifact_id: str, size: int = size) -> None:
+                results["download"].append(timed(lambda: api_download(port, token, artifact_id, data / "download.bin")))
+                assert (data / "download.bin").stat().st_size == size
+                (data / "download.bin").unlink()
+
+            # A B in even rounds, B A in odd ones: neither side always follows the other's writes.
+            if round_no % 2 == 0:
+                up_floor()
+                artifact_id = up_api()
+                down_floor()
+                down_api(artifact_id)
+            else:
+                artifact_id = up_api()
+                up_floor()
+                down_api(artifact_id)
+                down_floor()
         peak = proc_status(worker, "VmHWM") - baseline
     finally:
         server.send_signal(signal.SIGTERM)
