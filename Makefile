@@ -43,6 +43,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/pool.py --database sqlite --rounds 5
 	$(PY) bench/artifacts.py
 	$(PY) bench/runner.py --tasks 10 --speedup-delay 0.5 --speedup-tasks 8
+	$(PY) bench/sandbox.py
 
 clean:
 	rm -rf var
