@@ -419,11 +419,19 @@ def ensure_bare(path: Path) -> None:
         git("init", "--quiet", "--bare", "--", str(path))
 
 
-def push(path: Path, remote: str, branch: str) -> None:
+def push(path: Path, remote: str, branch: str, *, base: str = "") -> None:
     """Push HEAD to ``branch`` of ``remote``: a push_url (checked again here) or a results
-    repository of ours."""
+    repository of ours.
+
+    With ``base`` (for a results repository of ours, never a user's push_url) the task's base
+    commit is kept there too, as ``refs/agentrunner/base``: git sends what the remote lacks
+    judging by the remote's refs the pusher has, and a reset prunes earlier tasks' commits from
+    the slot, so without a ref to the shared history every push would send all of it."""
     remote = _allowed_url(remote, field="push_url", extra_roots=(settings.RESULTS_ROOT,))
-    _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, f"HEAD:refs/heads/{branch}")
+    refspecs = [f"HEAD:refs/heads/{branch}"]
+    if base:
+        refspecs.append(f"+{base}:refs/agentrunner/base")
+    _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, *refspecs)
 
 
 def content_tree(path: Path, keep_paths: list[str]) -> str:

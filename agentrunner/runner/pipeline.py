@@ -407,7 +407,8 @@ class TaskRun:
             self.summary.branch = self.branch
             self.summary.files_changed = git.changed_files(self.lease.path, self.base_commit)
             remote = self.ports.pool.results_remote(repository_name=task.repository_name, push_url=task.push_url)
-            git.push(self.lease.path, remote, self.branch)
+            # Our own results repository also keeps the base, so the next push sends only new commits.
+            git.push(self.lease.path, remote, self.branch, base="" if task.push_url else self.base_commit)
             self.summary.fetch = f"git fetch {remote} {self.branch}"
             self.patch_path = self.workdir / f"{task.short_id}.patch"
             git.format_patch(self.lease.path, self.base_commit, self.patch_path)

@@ -396,6 +396,32 @@ def test_push_url_receives_the_branch(llm, make_repo, tmp_path):
     assert summary.status == "succeeded"
     assert run_git(remote, "rev-parse", summary.branch) == summary.commit
     assert summary.fetch == f"git fetch {remote} {summary.branch}"
+    # A user's repository gets the branch and nothing of ours.
+    assert run_git(remote, "for-each-ref", "--format=%(refname)") == f"refs/heads/{summary.branch}"
+
+
+def _objects_bytes(bare: Path) -> int:
+    return sum(f.stat().st_size for f in (bare / "objects").rglob("*") if f.is_file())
+
+
+def test_each_push_to_the_results_repository_sends_only_new_commits(llm, make_repo, settings):
+    from repopool.services import repository_create
+    from tests.conftest import SAMPLE_PROJECT
+    from tests.runner.conftest import TEST_COMMAND
+
+    # A history of some size: were it sent again with every task, the results repository would grow
+    # by about its size each time.
+    files = {**SAMPLE_PROJECT, **{f"pkg/module_{i}.py": f"VALUE = {i}\n" + "# filler\n" * 200 for i in range(300)}}
+    repo = repository_create(name="sizable", url=str(make_repo(files)), pool_size=1, test_command=TEST_COMMAND)
+    results = Path(settings.RESULTS_ROOT) / "sizable.git"
+    sizes = []
+    for _ in range(3):
+        llm.responder = fixer
+        assert run_task(task_id=new_task(repo).pk).status == "succeeded"
+        sizes.append(_objects_bytes(results))
+    first, later = sizes[0], [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
+    assert max(later) < first / 10, (sizes, later)
+    assert run_git(results, "rev-parse", "refs/agentrunner/base") == Slot.objects.get(repository=repo).base_commit
 
 
 def test_push_failure_is_a_git_error_and_the_slot_is_released(llm, make_repo, tmp_path):
