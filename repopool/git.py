@@ -383,9 +383,11 @@ def _excluding_kept(keep_paths: list[str]) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     exclude = folder / f"git-keep-{hashlib.sha256(patterns.encode()).hexdigest()[:16]}.exclude"
     if not exclude.exists():
-        temp = exclude.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(patterns)
-        temp.replace(exclude)
+        # A temporary name of its own: runner threads of one process may write it at once.
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=".git-keep-")
+        with os.fdopen(fd, "w") as out:
+            out.write(patterns)
+        os.replace(temp, exclude)
     return ["-c", f"core.excludesFile={exclude}"]
 
 
@@ -428,10 +430,26 @@ def push(path: Path, remote: str, branch: str, *, base: str = "") -> None:
     judging by the remote's refs the pusher has, and a reset prunes earlier tasks' commits from
     the slot, so without a ref to the shared history every push would send all of it."""
     remote = _allowed_url(remote, field="push_url", extra_roots=(settings.RESULTS_ROOT,))
-    refspecs = [f"HEAD:refs/heads/{branch}"]
+    branch_ref = f"HEAD:refs/heads/{branch}"
     if base:
-        refspecs.append(f"+{base}:refs/agentrunner/base")
-    _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, *refspecs)
+        try:
+            _slot_git(
+                path,
+                "push",
+                "--quiet",
+                "--force",
+                "--no-verify",
+                "--",
+                remote,
+                branch_ref,
+                f"+{base}:refs/agentrunner/base",
+            )
+            return
+        except GitError:
+            # Another runner updating the base ref at the same moment holds its lock ("cannot
+            # lock ref"): the base is an optimisation, the branch is the result. Push it alone.
+            pass
+    _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, branch_ref)
 
 
 def content_tree(path: Path, keep_paths: list[str]) -> str:

@@ -205,7 +205,7 @@ class TaskRun:
         try:
             self.ports.registry.event(task_id=self.task.id, type=type, message=message, data=data)
         except Exception as exc:  # an event that cannot be written must not end the run
-            self.log(f"could not record event {type}: {type(exc).__name__}")
+            self.log(f"could not record event {type}: {exc.__class__.__name__}")  # `type` is the event's
 
     def phase(self, name: str):
         run = self

@@ -75,11 +75,12 @@ def sign_in(browser, username: str, password: str) -> None:
 
 
 def wait_for(browser, condition, what: str, timeout: float = 15):
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
     # A page that refreshes or navigates (after a form post, say) replaces its elements between
-    # finding one and reading it: look again rather than fail.
-    ignored = (NoSuchElementException, StaleElementReferenceException)
+    # finding one and reading it (stale element, "node does not belong to the document"): look
+    # again rather than fail; a condition that never holds still ends in the timeout.
+    ignored = (WebDriverException,)
     wait = WebDriverWait(browser.driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored)
     return wait.until(condition, f"timed out waiting for {what}")

@@ -488,3 +488,20 @@ def test_a_runner_whose_attempt_was_reaped_stops_and_records_nothing(llm, sample
     assert task.status == "queued"  # as the reaper left it: the zombie's result was discarded
     assert Attempt.objects.get(task=task, number=1).outcome == "lost"
     assert_slots_free_and_clean(sample_repo)
+
+
+def test_a_base_ref_locked_by_another_runner_does_not_fail_the_push(llm, sample_repo, settings):
+    # Another runner pushing at the same moment holds the lock of refs/agentrunner/base.
+    llm.responder = fixer
+    first = run_task(task_id=new_task(sample_repo).pk)
+    assert first.status == "succeeded"
+    results = Path(settings.RESULTS_ROOT) / "sample.git"
+    # The ref names another commit (as after a push from an older base), so this push must update it.
+    run_git(results, "update-ref", "refs/agentrunner/base", first.commit)
+    lock = results / "refs" / "agentrunner" / "base.lock"
+    lock.write_text("held by another push\n")
+    llm.responder = fixer
+    task = new_task(sample_repo)
+    summary = run_task(task_id=task.pk)
+    assert summary.status == "succeeded", summary.message
+    assert run_git(results, "rev-parse", summary.branch) == summary.commit
