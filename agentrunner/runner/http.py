@@ -218,7 +218,7 @@ class ApiClient:
                     raise LeaseLost(detail)
                 if status == 401:
                     raise TokenRejected(f"the server refused the runner token: {detail}")
-                if status == 503 and code == "no_slot":
+                if status == 503 and code in ("no_slot", "no_slot_available"):
                     raise NoSlotAvailable(detail)
                 if status not in RETRY_STATUSES:
                     raise ApiError(f"{method} {_short(url)}: {detail}", status=status, code=code, errors=errors)
@@ -539,7 +539,7 @@ class HttpPool(_HttpPort):
         data = response.json()
         slot, repo = data["slot"], data["repository"]
         spec = repo_spec(repo)
-        path = self._root() / spec.name / f"slot-{int(slot['index'])}"
+        path = self._root() / spec.name / str(int(slot["index"]))  # the layout of an in-process pool
         seen = slots.SlotSeen(
             path=path,
             commit=slot.get("commit") or "",
@@ -614,11 +614,12 @@ class HttpPool(_HttpPort):
         with tempfile.TemporaryDirectory(prefix="bundle-") as scratch:
             bundle = Path(scratch) / "result.bundle"
             git.bundle(path, branch, base, bundle)
-            digest = file_sha256(bundle)
+            digest, size = file_sha256(bundle)
             response = self._post(
                 f"attempts/{task.attempt_id}/results/",
-                content=lambda: _chunks(bundle),
+                content=lambda: _chunks(bundle, size),
                 headers={
+                    "Content-Length": str(size),
                     "Content-Type": "application/x-git-bundle",
                     "X-Result-Branch": branch,
                     "X-Result-Base": base,
@@ -655,11 +656,13 @@ class HttpArtifacts(_HttpPort):
 
     def store(self, *, task, path, name, kind, content_type, metadata):
         path = Path(path)
-        digest = file_sha256(path)  # first: the server checks what it receives against it
+        digest, size = file_sha256(path)  # first: the server checks what it receives against it
         response = self._post(
             f"attempts/{task.attempt_id}/artifacts/",
-            content=lambda: _chunks(path),
+            content=lambda: _chunks(path, size),
             headers={
+                # Sized, not chunked: the server refuses what is too large before reading it.
+                "Content-Length": str(size),
                 "Content-Type": content_type or "application/octet-stream",
                 "X-Content-SHA256": digest,
                 "X-Artifact-Name": _header_safe(name),
@@ -675,17 +678,23 @@ def _header_safe(value: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "_" for c in value)[:255]
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> tuple[str, int]:
+    """The file's SHA-256 and size, read once: exactly these bytes are then sent (``_chunks``)."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
+def _chunks(path: Path, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of the file, a chunk at a time (a file still growing sends no more)."""
+    left = size
     with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
+        while left > 0 and (chunk := fh.read(min(CHUNK, left))):
+            left -= len(chunk)
             yield chunk
 
 

@@ -42,3 +42,46 @@ def sample_repo(db, make_repo):
     return pool.repository_create(
         name="sample", url=str(make_repo()), pool_size=2, test_command=TEST_COMMAND, keep_paths=[".venv"]
     )
+
+
+# --- the HTTP mode: the project's server in gunicorn, a runner token, the runner in this process ---
+@pytest.fixture
+def api_server(transactional_db, require_postgres, isolated_data_dir):
+    """gunicorn serving this test's database. It shares the test's data folder: the server keeps
+    artifacts/ and results/ there, the runner in this process pool/, spool/ and tmp/."""
+    from tests.runner.served import serve
+
+    served = serve(data_dir=isolated_data_dir)
+    yield served
+    served.stop()
+
+
+@pytest.fixture
+def runner_token(transactional_db):
+    from runners import services
+
+    _token, raw = services.runner_token_create(name="test-runner-host")
+    return raw
+
+
+def use_server(settings, base_url: str, token: str, *, host: str = "test-host") -> None:
+    """Make this process a remote runner of ``base_url`` (``Ports.from_settings`` goes HTTP)."""
+    settings.AGENTRUNNER_API_URL = base_url
+    settings.AGENTRUNNER_RUNNER_TOKEN = token
+    settings.AGENTRUNNER_HOST = host
+    settings.AGENTRUNNER_API_RETRY_SECONDS = 15.0
+    settings.AGENTRUNNER_API_FINISH_RETRY_SECONDS = 30.0
+    settings.AGENTRUNNER_API_BACKOFF_BASE = 0.05
+    settings.AGENTRUNNER_API_BACKOFF_MAX = 1.0
+    from agentrunner.runner.http import ApiConfig, announce_host
+
+    announce_host(ApiConfig.from_settings())
+
+
+@pytest.fixture(params=["local", "http"])
+def mode(request, settings):
+    """The pipeline's ports: in-process (``local``), or HTTP against a live gunicorn (``http``)."""
+    if request.param == "http":
+        served = request.getfixturevalue("api_server")
+        use_server(settings, served.base_url, request.getfixturevalue("runner_token"))
+    return request.param
