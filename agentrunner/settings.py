@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "repopool",
     "artifacts",
     "registry",
+    "runners",
     "agentrunner",
     "inspector",
 ]
@@ -60,6 +61,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "runners.middleware.RunnerTokenConfinement",  # a runner token opens /api/runner/ only
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
