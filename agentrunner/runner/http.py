@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/runner/v1/"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 CHUNK = 1024 * 1024
+MICRO_USD = Decimal("0.000001")
 RUNNER_VERSION = "1"  # what the server may check a runner host against
 
 
@@ -451,7 +452,8 @@ class HttpRegistry(_HttpPort):
                 {
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
-                    "cost_usd": None if cost_usd is None else str(cost_usd),
+                    # The API keeps micro-dollars: more places would be refused.
+                    "cost_usd": None if cost_usd is None else str(Decimal(cost_usd).quantize(MICRO_USD)),
                 },
             )
         finally:
@@ -698,7 +700,7 @@ def _chunks(path: Path, size: int) -> Iterator[bytes]:
             yield chunk
 
 
-def ports(config: ApiConfig):
+def ports(config: ApiConfig, *, pool_root: Path | None = None):
     """The three HTTP ports over one client, as the pipeline's ``Ports``."""
     from agentrunner.runner.ports import Ports, Timed
 
@@ -706,14 +708,31 @@ def ports(config: ApiConfig):
     timed = Timed()
     return Ports(
         HttpRegistry(api, config.registry_url, timed),
-        HttpPool(api, config.pool_url, timed),
+        HttpPool(api, config.pool_url, timed, pool_root=pool_root),
         HttpArtifacts(api, config.artifacts_url, timed),
         timed,
     )
 
 
+_announced: set[tuple[str, str]] = set()
+_announce_lock = threading.Lock()
+
+
+def ports_from_settings():
+    """HTTP ports when this host is configured as a remote runner, else None. The host announces
+    itself once per process before its first call (``runagent`` does it at start, to fail early;
+    a Celery worker on its first task)."""
+    config = ApiConfig.from_settings()
+    if config is None:
+        return None
+    with _announce_lock:
+        if (config.registry_url, config.host) not in _announced:
+            announce_host(config)
+    return ports(config)
+
+
 def announce_host(config: ApiConfig, *, capacity: dict[str, int] | None = None) -> None:
-    """Tell the server this host exists (its name, what it can hold): done once at start."""
+    """Tell the server this host exists (its name, what it can hold)."""
     from django.conf import settings
 
     api = ApiClient(config)
@@ -725,3 +744,4 @@ def announce_host(config: ApiConfig, *, capacity: dict[str, int] | None = None) 
         )
     finally:
         api.close()
+    _announced.add((config.registry_url, config.host))
