@@ -45,15 +45,39 @@ def sample_repo(db, make_repo):
 
 
 # --- the HTTP mode: the project's server in gunicorn, a runner token, the runner in this process ---
-@pytest.fixture
-def api_server(transactional_db, require_postgres, isolated_data_dir):
-    """gunicorn serving this test's database. It shares the test's data folder: the server keeps
-    artifacts/ and results/ there, the runner in this process pool/, spool/ and tmp/."""
+@pytest.fixture(scope="session")
+def _served_api(django_db_setup, django_db_blocker, tmp_path_factory):
+    """gunicorn serving the test database, started once: each test's transaction=True data is
+    committed, so the server sees it, and flushed after the test as usual."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        yield None
+        return
     from tests.runner.served import serve
 
-    served = serve(data_dir=isolated_data_dir)
+    served = serve(data_dir=tmp_path_factory.mktemp("api-server"))
     yield served
     served.stop()
+
+
+@pytest.fixture
+def api_server(_served_api, transactional_db, require_postgres, settings):
+    """The live server. Its data folder (artifacts/, results/) is its own; this test's settings
+    point there too, so assertions read what the server stored. The runner in this process keeps
+    pool/, spool/ and tmp/ in the test's own data folder."""
+    served = _served_api
+    assert served.process.poll() is None, f"the API server died:\n{served.log()[-4000:]}"
+    settings.RESULTS_ROOT = served.data_dir / "results"
+    settings.ARTIFACTS_ROOT = served.data_dir / "artifacts"
+    storages = dict(settings.STORAGES)
+    if storages["artifacts"]["BACKEND"].endswith("FileSystemStorage"):
+        storages["artifacts"] = {
+            **storages["artifacts"],
+            "OPTIONS": {"location": str(served.data_dir / "artifacts"), "allow_overwrite": True},
+        }
+    settings.STORAGES = storages
+    return served
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ class Served:
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    data_dir: Path
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -79,7 +80,7 @@ def serve(*, data_dir: Path, env: dict[str, str] | None = None, threads: int = 8
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    served = Served(f"http://127.0.0.1:{port}", process, log_path)
+    served = Served(f"http://127.0.0.1:{port}", process, log_path, data_dir)
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:

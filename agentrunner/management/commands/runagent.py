@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -9,7 +10,6 @@ from decimal import Decimal, InvalidOperation
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connection
 
 from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
@@ -73,6 +73,12 @@ class Command(BaseCommand):
             action="store_true",
             help="Hand the task to a Celery worker instead of running it here (needs CELERY_BROKER_URL).",
         )
+        parser.add_argument(
+            "--server",
+            default="",
+            help="Run as a remote runner against this server's runner API (with AGENTRUNNER_RUNNER_TOKEN); "
+            "the same as setting AGENTRUNNER_API_URL. A remote runner needs no database.",
+        )
         parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
         parser.add_argument("--quiet", action="store_true", help="No live progress.")
 
@@ -104,12 +110,22 @@ class Command(BaseCommand):
                 "--enqueue needs a broker: set CELERY_BROKER_URL (and run a worker), or drop --enqueue to run it here",
                 returncode=CONFIG_ERROR_EXIT,
             )
-        require_schema()
+        self.remote = self._remote_config()
+        if self.remote is None:
+            require_schema()
+        elif opts["repo"]:
+            raise CommandError(
+                "--repo registers a repository and creates a task in the database; a remote runner has none: "
+                "create the task through the API (POST /api/tasks/), then run it here by id or with --next",
+                returncode=CONFIG_ERROR_EXIT,
+            )
         if not opts["enqueue"]:  # a worker runs an enqueued task with its own configuration
             self._check_llm_config()
             sandbox = sandbox_status()  # refused before any task is created or claimed
             if sandbox["mode"] == "unavailable":
                 raise CommandError(sandbox["reason"], returncode=CONFIG_ERROR_EXIT)
+        if self.remote is not None and not opts["enqueue"]:
+            self._announce()
         task_id = opts["task_id"]
         if opts["repo"]:
             task_id = self._create_task()
@@ -137,9 +153,49 @@ class Command(BaseCommand):
         if summary.status != "succeeded":
             sys.exit(1)
 
+    def _remote_config(self):
+        """This host's API configuration when it runs remote (``--server`` or the settings), else
+        None. In remote mode nothing below touches the database: no schema check, no model."""
+        from agentrunner.runner.http import ApiConfig
+
+        server = self.opts["server"]
+        if server:
+            if not settings.AGENTRUNNER_RUNNER_TOKEN:
+                raise CommandError(
+                    "--server needs a runner token: set AGENTRUNNER_RUNNER_TOKEN (made on the server with "
+                    "`manage.py create_runner_token <name>`)",
+                    returncode=CONFIG_ERROR_EXIT,
+                )
+            # The ports read the settings: this process now runs remote, whichever way it was asked.
+            settings.AGENTRUNNER_API_URL = server
+        config = ApiConfig.from_settings()
+        if config is not None and "AGENTRUNNER_PUBLIC_URL" not in os.environ:
+            # Links in the summary point at the server the task lives on.
+            settings.AGENTRUNNER_PUBLIC_URL = config.registry_url.split("/api/runner/v1/")[0]
+        return config
+
+    def _announce(self) -> None:
+        """Tell the server this host is here (name, capacity) before claiming anything."""
+        from agentrunner.runner.http import announce_host
+        from common.outcomes import LeaseLost, ServiceUnavailable
+
+        try:
+            announce_host(self.remote)
+        except (ServiceUnavailable, LeaseLost, DomainError) as exc:
+            raise CommandError(
+                f"cannot register this runner host with {self.remote.registry_url}: {exc.message}",
+                returncode=CONFIG_ERROR_EXIT,
+            ) from None
+
     def _check_llm_config(self) -> None:
         """Fail at once, before anything is created or claimed, when no call could succeed."""
         from agentrunner.llm.config import TASK_CONFIG_KEYS, config_problem, from_settings
+
+        if self.remote is not None:  # the task's own provider is known only once claimed
+            problem = config_problem(from_settings())
+            if problem:
+                raise CommandError(f"no usable LLM: {problem}", returncode=CONFIG_ERROR_EXIT)
+            return
         from registry.models import Task
 
         stored: dict = {}
@@ -204,8 +260,10 @@ class Command(BaseCommand):
 
     def _loop(self) -> int:
         from agentrunner.runner.pipeline import run_task
-        from repopool import services as pool
 
+        remote = self.remote is not None
+        # Remote: each claim waits on the server (a long poll) for a task to become runnable.
+        claim_wait = 0.0 if (not remote or self.opts["until_idle"]) else settings.AGENTRUNNER_CLAIM_WAIT_SECONDS
         failures = {"n": 0}
         lock = threading.Lock()
         stop = threading.Event()
@@ -213,13 +271,16 @@ class Command(BaseCommand):
         def worker(n: int) -> None:
             try:
                 while not stop.is_set():
-                    summary = run_task(progress=None if self.opts["quiet"] else self._progress)
+                    summary = run_task(progress=None if self.opts["quiet"] else self._progress, claim_wait=claim_wait)
                     if summary is None:
-                        # Idle: this host does the pool warming asked for over the API or admin.
-                        pool.pool_warm_requested()
                         if self.opts["until_idle"]:
                             return
-                        stop.wait(1.0)
+                        if not remote:
+                            # Idle: this host does the pool warming asked for over the API or admin.
+                            from repopool import services as pool
+
+                            pool.pool_warm_requested()
+                            stop.wait(1.0)
                         continue
                     with lock:
                         self._print_summary(summary)
@@ -228,7 +289,10 @@ class Command(BaseCommand):
             except KeyboardInterrupt:  # the output pipe closed: this task wound down; claim nothing more
                 stop.set()
             finally:
-                connection.close()
+                if not remote:
+                    from django.db import connection
+
+                    connection.close()
 
         threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(self.opts["concurrency"])]
         for thread in threads:
