@@ -39,7 +39,7 @@ from typing import Any
 import httpx2 as httpx
 
 from common.errors import DomainError
-from common.outcomes import LeaseLost, NoSlotAvailable, ServiceUnavailable
+from common.outcomes import GitError, LeaseLost, NoSlotAvailable, RefNotFound, ServiceUnavailable, SlotBroken
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ApiClient:
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             headers={"Authorization": f"Bearer {config.token}", "User-Agent": "agentrunner-runner"},
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
         self.calls = 0  # requests sent, retries included
         self.retries = 0
@@ -522,8 +522,8 @@ class HttpPool(_HttpPort):
         return Path(settings.REPO_POOL_ROOT)
 
     def allocate(self, *, task, holder, lease_seconds, wait_seconds, ref):
+        """Lease a row of this host's pool on the server, make the copy ready here, record it there."""
         from agentrunner.runner.ports import SlotLease
-        from common.outcomes import GitError, RefNotFound, SlotBroken
         from workcopy import slots
 
         wait_seconds = max(0.0, min(float(wait_seconds), 30.0))
@@ -539,42 +539,40 @@ class HttpPool(_HttpPort):
             read_timeout=self.api.config.read_timeout + wait_seconds,
         )
         data = response.json()
-        slot, repo = data["slot"], data["repository"]
-        spec = repo_spec(repo)
-        path = self._root() / spec.name / str(int(slot["index"]))  # the layout of an in-process pool
-        seen = slots.SlotSeen(
-            path=path,
-            commit=slot.get("commit") or "",
-            base_commit=slot.get("base_commit") or "",
-            setup_hash=slot.get("setup_hash") or "",
-            fetched_at=_timestamp(slot.get("fetched_at")),
-            needs_reset=bool(slot.get("needs_reset")),
-        )
-        token = uuid.UUID(str(slot["token"]))
+        slot, spec = data["slot"], slots.spec_from_dict(data["repository"])
+        slot_id, token = int(slot["id"]), uuid.UUID(str(slot["token"]))
+        # Where the copy lives is this host's business: its pool root, the in-process layout.
+        seen = slots.seen_from_dict({**slot, "path": f"{spec.name}/{int(slot['index'])}"}, pool_root=self._root())
         started = time.monotonic()
         try:
             prepared = slots.prepare(spec, seen, ref, fetch_ttl=_fetch_ttl())
-        except (RefNotFound, SlotBroken, GitError) as exc:
-            broken = not isinstance(exc, RefNotFound)
-            self._give_back(slot["id"], token, seen.commit, broken_reason=exc.message if broken else "")
+        except RefNotFound:
+            # The copy is fine: the row goes back as it was (a copy never recorded is cloned again).
+            self._give_back(slot_id, token, seen.commit)
             raise
+        except (SlotBroken, GitError, OSError) as exc:
+            self._give_back(slot_id, token, seen.commit, broken_reason=getattr(exc, "message", "") or str(exc))
+            raise SlotBroken(getattr(exc, "message", "") or str(exc)) from None
         finally:
             self.timed.add("prepare", started)
         self._post(
-            f"slots/{slot['id']}/prepared/",
+            f"slots/{slot_id}/prepared/",
             {
                 "token": str(token),
                 "commit": prepared.commit,
                 "setup_hash": prepared.setup_hash,
                 "fetched": prepared.fetched,
+                "base_commit": prepared.base_commit,
             },
         )
-        self._held[int(slot["id"])] = _Held(spec, path, prepared.commit)
+        # A reset after the lease returns to the base (the default branch's commit), as in-process.
+        base = prepared.base_commit or seen.base_commit or prepared.commit
+        self._held[slot_id] = _Held(spec, seen.path, base)
         return SlotLease(
-            slot_id=int(slot["id"]),
-            path=path,
+            slot_id=slot_id,
+            path=seen.path,
             token=token,
-            expires_at=datetime.fromisoformat(slot["expires_at"]),
+            expires_at=datetime.fromisoformat(str(slot["expires_at"]).replace("Z", "+00:00")),
             commit=prepared.commit,
         )
 
@@ -587,7 +585,8 @@ class HttpPool(_HttpPort):
         )
 
     def release(self, *, slot_id, token):
-        from common.outcomes import SlotBroken
+        """Reset the copy here (to the base it was leased from), then free the row on the server;
+        a copy that cannot be reset is reported broken."""
         from workcopy import slots
 
         held = self._held.pop(int(slot_id), None)
@@ -595,10 +594,13 @@ class HttpPool(_HttpPort):
         commit = ""
         if held is not None:
             commit = held.commit
+            started = time.monotonic()
             try:
                 slots.reset(held.spec, held.path, held.commit)
             except SlotBroken as exc:
                 broken = exc.message
+            finally:
+                self.timed.add("reset", started)
         self._give_back(slot_id, token, commit, broken_reason=broken)
 
     def _give_back(self, slot_id, token, commit: str, *, broken_reason: str = "") -> None:
@@ -608,14 +610,20 @@ class HttpPool(_HttpPort):
         self._post(f"slots/{slot_id}/release/", body, bound=self.api.config.finish_retry_seconds)
 
     def publish(self, *, task, path, branch, base):
+        """The result leaves this host: pushed to the repository's push_url, else sent to the
+        server's results repository as a git bundle of the commits after ``base``."""
         from workcopy import git
 
         if task.push_url:
-            git.push(path, task.push_url, branch)
+            started = time.monotonic()
+            try:
+                git.push(path, task.push_url, branch)
+            finally:
+                self.timed.add(self.name, started)
             return f"git fetch {task.push_url} {branch}"
-        with tempfile.TemporaryDirectory(prefix="bundle-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="bundle-", dir=_tmp_root()) as scratch:
             bundle = Path(scratch) / "result.bundle"
-            git.bundle(path, branch, base, bundle)
+            git.bundle_create(path, bundle, branch, base=base)
             digest, size = file_sha256(bundle)
             response = self._post(
                 f"attempts/{task.attempt_id}/results/",
@@ -632,19 +640,12 @@ class HttpPool(_HttpPort):
         return response.json()["fetch"]
 
 
-def repo_spec(repo: dict):
-    from workcopy.slots import RepoSpec
+def _tmp_root() -> str:
+    from django.conf import settings
 
-    known = set(RepoSpec.__dataclass_fields__)
-    return RepoSpec(**{k: v for k, v in repo.items() if k in known})
-
-
-def _timestamp(value) -> float | None:
-    if value in (None, ""):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    return datetime.fromisoformat(str(value)).timestamp()
+    root = Path(settings.TMP_ROOT)
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root)
 
 
 def _fetch_ttl() -> float:
@@ -700,11 +701,24 @@ def _chunks(path: Path, size: int) -> Iterator[bytes]:
             yield chunk
 
 
+_clients: dict[ApiConfig, ApiClient] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_client(config: ApiConfig) -> ApiClient:
+    """One client per configuration in a process: every run (and thread) reuses its connections."""
+    with _clients_lock:
+        client = _clients.get(config)
+        if client is None:
+            client = _clients[config] = ApiClient(config)
+        return client
+
+
 def ports(config: ApiConfig, *, pool_root: Path | None = None):
-    """The three HTTP ports over one client, as the pipeline's ``Ports``."""
+    """The three HTTP ports over the process's client, as the pipeline's ``Ports``."""
     from agentrunner.runner.ports import Ports, Timed
 
-    api = ApiClient(config)
+    api = shared_client(config)
     timed = Timed()
     return Ports(
         HttpRegistry(api, config.registry_url, timed),
