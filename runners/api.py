@@ -33,12 +33,14 @@ from runners.serializers import (
     LinkReplySerializer,
     LinkSerializer,
     OkSerializer,
+    ResultsReplySerializer,
     UploadReplySerializer,
     UsageSerializer,
     claim_reply,
 )
 
 AUTH = [{"runnerToken": []}]
+RESULT_HEADERS = ("X-Result-Branch", "X-Result-Base", "X-Content-SHA256")
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key",
     OpenApiTypes.STR,
@@ -62,6 +64,20 @@ def _valid(serializer_class, data) -> dict:
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
+
+
+def _content_length(request) -> int:
+    try:
+        return int(request.META.get("CONTENT_LENGTH") or -1)
+    except ValueError:
+        return -1
+
+
+def _length_required() -> Response:
+    return Response(
+        {"detail": "An upload needs a Content-Length header.", "code": "length_required"},
+        status=status.HTTP_411_LENGTH_REQUIRED,
+    )
 
 
 def _lease_token(request) -> str:
@@ -192,15 +208,9 @@ class ArtifactUploadView(RunnerView):
         sha256 = request.headers.get("X-Content-SHA256", "").strip()
         if not sha256:
             raise DomainError("An upload needs the X-Content-SHA256 header.", field="X-Content-SHA256")
-        try:
-            length = int(request.META.get("CONTENT_LENGTH") or -1)
-        except ValueError:
-            length = -1
+        length = _content_length(request)
         if length < 0:
-            return Response(
-                {"detail": "An upload needs a Content-Length header.", "code": "length_required"},
-                status=status.HTTP_411_LENGTH_REQUIRED,
-            )
+            return _length_required()
         if length > settings.ARTIFACTS_MAX_SIZE:
             raise ArtifactTooLarge(f"artifact exceeds the maximum size of {settings.ARTIFACTS_MAX_SIZE} bytes")
         name = request.headers.get("X-Artifact-Name", "") or "artifact"
@@ -223,6 +233,49 @@ class ArtifactUploadView(RunnerView):
             )
             body = {"id": artifact.pk, "sha256": artifact.sha256, "size": artifact.size}
             return Response({**body, "name": artifact.name, "kind": artifact.kind}, status=201)
+
+        return idempotency.respond_after_io(idem, effect)
+
+
+class ResultsView(RunnerView):
+    parser_classes = [RawBodyParser]
+
+    @extend_schema(
+        auth=AUTH,
+        parameters=[
+            IDEMPOTENCY_KEY,
+            LEASE_TOKEN,
+            OpenApiParameter("X-Result-Branch", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True),
+            OpenApiParameter("X-Result-Base", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True),
+            OpenApiParameter("X-Content-SHA256", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True),
+        ],
+        request={"application/x-git-bundle": OpenApiTypes.BINARY},
+        responses={200: ResultsReplySerializer, **errors(400, 401, 403, 409, 411, 413, 422)},
+        description="The attempt's result branch as a git bundle (`git bundle create - <base>..<branch>`): "
+        "fetched into the server's results repository. Answers how to fetch it.",
+    )
+    def post(self, request, attempt_id: int):
+        headers = {name: request.headers.get(name, "").strip() for name in RESULT_HEADERS}
+        for name, value in headers.items():
+            if not value:
+                raise DomainError(f"A results upload needs the {name} header.", field=name)
+        length = _content_length(request)
+        if length < 0:
+            return _length_required()
+        lease_token = _lease_token(request)
+        idem = idempotency.from_request(request, body=False, extra=[*headers.values(), str(length)])
+
+        def effect():
+            fetch, commit = services.runner_results(
+                attempt_id=attempt_id,
+                lease_token=lease_token,
+                source=_request_chunks(request._request, length),
+                size=length,
+                sha256=headers["X-Content-SHA256"],
+                branch=headers["X-Result-Branch"],
+                base=headers["X-Result-Base"],
+            )
+            return Response({"fetch": fetch, "commit": commit})
 
         return idempotency.respond_after_io(idem, effect)
 

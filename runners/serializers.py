@@ -187,3 +187,8 @@ class FinishSerializer(serializers.Serializer):
 
 class FinishReplySerializer(serializers.Serializer):
     status = serializers.CharField()
+
+
+class ResultsReplySerializer(serializers.Serializer):
+    fetch = serializers.CharField(help_text="How to fetch the result: git fetch <results repository> <branch>.")
+    commit = serializers.CharField()

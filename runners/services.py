@@ -19,6 +19,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -227,3 +228,42 @@ def runner_finish(
             result=result,
             metrics=metrics,
         )
+
+
+def runner_results(
+    *,
+    attempt_id: int,
+    lease_token: str,
+    source: Iterable[bytes],
+    size: int,
+    sha256: str,
+    branch: str,
+    base: str,
+) -> tuple[str, str]:
+    """Fetch the attempt's result branch from an uploaded git bundle into the server's results
+    repository; returns (fetch hint, commit). The branch must be the task's own (``agent/<id>``,
+    optionally with a ``-suffix``): a runner cannot overwrite another task's result."""
+    from artifacts.errors import ArtifactTooLarge
+    from common.errors import DomainError
+    from runners import results
+
+    attempt = attempt_check_lease(attempt_id=attempt_id, lease_token=lease_token)
+    task = Task.objects.select_related("repository").get(pk=attempt.task_id)
+    own = f"agent/{task.short_id}"
+    if branch != own and not (branch.startswith(f"{own}-") and results.BRANCH_SUFFIX_RE.match(branch[len(own) :])):
+        raise DomainError(f"the result branch must be {own!r} (this task's)", field="X-Result-Branch")
+    if not results.SHA_RE.match(base):
+        raise DomainError("the base must be a full commit id (40 or 64 hexadecimal digits)", field="X-Result-Base")
+    limit = settings.AGENTRUNNER_RESULTS_BUNDLE_MAX
+    if size > limit:
+        raise ArtifactTooLarge(f"the bundle of {size} bytes exceeds the limit of {limit} bytes")
+    bundle = results.spool_bundle(source, expected_sha256=sha256, expected_size=size, max_size=limit)
+    try:
+        repository = task.repository
+        commit = results.import_bundle(
+            repository_name=repository.name, origin_url=repository.url, base_ref=task.base_ref,
+            bundle=bundle, branch=branch, base=base,
+        )  # fmt: skip
+    finally:
+        bundle.unlink(missing_ok=True)
+    return f"git fetch {results.results_repository(task.repository.name)} {branch}", commit

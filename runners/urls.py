@@ -13,5 +13,6 @@ urlpatterns = [
     path("attempts/<int:attempt_id>/usage/", api.UsageView.as_view(), name="usage"),
     path("attempts/<int:attempt_id>/artifacts/", api.ArtifactUploadView.as_view(), name="artifacts"),
     path("attempts/<int:attempt_id>/artifact-links/", api.ArtifactLinkView.as_view(), name="artifact-links"),
+    path("attempts/<int:attempt_id>/results/", api.ResultsView.as_view(), name="results"),
     path("attempts/<int:attempt_id>/finish/", api.FinishView.as_view(), name="finish"),
 ]

@@ -76,6 +76,7 @@ TABLE: dict[tuple[str, str], dict[str, int]] = {
     ("POST", "/api/runner/v1/attempts/{attempt_id}/usage/"): runner_only(200),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/artifacts/"): runner_only(201),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/artifact-links/"): runner_only(201),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/results/"): runner_only(200),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/finish/"): runner_only(200),
 }
 
@@ -105,6 +106,7 @@ class World:
     repository_id: int
     _lease: pool.Lease | None = None
     _attempt: tuple[int, str, uuid.UUID] | None = None
+    tmp: Path | None = None
 
     @property
     def lease(self) -> pool.Lease:
@@ -147,7 +149,7 @@ def _runner_client(name: str, *, revoked: bool = False) -> APIClient:
 
 
 @pytest.fixture
-def world(make_repo) -> World:
+def world(make_repo, tmp_path) -> World:
     users = get_user_model().objects
     alice = users.create_user(username="alice")
     bob = users.create_user(username="bob")
@@ -171,6 +173,7 @@ def world(make_repo) -> World:
         failed_task=failed,
         artifact_id=artifact.pk,
         repository_id=repo.pk,
+        tmp=tmp_path,
     )
 
 
@@ -214,6 +217,23 @@ def _call(client: APIClient, method: str, path: str, w: World):
             return client.generic(method, path)
 
 
+def _result_bundle(w: World) -> tuple[bytes, str, str]:
+    """A git bundle of a result branch of the runner's attempt (the task's own branch)."""
+    from registry.models import Attempt
+    from tests.conftest import run_git
+
+    work = w.tmp / f"work-{uuid.uuid4().hex[:6]}"
+    run_git(w.tmp, "clone", "-q", str(w.task.repository.url), str(work))
+    base = run_git(work, "rev-parse", "HEAD")
+    branch = f"agent/{Attempt.objects.get(pk=w.attempt[0]).task.short_id}"
+    run_git(work, "checkout", "-q", "-b", branch)
+    (work / "result.txt").write_text("done\n")
+    run_git(work, "add", "result.txt")
+    run_git(work, "commit", "-qm", "result")
+    run_git(work, "bundle", "create", "-q", str(work / "r.bundle"), f"{base}..{branch}")
+    return (work / "r.bundle").read_bytes(), branch, base
+
+
 def _runner_call(client: APIClient, path: str, w: World):
     headers = {"HTTP_IDEMPOTENCY_KEY": uuid.uuid4().hex}
     artifact_id = None
@@ -222,6 +242,13 @@ def _runner_call(client: APIClient, path: str, w: World):
         path = path.replace("{attempt_id}", str(attempt_id))
         headers["HTTP_X_LEASE_TOKEN"] = lease_token
     action = path.rstrip("/").rsplit("/", 1)[-1]
+    if action == "results":
+        body, branch, base = _result_bundle(w)
+        sha = hashlib.sha256(body).hexdigest()
+        return client.generic(
+            "POST", path, body, content_type="application/x-git-bundle", HTTP_X_CONTENT_SHA256=sha,
+            HTTP_X_RESULT_BRANCH=branch, HTTP_X_RESULT_BASE=base, **headers,
+        )  # fmt: skip
     if action == "artifacts":
         sha = hashlib.sha256(b"bytes").hexdigest()
         return client.generic("POST", path, b"bytes", content_type="text/plain", HTTP_X_CONTENT_SHA256=sha, **headers)
