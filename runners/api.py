@@ -12,7 +12,6 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agentrunner.authentication import TokenOrBearerAuthentication
 from agentrunner.drf import errors
 from artifacts.api import RawBodyParser, _request_chunks
 from artifacts.errors import ArtifactTooLarge
@@ -39,7 +38,6 @@ from runners.serializers import (
     claim_reply,
 )
 
-AUTH = [{"runnerToken": []}]
 RESULT_HEADERS = ("X-Result-Branch", "X-Result-Base", "X-Content-SHA256")
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key",
@@ -54,9 +52,7 @@ LEASE_TOKEN = OpenApiParameter(
 
 
 class RunnerView(APIView):
-    # A user's token authenticates too, so that IsRunner can say 403 runner_token_required
-    # instead of a bare 401; it is never allowed through.
-    authentication_classes = [RunnerTokenAuthentication, TokenOrBearerAuthentication]
+    authentication_classes = [RunnerTokenAuthentication]
     permission_classes = [IsRunner]
 
 
@@ -89,7 +85,6 @@ def _lease_token(request) -> str:
 
 class HostsView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY],
         request=HostSerializer,
         responses={200: HostReplySerializer, **errors(400, 401, 403, 409, 422)},
@@ -109,7 +104,6 @@ class HostsView(RunnerView):
 
 class ClaimView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY],
         request=ClaimSerializer,
         responses={200: ClaimReplySerializer, 204: None, **errors(400, 401, 403, 404, 409, 422)},
@@ -134,7 +128,6 @@ class ClaimView(RunnerView):
 
 class HeartbeatView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[LEASE_TOKEN],
         request=HeartbeatSerializer,
         responses={200: HeartbeatReplySerializer, **errors(400, 401, 403, 409)},
@@ -149,7 +142,6 @@ class HeartbeatView(RunnerView):
 
 class EventsView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=EventsSerializer,
         responses={200: EventsReplySerializer, **errors(400, 401, 403, 409, 413, 422)},
@@ -169,7 +161,6 @@ class EventsView(RunnerView):
 
 class UsageView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=UsageSerializer,
         responses={200: OkSerializer, **errors(400, 401, 403, 409, 422)},
@@ -191,7 +182,6 @@ class ArtifactUploadView(RunnerView):
     parser_classes = [RawBodyParser]
 
     @extend_schema(
-        auth=AUTH,
         parameters=[
             IDEMPOTENCY_KEY,
             LEASE_TOKEN,
@@ -241,7 +231,6 @@ class ResultsView(RunnerView):
     parser_classes = [RawBodyParser]
 
     @extend_schema(
-        auth=AUTH,
         parameters=[
             IDEMPOTENCY_KEY,
             LEASE_TOKEN,
@@ -282,7 +271,6 @@ class ResultsView(RunnerView):
 
 class ArtifactLinkView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=LinkSerializer,
         responses={201: LinkReplySerializer, **errors(400, 401, 403, 409, 422)},
@@ -302,7 +290,6 @@ class ArtifactLinkView(RunnerView):
 
 class FinishView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=FinishSerializer,
         responses={200: FinishReplySerializer, **errors(400, 401, 403, 409, 422)},

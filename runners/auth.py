@@ -12,6 +12,7 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.permissions import BasePermission
 
+from agentrunner.authentication import TokenOrBearerAuthentication
 from runners import services
 from runners.errors import TokenInvalid, TokenRevoked
 from runners.models import RunnerToken
@@ -61,7 +62,9 @@ class RunnerTokenAuthentication(BaseAuthentication):
         header = get_authorization_header(request)
         key = runner_token_from_header(header)
         if key is None:
-            return None  # no runner token: a user's token may still authenticate (then IsRunner says 403)
+            # A user's API token is recognised only so that IsRunner can answer 403
+            # runner_token_required (a bare 401 would suggest the token is wrong); never let through.
+            return TokenOrBearerAuthentication().authenticate(request)
         try:
             token = services.runner_token_authenticate(raw=key)
         except TokenRevoked as exc:

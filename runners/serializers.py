@@ -122,10 +122,19 @@ class HeartbeatReplySerializer(serializers.Serializer):
     attempt_status = serializers.CharField()
 
 
+# The registry writes these itself when the task's state changes: a runner may not forge them.
+REGISTRY_EVENT_TYPES = frozenset({"status", "claimed", "created", "dependencies", "cancel_requested", "attempt_lost"})
+
+
 class EventSerializer(serializers.Serializer):
     type = serializers.RegexField(r"^[A-Za-z0-9_.:-]{1,64}$", help_text="Event type, e.g. tool_call.")
     message = serializers.CharField(required=False, allow_blank=True, default="", max_length=100_000)
     data = serializers.DictField(required=False, default=dict)
+
+    def validate_type(self, value):
+        if value in REGISTRY_EVENT_TYPES:
+            raise serializers.ValidationError(f"{value!r} events are written by the registry itself.")
+        return value
 
 
 class EventsSerializer(serializers.Serializer):

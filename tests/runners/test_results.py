@@ -44,7 +44,11 @@ def _upload(runner, claimed, body: bytes, branch: str, base: str, *, key: str = 
         "HTTP_IDEMPOTENCY_KEY": key or hashlib.sha1(body + branch.encode()).hexdigest(),
     }
     return runner.client.generic(
-        "POST", f"{API}/attempts/{claimed.attempt_id}/results/", body, content_type="application/x-git-bundle", **headers
+        "POST",
+        f"{API}/attempts/{claimed.attempt_id}/results/",
+        body,
+        content_type="application/x-git-bundle",
+        **headers,
     )
 
 
