@@ -12,7 +12,6 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agentrunner.authentication import TokenOrBearerAuthentication
 from artifacts.api import RawBodyParser, _request_chunks
 from artifacts.errors import ArtifactTooLarge
 from common.drf import errors
@@ -33,12 +32,21 @@ from runners.serializers import (
     LinkReplySerializer,
     LinkSerializer,
     OkSerializer,
+    ResultsReplySerializer,
+    SlotAllocateReplySerializer,
+    SlotAllocateSerializer,
+    SlotPreparedSerializer,
+    SlotReleaseSerializer,
+    SlotRenewReplySerializer,
+    SlotRenewSerializer,
+    SlotStateReplySerializer,
     UploadReplySerializer,
     UsageSerializer,
     claim_reply,
+    slot_grant_reply,
 )
 
-AUTH = [{"runnerToken": []}]
+RESULT_HEADERS = ("X-Result-Branch", "X-Result-Base", "X-Content-SHA256")
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key",
     OpenApiTypes.STR,
@@ -52,9 +60,7 @@ LEASE_TOKEN = OpenApiParameter(
 
 
 class RunnerView(APIView):
-    # A user's token authenticates too, so that IsRunner can say 403 runner_token_required
-    # instead of a bare 401; it is never allowed through.
-    authentication_classes = [RunnerTokenAuthentication, TokenOrBearerAuthentication]
+    authentication_classes = [RunnerTokenAuthentication]
     permission_classes = [IsRunner]
 
 
@@ -62,6 +68,20 @@ def _valid(serializer_class, data) -> dict:
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
+
+
+def _content_length(request) -> int:
+    try:
+        return int(request.META.get("CONTENT_LENGTH") or -1)
+    except ValueError:
+        return -1
+
+
+def _length_required() -> Response:
+    return Response(
+        {"detail": "An upload needs a Content-Length header.", "code": "length_required"},
+        status=status.HTTP_411_LENGTH_REQUIRED,
+    )
 
 
 def _lease_token(request) -> str:
@@ -73,7 +93,6 @@ def _lease_token(request) -> str:
 
 class HostsView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY],
         request=HostSerializer,
         responses={200: HostReplySerializer, **errors(400, 401, 403, 409, 422)},
@@ -93,7 +112,6 @@ class HostsView(RunnerView):
 
 class ClaimView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY],
         request=ClaimSerializer,
         responses={200: ClaimReplySerializer, 204: None, **errors(400, 401, 403, 404, 409, 422)},
@@ -118,7 +136,6 @@ class ClaimView(RunnerView):
 
 class HeartbeatView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[LEASE_TOKEN],
         request=HeartbeatSerializer,
         responses={200: HeartbeatReplySerializer, **errors(400, 401, 403, 409)},
@@ -133,7 +150,6 @@ class HeartbeatView(RunnerView):
 
 class EventsView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=EventsSerializer,
         responses={200: EventsReplySerializer, **errors(400, 401, 403, 409, 413, 422)},
@@ -153,7 +169,6 @@ class EventsView(RunnerView):
 
 class UsageView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=UsageSerializer,
         responses={200: OkSerializer, **errors(400, 401, 403, 409, 422)},
@@ -175,7 +190,6 @@ class ArtifactUploadView(RunnerView):
     parser_classes = [RawBodyParser]
 
     @extend_schema(
-        auth=AUTH,
         parameters=[
             IDEMPOTENCY_KEY,
             LEASE_TOKEN,
@@ -192,15 +206,9 @@ class ArtifactUploadView(RunnerView):
         sha256 = request.headers.get("X-Content-SHA256", "").strip()
         if not sha256:
             raise DomainError("An upload needs the X-Content-SHA256 header.", field="X-Content-SHA256")
-        try:
-            length = int(request.META.get("CONTENT_LENGTH") or -1)
-        except ValueError:
-            length = -1
+        length = _content_length(request)
         if length < 0:
-            return Response(
-                {"detail": "An upload needs a Content-Length header.", "code": "length_required"},
-                status=status.HTTP_411_LENGTH_REQUIRED,
-            )
+            return _length_required()
         if length > settings.ARTIFACTS_MAX_SIZE:
             raise ArtifactTooLarge(f"artifact exceeds the maximum size of {settings.ARTIFACTS_MAX_SIZE} bytes")
         name = request.headers.get("X-Artifact-Name", "") or "artifact"
@@ -227,9 +235,50 @@ class ArtifactUploadView(RunnerView):
         return idempotency.respond_after_io(idem, effect)
 
 
+class ResultsView(RunnerView):
+    parser_classes = [RawBodyParser]
+
+    @extend_schema(
+        parameters=[
+            IDEMPOTENCY_KEY,
+            LEASE_TOKEN,
+            OpenApiParameter("X-Result-Branch", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True),
+            OpenApiParameter("X-Result-Base", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True),
+            OpenApiParameter("X-Content-SHA256", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True),
+        ],
+        request={"application/x-git-bundle": OpenApiTypes.BINARY},
+        responses={200: ResultsReplySerializer, **errors(400, 401, 403, 409, 411, 413, 422)},
+        description="The attempt's result branch as a git bundle (`git bundle create - <base>..<branch>`): "
+        "fetched into the server's results repository. Answers how to fetch it.",
+    )
+    def post(self, request, attempt_id: int):
+        headers = {name: request.headers.get(name, "").strip() for name in RESULT_HEADERS}
+        for name, value in headers.items():
+            if not value:
+                raise DomainError(f"A results upload needs the {name} header.", field=name)
+        length = _content_length(request)
+        if length < 0:
+            return _length_required()
+        lease_token = _lease_token(request)
+        idem = idempotency.from_request(request, body=False, extra=[*headers.values(), str(length)])
+
+        def effect():
+            fetch, commit = services.runner_results(
+                attempt_id=attempt_id,
+                lease_token=lease_token,
+                source=_request_chunks(request._request, length),
+                size=length,
+                sha256=headers["X-Content-SHA256"],
+                branch=headers["X-Result-Branch"],
+                base=headers["X-Result-Base"],
+            )
+            return Response({"fetch": fetch, "commit": commit})
+
+        return idempotency.respond_after_io(idem, effect)
+
+
 class ArtifactLinkView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=LinkSerializer,
         responses={201: LinkReplySerializer, **errors(400, 401, 403, 409, 422)},
@@ -249,7 +298,6 @@ class ArtifactLinkView(RunnerView):
 
 class FinishView(RunnerView):
     @extend_schema(
-        auth=AUTH,
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=FinishSerializer,
         responses={200: FinishReplySerializer, **errors(400, 401, 403, 409, 422)},
@@ -263,5 +311,85 @@ class FinishView(RunnerView):
         def effect():
             task = services.runner_finish(attempt_id=attempt_id, lease_token=lease_token, **data)
             return Response({"status": task.status})
+
+        return idempotency.respond(idem, effect)
+
+
+# --- slots on this runner's host ----------------------------------------------------------------
+class SlotAllocateView(RunnerView):
+    @extend_schema(
+        parameters=[IDEMPOTENCY_KEY],
+        request=SlotAllocateSerializer,
+        responses={200: SlotAllocateReplySerializer, **errors(400, 401, 403, 404, 409, 422, 503)},
+        description="Lease a slot (a working copy) of this runner's registered host for the repository; the "
+        "pool grows up to the capacity the host announced. The reply says what to do first: clone (empty "
+        "`commit`) or reset (`needs_reset`), then report with prepared/. 503 `no_slot` + Retry-After when "
+        "none became free within `wait_seconds`.",
+    )
+    def post(self, request):
+        idem = idempotency.from_request(request)
+        data = _valid(SlotAllocateSerializer, request.data)
+        lease_token = request.headers.get("X-Lease-Token", "").strip() if data["attempt_id"] else ""
+        wait = data.pop("wait_seconds")
+
+        def allocate_once():
+            grant = services.runner_slot_allocate(token=request.auth, lease_token=lease_token, **data)
+            return None if grant is None else Response(slot_grant_reply(grant))
+
+        return services.runner_slot_allocate_wait(
+            wait_seconds=wait, allocate_once=lambda: idempotency.respond(idem, allocate_once)
+        )
+
+
+class SlotPreparedView(RunnerView):
+    @extend_schema(
+        parameters=[IDEMPOTENCY_KEY],
+        request=SlotPreparedSerializer,
+        responses={200: SlotStateReplySerializer, **errors(400, 401, 403, 404, 409, 422)},
+        description="The copy is ready at `commit` (fenced by the slot's lease token: 409 stale_lease).",
+    )
+    def post(self, request, slot_id: int):
+        idem = idempotency.from_request(request)
+        data = _valid(SlotPreparedSerializer, request.data)
+
+        def effect():
+            slot = services.runner_slot_prepared(
+                token=request.auth, slot_id=slot_id, lease_token=data.pop("token"), **data
+            )
+            return Response({"state": slot.state})
+
+        return idempotency.respond(idem, effect)
+
+
+class SlotRenewView(RunnerView):
+    @extend_schema(
+        request=SlotRenewSerializer,
+        responses={200: SlotRenewReplySerializer, **errors(400, 401, 403, 404, 409)},
+        description="Extend the lease (by its allocated length unless `lease_seconds`); 409 stale_lease.",
+    )
+    def post(self, request, slot_id: int):
+        data = _valid(SlotRenewSerializer, request.data)
+        expires = services.runner_slot_renew(
+            token=request.auth, slot_id=slot_id, lease_token=data["token"], lease_seconds=data["lease_seconds"]
+        )
+        return Response(SlotRenewReplySerializer({"expires_at": expires}).data)
+
+
+class SlotReleaseView(RunnerView):
+    @extend_schema(
+        parameters=[IDEMPOTENCY_KEY],
+        request=SlotReleaseSerializer,
+        responses={200: SlotStateReplySerializer, **errors(400, 401, 403, 404, 409, 422)},
+        description="The host reset its copy (free again at `commit`) or could not (`broken_reason`: broken).",
+    )
+    def post(self, request, slot_id: int):
+        idem = idempotency.from_request(request)
+        data = _valid(SlotReleaseSerializer, request.data)
+
+        def effect():
+            slot = services.runner_slot_release(
+                token=request.auth, slot_id=slot_id, lease_token=data.pop("token"), **data
+            )
+            return Response({"state": slot.state})
 
         return idempotency.respond(idem, effect)

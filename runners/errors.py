@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from common import outcomes
 from common.errors import ConflictError, DomainError
 
 
@@ -12,11 +13,9 @@ class TokenRevoked(TokenInvalid):
     code = "token_revoked"
 
 
-class LeaseLost(ConflictError):
-    """The attempt is not running under this lease token any more (reaped, finished, another
-    claim): the caller must stop; nothing was changed."""
-
-    code = "lease_lost"
+# The attempt is not running under this lease token any more (reaped, finished, another claim):
+# the caller must stop; nothing was changed. 409 lease_lost, the class the runner's ports raise.
+LeaseLost = outcomes.LeaseLost
 
 
 class HostTaken(ConflictError):
@@ -38,3 +37,15 @@ class IdempotencyKeyReused(DomainError):
 class UploadNotFromTask(DomainError):
     code = "artifact_not_uploaded_by_task"
     field = "artifact_id"
+
+
+class HostNotRegistered(ConflictError):
+    code = "host_not_registered"
+    field = "host"
+
+
+class NoSlot(outcomes.NoSlotAvailable):
+    """No slot of this host became free within the wait: 503 with Retry-After."""
+
+    code = "no_slot"
+    retry_after = 2

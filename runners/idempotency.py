@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from runners.models import IdempotencyRecord, RunnerToken
 HEADER = "Idempotency-Key"
 KEY_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
 KEEP = timedelta(hours=24)
+PURGE_CHANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def _record(idem: Idempotency, response: Response) -> None:
     IdempotencyRecord.objects.create(
         token=idem.token, key=idem.key, request_hash=idem.request_hash, status_code=response.status_code, body=body
     )
+    if random.random() < PURGE_CHANCE:  # now and then, not on every write: old records go
+        transaction.on_commit(purge_expired)
 
 
 def respond(idem: Idempotency, effect: Callable[[], Response | None]) -> Response | None:

@@ -235,6 +235,7 @@ def test_bad_bodies_are_400_with_field(runner, claimed):
         ("events/", {"events": []}, "events"),
         ("events/", {"events": [{"type": "x"}] * 501}, "events"),
         ("events/", {"events": [{"type": ""}]}, "events"),
+        ("events/", {"events": [{"type": "status", "data": {"to": "succeeded"}}]}, "events"),
         ("usage/", {"prompt_tokens": -1, "completion_tokens": 0, "cost_usd": None}, "prompt_tokens"),
         ("usage/", {"prompt_tokens": 1, "completion_tokens": 0, "cost_usd": "abc"}, "cost_usd"),
         ("finish/", {"status": "running"}, "status"),
@@ -245,3 +246,22 @@ def test_bad_bodies_are_400_with_field(runner, claimed):
         response = runner.post(f"attempts/{a}/{path}", body, lease=lease)
         assert response.status_code == 400, (path, body, response.content)
         assert field in response.json()["errors"], (path, response.json())
+
+
+def test_expired_key_is_free_again_and_purged(runner, claimed):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from runners import idempotency
+
+    a, lease = claimed.attempt_id, claimed.lease
+    assert runner.post(f"attempts/{a}/events/", _events(1), key="old", lease=lease).status_code == 200
+    IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(hours=25))
+    count = TaskEvent.objects.filter(task_id=claimed.task_id).count()
+    # Past 24 hours the key means a new request: it is carried out again.
+    assert runner.post(f"attempts/{a}/events/", _events(1), key="old", lease=lease).status_code == 200
+    assert TaskEvent.objects.filter(task_id=claimed.task_id).count() == count + 1
+    IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(hours=25))
+    records = IdempotencyRecord.objects.count()  # the claim's and the events'
+    assert records == 2 and idempotency.purge_expired() == records and not IdempotencyRecord.objects.exists()

@@ -76,7 +76,12 @@ TABLE: dict[tuple[str, str], dict[str, int]] = {
     ("POST", "/api/runner/v1/attempts/{attempt_id}/usage/"): runner_only(200),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/artifacts/"): runner_only(201),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/artifact-links/"): runner_only(201),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/results/"): runner_only(200),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/finish/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/allocate/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/prepared/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/renew/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/release/"): runner_only(200),
 }
 
 
@@ -105,6 +110,8 @@ class World:
     repository_id: int
     _lease: pool.Lease | None = None
     _attempt: tuple[int, str, uuid.UUID] | None = None
+    tmp: Path | None = None
+    _runner_slot: Slot | None = None
 
     @property
     def lease(self) -> pool.Lease:
@@ -112,6 +119,19 @@ class World:
         if self._lease is None:
             self._lease = pool.slot_allocate(repository=self.task.repository, holder="table")
         return self._lease
+
+    @property
+    def runner_slot(self) -> Slot:
+        """A slot leased on the runner token's registered host."""
+        if self._runner_slot is None:
+            from repopool.bookkeeping import slot_lease
+            from runners.models import RunnerHost, RunnerToken
+
+            RunnerHost.objects.get_or_create(
+                name="table-host", defaults={"token": RunnerToken.objects.get(name="table")}
+            )
+            self._runner_slot = slot_lease(repository=self.task.repository, host="table-host", holder="table")
+        return self._runner_slot
 
     @property
     def attempt(self) -> tuple[int, str, uuid.UUID]:
@@ -147,7 +167,7 @@ def _runner_client(name: str, *, revoked: bool = False) -> APIClient:
 
 
 @pytest.fixture
-def world(make_repo) -> World:
+def world(make_repo, tmp_path) -> World:
     users = get_user_model().objects
     alice = users.create_user(username="alice")
     bob = users.create_user(username="bob")
@@ -171,6 +191,7 @@ def world(make_repo) -> World:
         failed_task=failed,
         artifact_id=artifact.pk,
         repository_id=repo.pk,
+        tmp=tmp_path,
     )
 
 
@@ -214,14 +235,41 @@ def _call(client: APIClient, method: str, path: str, w: World):
             return client.generic(method, path)
 
 
+def _result_bundle(w: World) -> tuple[bytes, str, str]:
+    """A git bundle of a result branch of the runner's attempt (the task's own branch)."""
+    from registry.models import Attempt
+    from tests.conftest import run_git
+
+    work = w.tmp / f"work-{uuid.uuid4().hex[:6]}"
+    run_git(w.tmp, "clone", "-q", str(w.task.repository.url), str(work))
+    base = run_git(work, "rev-parse", "HEAD")
+    branch = f"agent/{Attempt.objects.get(pk=w.attempt[0]).task.short_id}"
+    run_git(work, "checkout", "-q", "-b", branch)
+    (work / "result.txt").write_text("done\n")
+    run_git(work, "add", "result.txt")
+    run_git(work, "commit", "-qm", "result")
+    run_git(work, "bundle", "create", "-q", str(work / "r.bundle"), f"{base}..{branch}")
+    return (work / "r.bundle").read_bytes(), branch, base
+
+
 def _runner_call(client: APIClient, path: str, w: World):
     headers = {"HTTP_IDEMPOTENCY_KEY": uuid.uuid4().hex}
-    artifact_id = None
+    artifact_id = slot_token = None
     if "{attempt_id}" in path:
         attempt_id, lease_token, artifact_id = w.attempt
         path = path.replace("{attempt_id}", str(attempt_id))
         headers["HTTP_X_LEASE_TOKEN"] = lease_token
+    if "/slots/" in path:  # allocate needs the registered host too
+        path = path.replace("{slot_id}", str(w.runner_slot.pk))
+        slot_token = str(w.runner_slot.lease_token)
     action = path.rstrip("/").rsplit("/", 1)[-1]
+    if action == "results":
+        body, branch, base = _result_bundle(w)
+        sha = hashlib.sha256(body).hexdigest()
+        return client.generic(
+            "POST", path, body, content_type="application/x-git-bundle", HTTP_X_CONTENT_SHA256=sha,
+            HTTP_X_RESULT_BRANCH=branch, HTTP_X_RESULT_BASE=base, **headers,
+        )  # fmt: skip
     if action == "artifacts":
         sha = hashlib.sha256(b"bytes").hexdigest()
         return client.generic("POST", path, b"bytes", content_type="text/plain", HTTP_X_CONTENT_SHA256=sha, **headers)
@@ -233,6 +281,10 @@ def _runner_call(client: APIClient, path: str, w: World):
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": "0.01"},
         "artifact-links": {"artifact_id": str(artifact_id), "role": "log"},
         "finish": {"status": "succeeded"},
+        "allocate": {"repository_id": w.repository_id, "holder": "table"},
+        "prepared": {"token": slot_token, "commit": "a" * 40},
+        "renew": {"token": slot_token},
+        "release": {"token": slot_token, "commit": ""},
     }[action]
     return client.post(path, body, format="json", **headers)
 
