@@ -536,6 +536,7 @@ class HttpPool(_HttpPort):
                 "wait_seconds": wait_seconds,
                 "attempt_id": task.attempt_id,
             },
+            lease_token=task.lease_token,  # the slot is recorded on the attempt: fenced by it
             read_timeout=self.api.config.read_timeout + wait_seconds,
         )
         data = response.json()
