@@ -33,7 +33,16 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SERVICE_URL_VARS = ("TASK_REGISTRY_URL", "REPO_POOL_URL", "ARTIFACT_STORE_URL")
 # Our own variables are never inherited by the server we start: it gets exactly what we give it.
-OUR_PREFIXES = ("OPENAI", "AGENTRUNNER_", "DJANGO_", "CELERY_", "ARTIFACTS_", "REPO_POOL_", "TASK_REGISTRY", "ARTIFACT_")
+OUR_PREFIXES = (
+    "OPENAI",
+    "AGENTRUNNER_",
+    "DJANGO_",
+    "CELERY_",
+    "ARTIFACTS_",
+    "REPO_POOL_",
+    "TASK_REGISTRY",
+    "ARTIFACT_",
+)
 
 
 class DeploymentConfigError(Exception):

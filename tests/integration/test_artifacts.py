@@ -115,7 +115,10 @@ def test_several_artifacts_at_once_each_stored_and_listed(store, registry, make_
             "/api/artifacts/",
             params={"name": name, "kind": "file", "task": task["id"]},
             content=content,
-            headers={"Content-Type": "application/octet-stream", "X-Content-SHA256": hashlib.sha256(content).hexdigest()},
+            headers={
+                "Content-Type": "application/octet-stream",
+                "X-Content-SHA256": hashlib.sha256(content).hexdigest(),
+            },
         )
 
     with ThreadPoolExecutor(max_workers=6) as workers:

@@ -55,7 +55,9 @@ def test_renew_extends_the_lease(pool, repository):
     lease = expect(allocate(pool, repository, lease=60), 201)
     before = datetime.fromisoformat(lease["lease_expires_at"])
     renewed = expect(
-        pool.post(f"/api/slots/{lease['id']}/renew/", json={"lease_token": lease["lease_token"], "lease_seconds": 3600}),
+        pool.post(
+            f"/api/slots/{lease['id']}/renew/", json={"lease_token": lease["lease_token"], "lease_seconds": 3600}
+        ),
         200,
     )
     after = datetime.fromisoformat(renewed["lease_expires_at"])
