@@ -50,14 +50,17 @@ class DeploymentConfigError(Exception):
 
 
 def base_url(url: str) -> str:
-    """A service's root URL: `http://host:8000`, `http://host:8000/`, `http://host:8000/api` all
-    name the same server; paths under a prefix (`http://host/agent-runner`) are kept."""
+    """A service's root URL: `http://host:8000`, `http://host:8000/`, `http://host:8000/api/` and
+    `http://host:8000/api/runner/v1/` all name the same server (as the runner's client reads them);
+    a prefix the server is mounted under (`http://host/agent-runner`) is kept."""
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise DeploymentConfigError(f"not an http(s) URL: {url!r}")
     path = parts.path.rstrip("/")
-    if path.endswith("/api"):
-        path = path[: -len("/api")]
+    for suffix in ("/api/runner/v1", "/api"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
