@@ -329,6 +329,8 @@ def start_local(workdir: Path, *, database_url: str, broker_url: str = "", worke
                     f"127.0.0.1:{port}",
                     "--timeout",
                     "600",
+                    # Its default control socket is one path per user: concurrent servers would share it.
+                    "--no-control-socket",
                 ],
                 cwd=ROOT,
                 env=env,
