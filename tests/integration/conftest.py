@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from tests.conftest import REQUIRE_SERVICES, SAMPLE_PROJECT, require_service, run_git, write_files
 from tests.integration.deployment import Deployment, expect, from_environment, start_local, stop_local
+from tests.integration.runner_api import RunnerAPI
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,14 +86,9 @@ def store(deployment):
 
 
 @pytest.fixture
-def runner(deployment):
-    """The runner API's three services, as a runner host (runner token) reaches them."""
-
-    return SimpleNamespace(
-        registry=deployment.runner_client("registry"),
-        pool=deployment.runner_client("pool"),
-        artifacts=deployment.runner_client("artifacts"),
-    )
+def runner_api(deployment) -> RunnerAPI:
+    """The runner API as a runner host (runner token) reaches it, each service at its own URL."""
+    return RunnerAPI(deployment)
 
 
 def unique(prefix: str) -> str:
@@ -126,8 +121,21 @@ def repository(make_repository) -> dict:
 
 @pytest.fixture
 def make_task(registry, repository):
+    """Create a task through the user API; whatever of it is left unfinished is cancelled at the
+    end, so a deployed instance's queue is left as it was found."""
+    made: list[str] = []
+
     def make(**fields) -> dict:
         body = {"repository": repository["name"], "instructions": "make add() add", "title": unique("task"), **fields}
-        return expect(registry.post("/api/tasks/", json=body), 201)
+        task = expect(registry.post("/api/tasks/", json=body), 201)
+        made.append(task["id"])
+        return task
 
-    return make
+    yield make
+    cancel_unfinished(registry, made)
+
+
+def cancel_unfinished(registry, task_ids) -> None:
+    for task_id in task_ids:
+        response = registry.post(f"/api/tasks/{task_id}/cancel/")
+        assert response.status_code in (200, 409), response.text  # 409: it had finished

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.integration.conftest import cancel_unfinished
 from tests.integration.deployment import expect
 
 SAMPLES = 20
@@ -79,3 +80,4 @@ def test_throughput_of_reads_and_writes(deployment, repository, report):
     assert len({t["id"] for t in created}) == writes and len(fetched) == reads
     listed = expect(registry.get("/api/tasks/", params={"repository": repository["name"], "page_size": 500}), 200)
     assert listed["count"] == writes
+    cancel_unfinished(registry, ids)

@@ -111,3 +111,66 @@ def test_a_waiting_allocation_gets_the_slot_released_meanwhile(pool, repository)
     assert second["id"] == lease["id"]
     assert expect(pool.get(f"/api/slots/{lease['id']}/"), 200)["lease_holder"] == "it-second"
     expect(release(pool, second["id"], second["lease_token"]), 200)
+
+
+# --- slots of a runner host, through the runner API ----------------------------------------------
+def host_with(runner_api, repo: dict, capacity: int) -> str:
+    host = f"it-host-{uuid.uuid4().hex[:8]}"
+    assert expect(runner_api.register_host(host, {repo["name"]: capacity}), 200)["name"] == host
+    return host
+
+
+def test_a_runner_host_allocates_prepares_renews_and_releases_its_slot(pool, runner_api, repository, tmp_path):
+    host_with(runner_api, repository, 1)
+    leased = expect(runner_api.allocate(repository["id"], holder="it-host-runner", lease_seconds=60), 200)
+    slot, spec = leased["slot"], leased["repository"]
+    assert (spec["name"], spec["url"], spec["default_branch"]) == (repository["name"], repository["url"], "main")
+    assert slot["token"] and slot["expires_at"]
+    # The host makes the working copy (here: a clone) and tells the server what it holds.
+    copy = tmp_path / "copy"
+    run_git(tmp_path, "clone", "-q", spec["url"], str(copy))
+    head = run_git(copy, "rev-parse", "HEAD")
+    expect(runner_api.prepared(slot["id"], slot["token"], commit=head, setup_hash="none"), 200)
+    seen = expect(pool.get(f"/api/slots/{slot['id']}/"), 200)
+    assert (seen["state"], seen["commit"]) == ("leased", head)
+
+    before = datetime.fromisoformat(slot["expires_at"])
+    renewed = expect(runner_api.renew(slot["id"], slot["token"], lease_seconds=3600), 200)
+    assert (datetime.fromisoformat(renewed["expires_at"]) - before).total_seconds() > 3000
+    assert expect(runner_api.release(slot["id"], slot["token"], commit=head), 200)["state"] == "free"
+    assert expect(pool.get(f"/api/slots/{slot['id']}/"), 200)["state"] == "free"
+
+
+def test_a_runner_host_gets_different_slots_up_to_its_capacity(runner_api, make_repository):
+    repo = make_repository(pool_size=1)
+    host_with(runner_api, repo, 3)  # the host's announced capacity, not the pool size, bounds it
+    leases = [expect(runner_api.allocate(repo["id"], holder=f"it-{n}"), 200)["slot"] for n in range(3)]
+    assert len({s["id"] for s in leases}) == 3 and len({s["token"] for s in leases}) == 3
+    assert len({s["index"] for s in leases}) == 3
+    for slot in leases:
+        expect(runner_api.release(slot["id"], slot["token"]), 200)
+
+
+def test_a_runner_host_with_a_stale_slot_token_gets_409(runner_api, pool, repository):
+    host_with(runner_api, repository, 1)
+    slot = expect(runner_api.allocate(repository["id"], holder="it-stale"), 200)["slot"]
+    wrong = str(uuid.uuid4())
+    for refused in (runner_api.renew(slot["id"], wrong), runner_api.release(slot["id"], wrong)):
+        assert refused.status_code == 409 and refused.json()["code"] == "stale_lease"
+    assert expect(pool.get(f"/api/slots/{slot['id']}/"), 200)["state"] == "leased"
+    expect(runner_api.release(slot["id"], slot["token"]), 200)
+    late = runner_api.release(slot["id"], slot["token"])
+    assert late.status_code == 409 and late.json()["code"] == "stale_lease"
+
+
+def test_a_runner_host_with_no_free_slot_gets_503_within_the_wait(runner_api, repository):
+    host_with(runner_api, repository, 1)
+    slot = expect(runner_api.allocate(repository["id"], holder="it-busy"), 200)["slot"]
+    wait = 1.5
+    started = time.monotonic()
+    refused = runner_api.allocate(repository["id"], holder="it-waiting", wait_seconds=wait)
+    elapsed = time.monotonic() - started
+    assert refused.status_code == 503 and refused.json()["code"] == "no_slot"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert wait * 0.9 <= elapsed < wait + 10, elapsed
+    expect(runner_api.release(slot["id"], slot["token"]), 200)
