@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "repopool",
     "artifacts",
     "registry",
+    "runners",
     "agentrunner",
     "inspector",
 ]
@@ -60,6 +61,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "runners.middleware.RunnerTokenConfinement",  # a runner token opens /api/runner/ only
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -260,6 +262,8 @@ AGENTRUNNER_INSPECTOR_DIFF_MAX = env.int("AGENTRUNNER_INSPECTOR_DIFF_MAX", defau
 # --- Runner -------------------------------------------------------------------------------------
 # A running attempt whose runner has not heartbeated for this long is lost (its task runs again).
 AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS", default=120)
+# The largest results bundle a remote runner may upload (POST /api/runner/v1/attempts/{id}/results/).
+AGENTRUNNER_RESULTS_BUNDLE_MAX = env.int("AGENTRUNNER_RESULTS_BUNDLE_MAX", default=1024**3)
 
 # --- Sandbox ------------------------------------------------------------------------------------
 # Every setup and test command runs under bubblewrap (see docs/security.md, "The sandbox").

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from common.errors import ConflictError, DomainError
+
+
+class TokenInvalid(DomainError):
+    status_code = 401
+    code = "invalid_token"
+
+
+class TokenRevoked(TokenInvalid):
+    code = "token_revoked"
+
+
+class LeaseLost(ConflictError):
+    """The attempt is not running under this lease token any more (reaped, finished, another
+    claim): the caller must stop; nothing was changed."""
+
+    code = "lease_lost"
+
+
+class HostTaken(ConflictError):
+    code = "host_taken"
+    field = "name"
+
+
+class IdempotencyKeyMissing(DomainError):
+    code = "idempotency_key_required"
+    field = "Idempotency-Key"
+
+
+class IdempotencyKeyReused(DomainError):
+    status_code = 422
+    code = "idempotency_key_reused"
+    field = "Idempotency-Key"
+
+
+class UploadNotFromTask(DomainError):
+    code = "artifact_not_uploaded_by_task"
+    field = "artifact_id"
