@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+
+import pytest
 
 from tests.integration.conftest import cancel_unfinished, unique
 from tests.integration.deployment import expect
+from tests.integration.runner_api import Claimed
 
 
 def test_health_answers_ok_quickly(deployment, report):
@@ -126,12 +130,40 @@ def test_runner_claims_heartbeats_and_finishes_a_task(registry, runner_api, make
     assert expect(registry.get(f"/api/tasks/{task['id']}/"), 200)["status"] == "succeeded"
 
 
-def test_claim_of_a_task_that_is_not_runnable_waits_then_answers_204(runner_api, registry, make_task):
+def test_claim_of_a_task_that_is_not_runnable_is_refused(runner_api, registry, make_task):
     task = make_task()
     expect(registry.post(f"/api/tasks/{task['id']}/cancel/"), 200)
-    started = time.monotonic()
-    assert runner_api.claim_response(runner_id="it-runner", task_id=task["id"], wait=1).status_code == 204
-    assert time.monotonic() - started < 1 + 10
+    refused = runner_api.claim_response(runner_id="it-runner", task_id=task["id"])
+    assert refused.status_code == 409 and "claim" in refused.json()["detail"]
+    assert expect(registry.get(f"/api/tasks/{task['id']}/"), 200)["attempts_count"] == 0
+
+
+def test_a_waiting_claim_gets_the_task_that_becomes_runnable(deployment, registry, runner_api, make_task):
+    """Long-poll: a claim with `wait` answers as soon as a task becomes runnable (here: when its
+    dependency succeeds), and 204 when none did within the wait."""
+    queued = expect(registry.get("/api/tasks/", params={"status": "queued"}), 200)["count"]
+    if queued and deployment.mode == "deployed":  # our own server's queue holds only this test's tasks
+        pytest.skip(f"the deployed instance has {queued} queued tasks: a claim of the next task would take one")
+    assert queued == 0, "the suite's tests leave no task queued"
+    assert runner_api.claim_response(runner_id="it-poll", wait=0.5).status_code == 204
+    first = make_task()
+    second = make_task(depends_on=[first["id"]])
+    assert second["status"] == "pending"
+    running = runner_api.claim(runner_id="it-poll", task_id=first["id"])
+    answered = {}
+
+    def wait_for_work():
+        started = time.monotonic()
+        answered["response"] = runner_api.claim_response(runner_id="it-poll-2", wait=20)
+        answered["seconds"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=wait_for_work)
+    waiter.start()
+    expect(runner_api.finish(running, "succeeded"), 200)
+    waiter.join(timeout=60)
+    got = Claimed.from_body(expect(answered["response"], 200))
+    assert got.task_id == second["id"] and answered["seconds"] < 15
+    expect(runner_api.finish(got, "succeeded"), 200)
 
 
 def test_user_cancel_reaches_the_runner_and_retry_runs_the_task_again(registry, runner_api, make_task):

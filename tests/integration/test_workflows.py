@@ -30,7 +30,7 @@ def test_a_whole_task_across_the_three_services(deployment, registry, pool, stor
     expect(runner_api.register_host(host, {task["repository"]: 1}), 200)
 
     claimed = runner_api.claim(runner_id=f"{host}:1", task_id=task["id"])
-    assert claimed.task["repository"] == task["repository"]
+    assert claimed.task["repository_name"] == task["repository"] and claimed.task["base_ref"] == "main"
     leased = expect(runner_api.allocate(repo_id, holder=f"{host}:1", attempt_id=claimed.attempt_id), 200)
     slot, spec = leased["slot"], leased["repository"]
     assert spec["name"] == task["repository"] and spec["default_branch"] == "main"
@@ -69,7 +69,13 @@ def test_a_whole_task_across_the_three_services(deployment, registry, pool, stor
     published = expect(runner_api.results(claimed, bundle_path.read_bytes(), branch=branch, base=base), 200)
     assert published["commit"] == commit and branch in published["fetch"]
 
-    result = {"branch": branch, "commit": commit, "fetch": published["fetch"], "tests_passed": True}
+    result = {
+        "result_branch": branch,
+        "result_commit": commit,
+        "result_fetch": published["fetch"],
+        "tests_passed": True,
+        "summary": "add() adds",
+    }
     assert expect(runner_api.finish(claimed, "succeeded", message="tests pass", result=result), 200) == {
         "status": "succeeded"
     }
@@ -77,7 +83,8 @@ def test_a_whole_task_across_the_three_services(deployment, registry, pool, stor
     assert released["state"] == "free"
 
     done = expect(registry.get(f"/api/tasks/{task['id']}/"), 200)
-    assert done["status"] == "succeeded"
+    assert (done["status"], done["result_branch"], done["result_commit"]) == ("succeeded", branch, commit)
+    assert done["result_fetch"] == published["fetch"] and done["tests_passed"] is True
     artifacts = expect(registry.get(f"/api/tasks/{task['id']}/artifacts/"), 200)
     assert sorted(a["kind"] for a in artifacts) == ["patch", "test_report"]
     by_kind = {a["kind"]: a["id"] for a in artifacts}
