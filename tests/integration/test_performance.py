@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.conftest import cancel_unfinished
 from tests.integration.deployment import expect
+from tests.integration.runner_api import RunnerAPI
 
 SAMPLES = 20
 
@@ -81,3 +82,29 @@ def test_throughput_of_reads_and_writes(deployment, repository, report):
     listed = expect(registry.get("/api/tasks/", params={"repository": repository["name"], "page_size": 500}), 200)
     assert listed["count"] == writes
     cancel_unfinished(registry, ids)
+
+
+@pytest.mark.performance
+def test_throughput_of_runner_event_appends(deployment, runner_api, make_task, report):
+    """Events as a busy runner sends them, one call each (the runner's client batches; this is the
+    worst case): N requests from several threads to one attempt, each landing once and in order."""
+    task = make_task()
+    claimed = runner_api.claim(runner_id="it-throughput", task_id=task["id"])
+    local = threading.local()
+
+    def send(n: int) -> dict:
+        if not hasattr(local, "api"):
+            local.api = RunnerAPI(deployment)
+        event = {"type": "agent_step", "message": f"tp {n}", "data": {"n": n}}
+        return expect(local.api.events(claimed, [event]), 200)
+
+    requests, threads = 200, 8
+    with ThreadPoolExecutor(max_workers=threads) as workers:
+        started = time.perf_counter()
+        replies = list(workers.map(send, range(requests)))
+        seconds = time.perf_counter() - started
+    report(f"throughput, {threads} clients: runner event append {requests / seconds:.0f} req/s ({requests} requests)")
+    expect(runner_api.finish(claimed, "succeeded"), 200)
+    assert len({reply["last_seq"] for reply in replies}) == requests  # each got a sequence number of its own
+    events = expect(deployment.client("registry").get(f"/api/tasks/{task['id']}/events/", params={"limit": 1000}), 200)
+    assert sorted(e["data"]["n"] for e in events if e["type"] == "agent_step") == list(range(requests))

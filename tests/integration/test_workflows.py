@@ -8,6 +8,7 @@ import hashlib
 import random
 import subprocess
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -187,14 +188,16 @@ def test_concurrent_runners_finish_every_task_exactly_once(deployment, registry,
             with lock:
                 done.append((task_id, name, claimed.number))
 
+    started = time.perf_counter()
     try:
         with ThreadPoolExecutor(max_workers=runners) as pool_of_runners:
             list(pool_of_runners.map(run, range(runners)))
+        seconds = time.perf_counter() - started
     finally:
         cancel_unfinished(registry, ids)
     assert sorted(task_id for task_id, _, _ in done) == sorted(ids), "every task claimed exactly once"
     assert {number for _, _, number in done} == {1}
-    report(f"concurrent runners: {tasks} tasks over {runners} runners, per runner "
+    report(f"concurrent runners: {tasks} tasks in {seconds:.1f} s ({tasks / seconds:.1f} claim-to-finish/s), per runner "
            f"{sorted(sum(1 for _, n, _ in done if n == r) for r in {n for _, n, _ in done})}")  # fmt: skip
     for task_id in ids:
         task = expect(registry.get(f"/api/tasks/{task_id}/"), 200)
