@@ -12,9 +12,9 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agentrunner.drf import errors
 from artifacts.api import RawBodyParser, _request_chunks
 from artifacts.errors import ArtifactTooLarge
+from common.drf import errors
 from common.errors import DomainError
 from runners import idempotency, services
 from runners.auth import IsRunner, RunnerTokenAuthentication

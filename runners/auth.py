@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
-from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.authentication import BaseAuthentication, TokenAuthentication, get_authorization_header
 from rest_framework.permissions import BasePermission
 
-from agentrunner.authentication import TokenOrBearerAuthentication
 from runners import services
 from runners.errors import TokenInvalid, TokenRevoked
 from runners.models import RunnerToken
@@ -57,14 +56,26 @@ def runner_token_from_header(header: bytes) -> str | None:
     return key if key.startswith(TOKEN_PREFIX) else None
 
 
+def _user_token(header: bytes):
+    """A user's API token (``Token``/``Bearer <key>``), recognised on runner endpoints only so that
+    IsRunner can answer 403 runner_token_required (a bare 401 would suggest the token is wrong);
+    never let through. None for no such header."""
+    parts = header.split()
+    if len(parts) != 2 or parts[0].lower() not in (b"bearer", b"token"):
+        return None
+    try:
+        key = parts[1].decode("ascii")
+    except UnicodeError:
+        raise exceptions.AuthenticationFailed("Invalid Authorization header: the token has invalid characters.")
+    return TokenAuthentication().authenticate_credentials(key)
+
+
 class RunnerTokenAuthentication(BaseAuthentication):
     def authenticate(self, request):
         header = get_authorization_header(request)
         key = runner_token_from_header(header)
         if key is None:
-            # A user's API token is recognised only so that IsRunner can answer 403
-            # runner_token_required (a bare 401 would suggest the token is wrong); never let through.
-            return TokenOrBearerAuthentication().authenticate(request)
+            return _user_token(header)
         try:
             token = services.runner_token_authenticate(raw=key)
         except TokenRevoked as exc:

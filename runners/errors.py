@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from common import outcomes
 from common.errors import ConflictError, DomainError
 
 
@@ -12,11 +13,9 @@ class TokenRevoked(TokenInvalid):
     code = "token_revoked"
 
 
-class LeaseLost(ConflictError):
-    """The attempt is not running under this lease token any more (reaped, finished, another
-    claim): the caller must stop; nothing was changed."""
-
-    code = "lease_lost"
+# The attempt is not running under this lease token any more (reaped, finished, another claim):
+# the caller must stop; nothing was changed. 409 lease_lost, the class the runner's ports raise.
+LeaseLost = outcomes.LeaseLost
 
 
 class HostTaken(ConflictError):

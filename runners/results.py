@@ -22,7 +22,7 @@ from django.conf import settings
 
 from artifacts.errors import ArtifactTooLarge, ChecksumMismatch, IncompleteUpload
 from common.errors import DomainError
-from repopool import git
+from workcopy import git
 
 SHA_RE = re.compile(r"\A[0-9a-f]{40}(?:[0-9a-f]{24})?\Z")
 BRANCH_SUFFIX_RE = re.compile(r"\A-[A-Za-z0-9._-]{1,64}\Z")

@@ -198,10 +198,14 @@ def runner_link_artifact(*, attempt_id: int, lease_token: str, artifact_id: uuid
     """Link an artifact this attempt's task uploaded through the runner API (and only such one)."""
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
-        if not RunnerUpload.objects.filter(task_id=attempt.task_id, artifact_id=artifact_id).exists():
+        upload = RunnerUpload.objects.filter(task_id=attempt.task_id, artifact_id=artifact_id).first()
+        if upload is None:
             raise UploadNotFromTask(f"artifact {artifact_id} was not uploaded for this task")
         registry.task_artifact_link(
-            task_id=attempt.task_id, artifact_id=artifact_id, role=role, attempt_number=attempt.number
+            task_id=attempt.task_id,
+            artifact_id=artifact_id,
+            role=role,
+            attempt_number=Attempt.objects.filter(pk=upload.attempt_id).values_list("number", flat=True).get(),
         )
 
 
