@@ -33,9 +33,17 @@ from runners.serializers import (
     LinkSerializer,
     OkSerializer,
     ResultsReplySerializer,
+    SlotAllocateReplySerializer,
+    SlotAllocateSerializer,
+    SlotPreparedSerializer,
+    SlotReleaseSerializer,
+    SlotRenewReplySerializer,
+    SlotRenewSerializer,
+    SlotStateReplySerializer,
     UploadReplySerializer,
     UsageSerializer,
     claim_reply,
+    slot_grant_reply,
 )
 
 RESULT_HEADERS = ("X-Result-Branch", "X-Result-Base", "X-Content-SHA256")
@@ -303,5 +311,85 @@ class FinishView(RunnerView):
         def effect():
             task = services.runner_finish(attempt_id=attempt_id, lease_token=lease_token, **data)
             return Response({"status": task.status})
+
+        return idempotency.respond(idem, effect)
+
+
+# --- slots on this runner's host ----------------------------------------------------------------
+class SlotAllocateView(RunnerView):
+    @extend_schema(
+        parameters=[IDEMPOTENCY_KEY],
+        request=SlotAllocateSerializer,
+        responses={200: SlotAllocateReplySerializer, **errors(400, 401, 403, 404, 409, 422, 503)},
+        description="Lease a slot (a working copy) of this runner's registered host for the repository; the "
+        "pool grows up to the capacity the host announced. The reply says what to do first: clone (empty "
+        "`commit`) or reset (`needs_reset`), then report with prepared/. 503 `no_slot` + Retry-After when "
+        "none became free within `wait_seconds`.",
+    )
+    def post(self, request):
+        idem = idempotency.from_request(request)
+        data = _valid(SlotAllocateSerializer, request.data)
+        lease_token = request.headers.get("X-Lease-Token", "").strip() if data["attempt_id"] else ""
+        wait = data.pop("wait_seconds")
+
+        def allocate_once():
+            grant = services.runner_slot_allocate(token=request.auth, lease_token=lease_token, **data)
+            return None if grant is None else Response(slot_grant_reply(grant))
+
+        return services.runner_slot_allocate_wait(
+            wait_seconds=wait, allocate_once=lambda: idempotency.respond(idem, allocate_once)
+        )
+
+
+class SlotPreparedView(RunnerView):
+    @extend_schema(
+        parameters=[IDEMPOTENCY_KEY],
+        request=SlotPreparedSerializer,
+        responses={200: SlotStateReplySerializer, **errors(400, 401, 403, 404, 409, 422)},
+        description="The copy is ready at `commit` (fenced by the slot's lease token: 409 stale_lease).",
+    )
+    def post(self, request, slot_id: int):
+        idem = idempotency.from_request(request)
+        data = _valid(SlotPreparedSerializer, request.data)
+
+        def effect():
+            slot = services.runner_slot_prepared(
+                token=request.auth, slot_id=slot_id, lease_token=data.pop("token"), **data
+            )
+            return Response({"state": slot.state})
+
+        return idempotency.respond(idem, effect)
+
+
+class SlotRenewView(RunnerView):
+    @extend_schema(
+        request=SlotRenewSerializer,
+        responses={200: SlotRenewReplySerializer, **errors(400, 401, 403, 404, 409)},
+        description="Extend the lease (by its allocated length unless `lease_seconds`); 409 stale_lease.",
+    )
+    def post(self, request, slot_id: int):
+        data = _valid(SlotRenewSerializer, request.data)
+        expires = services.runner_slot_renew(
+            token=request.auth, slot_id=slot_id, lease_token=data["token"], lease_seconds=data["lease_seconds"]
+        )
+        return Response(SlotRenewReplySerializer({"expires_at": expires}).data)
+
+
+class SlotReleaseView(RunnerView):
+    @extend_schema(
+        parameters=[IDEMPOTENCY_KEY],
+        request=SlotReleaseSerializer,
+        responses={200: SlotStateReplySerializer, **errors(400, 401, 403, 404, 409, 422)},
+        description="The host reset its copy (free again at `commit`) or could not (`broken_reason`: broken).",
+    )
+    def post(self, request, slot_id: int):
+        idem = idempotency.from_request(request)
+        data = _valid(SlotReleaseSerializer, request.data)
+
+        def effect():
+            slot = services.runner_slot_release(
+                token=request.auth, slot_id=slot_id, lease_token=data.pop("token"), **data
+            )
+            return Response({"state": slot.state})
 
         return idempotency.respond(idem, effect)

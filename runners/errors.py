@@ -37,3 +37,15 @@ class IdempotencyKeyReused(DomainError):
 class UploadNotFromTask(DomainError):
     code = "artifact_not_uploaded_by_task"
     field = "artifact_id"
+
+
+class HostNotRegistered(ConflictError):
+    code = "host_not_registered"
+    field = "host"
+
+
+class NoSlot(outcomes.NoSlotAvailable):
+    """No slot of this host became free within the wait: 503 with Retry-After."""
+
+    code = "no_slot"
+    retry_after = 2

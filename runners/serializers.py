@@ -201,3 +201,102 @@ class FinishReplySerializer(serializers.Serializer):
 class ResultsReplySerializer(serializers.Serializer):
     fetch = serializers.CharField(help_text="How to fetch the result: git fetch <results repository> <branch>.")
     commit = serializers.CharField()
+
+
+COMMIT_REGEX = r"^([0-9a-f]{40}|[0-9a-f]{64})$"
+
+
+class SlotAllocateSerializer(serializers.Serializer):
+    repository_id = serializers.IntegerField(min_value=1)
+    holder = serializers.CharField(max_length=255)
+    lease_seconds = serializers.IntegerField(min_value=1, required=False, default=3600)
+    wait_seconds = serializers.FloatField(min_value=0, max_value=30, required=False, default=0)
+    attempt_id = serializers.IntegerField(
+        min_value=1, required=False, allow_null=True, default=None,
+        help_text="Record the slot on this attempt (then X-Lease-Token is the attempt's lease token).",
+    )  # fmt: skip
+    host = serializers.CharField(
+        max_length=255, required=False, allow_blank=True, default="",
+        help_text="Which of this token's hosts (needed only when it registered several).",
+    )  # fmt: skip
+
+
+class SlotGrantSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    index = serializers.IntegerField()
+    token = serializers.UUIDField()
+    expires_at = serializers.DateTimeField()
+    commit = serializers.CharField(allow_blank=True)
+    base_commit = serializers.CharField(allow_blank=True)
+    setup_hash = serializers.CharField(allow_blank=True)
+    fetched_at = serializers.DateTimeField(allow_null=True)
+    needs_reset = serializers.BooleanField()
+    path = serializers.CharField(help_text="Relative to the host's own pool root.")
+
+
+class RepoSpecSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    url = serializers.CharField()
+    default_branch = serializers.CharField()
+    keep_paths = serializers.ListField(child=serializers.CharField())
+    setup_command = serializers.CharField(allow_blank=True)
+    setup_watch_files = serializers.ListField(child=serializers.CharField())
+    setup_network = serializers.BooleanField()
+    setup_timeout = serializers.IntegerField()
+
+
+class SlotAllocateReplySerializer(serializers.Serializer):
+    slot = SlotGrantSerializer()
+    repository = RepoSpecSerializer()
+
+
+def slot_grant_reply(grant) -> dict:
+    from dataclasses import asdict
+
+    slot = grant.slot
+    return {
+        "slot": SlotGrantSerializer(
+            {
+                "id": slot.pk,
+                "index": slot.index,
+                "token": slot.lease_token,
+                "expires_at": slot.lease_expires_at,
+                "commit": slot.commit,
+                "base_commit": slot.base_commit,
+                "setup_hash": slot.setup_hash,
+                "fetched_at": slot.fetched_at,
+                "needs_reset": slot.needs_reset,
+                "path": slot.path,
+            }  # fmt: skip
+        ).data,
+        "repository": RepoSpecSerializer(asdict(grant.spec)).data,
+    }
+
+
+class SlotPreparedSerializer(serializers.Serializer):
+    token = serializers.UUIDField()
+    commit = serializers.RegexField(COMMIT_REGEX)
+    setup_hash = serializers.RegexField(r"^[0-9a-f]{0,64}$", required=False, allow_blank=True, default="")
+    fetched = serializers.BooleanField(required=False, default=False)
+    base_commit = serializers.RegexField(
+        COMMIT_REGEX, required=False, allow_blank=True, default="", help_text="When the copy was cloned now."
+    )
+
+
+class SlotStateReplySerializer(serializers.Serializer):
+    state = serializers.CharField()
+
+
+class SlotRenewSerializer(serializers.Serializer):
+    token = serializers.UUIDField()
+    lease_seconds = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None)
+
+
+class SlotRenewReplySerializer(serializers.Serializer):
+    expires_at = serializers.DateTimeField()
+
+
+class SlotReleaseSerializer(serializers.Serializer):
+    token = serializers.UUIDField()
+    commit = serializers.RegexField(r"^([0-9a-f]{40}|[0-9a-f]{64})?$", required=False, allow_blank=True, default="")
+    broken_reason = serializers.CharField(max_length=10000, required=False, allow_blank=True, default="")

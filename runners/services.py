@@ -25,7 +25,15 @@ from django.utils import timezone
 
 from registry import services as registry
 from registry.models import Attempt, AttemptOutcome, Task
-from runners.errors import HostTaken, LeaseLost, TokenInvalid, TokenRevoked, UploadNotFromTask
+from runners.errors import (
+    HostNotRegistered,
+    HostTaken,
+    LeaseLost,
+    NoSlot,
+    TokenInvalid,
+    TokenRevoked,
+    UploadNotFromTask,
+)
 from runners.models import RunnerHost, RunnerToken, RunnerUpload
 
 TOKEN_PREFIX = "art_r_"
@@ -74,6 +82,10 @@ def runner_token_authenticate(*, raw: str) -> RunnerToken:
 def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], version: str) -> RunnerHost:
     """Announce a host (or again, with new capacity). A host name belongs to the first token that
     registered it: another token gets 409 host_taken, so one runner cannot lease another's slots."""
+    from repopool.bookkeeping import server_host
+
+    if name == server_host():
+        raise HostTaken(f"host {name!r} is the server's own pool")
     now = timezone.now()
     with transaction.atomic():
         host, created = RunnerHost.objects.select_for_update().get_or_create(
@@ -92,7 +104,8 @@ def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], ve
 def runner_claim_wait(*, claim_once, wait: float) -> Any:
     """Call ``claim_once()`` (one short transaction each) until it returns something or ``wait``
     seconds (capped at CLAIM_MAX_WAIT) have passed. No transaction is held while sleeping. Note:
-    under gunicorn's sync workers a waiting claim occupies a worker for up to ``wait`` seconds."""
+    under gunicorn's sync workers a waiting call occupies a worker for up to ``wait`` seconds.
+    Slot allocation waits the same way."""
     deadline = time.monotonic() + min(max(wait, 0.0), CLAIM_MAX_WAIT)
     while True:
         got = claim_once()
@@ -271,3 +284,110 @@ def runner_results(
     finally:
         bundle.unlink(missing_ok=True)
     return f"git fetch {results.results_repository(task.repository.name)} {branch}", commit
+
+
+# --- slots on runner hosts ----------------------------------------------------------------------
+# The bookkeeping (rows, leases, fencing tokens) is repopool's; a runner token reaches only the
+# slots of the hosts it registered. Another host's slot is as unknown as a missing one (404).
+def _token_host(token: RunnerToken, name: str = "") -> RunnerHost:
+    hosts = list(RunnerHost.objects.filter(token=token, **({"name": name} if name else {})))
+    if len(hosts) == 1:
+        return hosts[0]
+    if not hosts:
+        raise HostNotRegistered(
+            f"register host {name!r} first (POST hosts/)" if name else "register this host first (POST hosts/)"
+        )
+    raise HostNotRegistered("this token registered several hosts: name one in `host`")
+
+
+def _token_slot(token: RunnerToken, slot_id: int):
+    from repopool.errors import SlotNotFound
+    from repopool.models import Slot
+
+    hosts = RunnerHost.objects.filter(token=token).values_list("name", flat=True)
+    slot = Slot.objects.select_related("repository").filter(pk=slot_id, host__in=list(hosts)).first()
+    if slot is None:
+        raise SlotNotFound(f"slot {slot_id} does not exist on this runner's hosts")
+    return slot
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    slot: Any  # repopool.models.Slot
+    spec: Any  # workcopy.slots.RepoSpec
+
+
+def runner_slot_allocate(
+    *,
+    token: RunnerToken,
+    repository_id: int,
+    holder: str,
+    lease_seconds: int,
+    host: str = "",
+    attempt_id: int | None = None,
+    lease_token: str = "",
+) -> SlotGrant | None:
+    """Lease a slot of the token's host for the repository, growing the host's pool up to its
+    announced capacity for the repository (else the repository's pool size); None when none is
+    free now (the caller waits and asks again, with no transaction held). With ``attempt_id``
+    (fenced by the attempt's lease token) the slot is recorded on the attempt."""
+    from repopool import services as pool
+    from repopool.errors import NoSlotAvailable, RepositoryNotFound
+    from repopool.models import Repository
+
+    runner_host = _token_host(token, host)
+    repository = Repository.objects.filter(pk=repository_id).first()
+    if repository is None:
+        raise RepositoryNotFound(f"repository {repository_id} does not exist", field="repository_id")
+    capacity = runner_host.capacity.get(repository.name)
+    with transaction.atomic():
+        if attempt_id is not None:
+            _fence(attempt_id=attempt_id, lease_token=lease_token)
+        try:
+            slot = pool.slot_lease(
+                repository=repository, host=runner_host.name, holder=holder, lease_seconds=lease_seconds,
+                wait_seconds=0, capacity=capacity or None,
+            )  # fmt: skip
+        except NoSlotAvailable:
+            return None
+        if attempt_id is not None:
+            registry.attempt_update(attempt_id=attempt_id, slot_id=slot.pk)
+    return SlotGrant(slot=slot, spec=pool.repo_spec(repository))
+
+
+def runner_slot_allocate_wait(*, wait_seconds: float, allocate_once) -> Any:
+    """``allocate_once()`` until it grants a slot or ``wait_seconds`` (at most 30) pass; then
+    503 no_slot with Retry-After."""
+    grant = runner_claim_wait(claim_once=allocate_once, wait=wait_seconds)
+    if grant is None:
+        raise NoSlot(f"no slot of this host became free within {wait_seconds:g}s")
+    return grant
+
+
+def runner_slot_prepared(
+    *, token: RunnerToken, slot_id: int, lease_token: uuid.UUID, commit: str, setup_hash: str, fetched: bool,
+    base_commit: str = "",
+):  # fmt: skip
+    from repopool import services as pool
+
+    _token_slot(token, slot_id)
+    return pool.slot_prepared(
+        slot_id=slot_id, token=lease_token, commit=commit, setup_hash=setup_hash, fetched=fetched,
+        base_commit=base_commit,
+    )  # fmt: skip
+
+
+def runner_slot_renew(*, token: RunnerToken, slot_id: int, lease_token: uuid.UUID, lease_seconds: int | None):
+    from repopool import services as pool
+
+    _token_slot(token, slot_id)
+    return pool.slot_renew(slot_id=slot_id, lease_token=lease_token, lease_seconds=lease_seconds)
+
+
+def runner_slot_release(
+    *, token: RunnerToken, slot_id: int, lease_token: uuid.UUID, commit: str, broken_reason: str = ""
+):
+    from repopool import services as pool
+
+    _token_slot(token, slot_id)
+    return pool.slot_release_remote(slot_id=slot_id, token=lease_token, commit=commit, broken_reason=broken_reason)

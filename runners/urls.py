@@ -15,4 +15,8 @@ urlpatterns = [
     path("attempts/<int:attempt_id>/artifact-links/", api.ArtifactLinkView.as_view(), name="artifact-links"),
     path("attempts/<int:attempt_id>/results/", api.ResultsView.as_view(), name="results"),
     path("attempts/<int:attempt_id>/finish/", api.FinishView.as_view(), name="finish"),
+    path("slots/allocate/", api.SlotAllocateView.as_view(), name="slot-allocate"),
+    path("slots/<int:slot_id>/prepared/", api.SlotPreparedView.as_view(), name="slot-prepared"),
+    path("slots/<int:slot_id>/renew/", api.SlotRenewView.as_view(), name="slot-renew"),
+    path("slots/<int:slot_id>/release/", api.SlotReleaseView.as_view(), name="slot-release"),
 ]

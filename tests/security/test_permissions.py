@@ -78,6 +78,10 @@ TABLE: dict[tuple[str, str], dict[str, int]] = {
     ("POST", "/api/runner/v1/attempts/{attempt_id}/artifact-links/"): runner_only(201),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/results/"): runner_only(200),
     ("POST", "/api/runner/v1/attempts/{attempt_id}/finish/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/allocate/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/prepared/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/renew/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/release/"): runner_only(200),
 }
 
 
@@ -107,6 +111,7 @@ class World:
     _lease: pool.Lease | None = None
     _attempt: tuple[int, str, uuid.UUID] | None = None
     tmp: Path | None = None
+    _runner_slot: Slot | None = None
 
     @property
     def lease(self) -> pool.Lease:
@@ -114,6 +119,19 @@ class World:
         if self._lease is None:
             self._lease = pool.slot_allocate(repository=self.task.repository, holder="table")
         return self._lease
+
+    @property
+    def runner_slot(self) -> Slot:
+        """A slot leased on the runner token's registered host."""
+        if self._runner_slot is None:
+            from repopool.bookkeeping import slot_lease
+            from runners.models import RunnerHost, RunnerToken
+
+            RunnerHost.objects.get_or_create(
+                name="table-host", defaults={"token": RunnerToken.objects.get(name="table")}
+            )
+            self._runner_slot = slot_lease(repository=self.task.repository, host="table-host", holder="table")
+        return self._runner_slot
 
     @property
     def attempt(self) -> tuple[int, str, uuid.UUID]:
@@ -236,11 +254,14 @@ def _result_bundle(w: World) -> tuple[bytes, str, str]:
 
 def _runner_call(client: APIClient, path: str, w: World):
     headers = {"HTTP_IDEMPOTENCY_KEY": uuid.uuid4().hex}
-    artifact_id = None
+    artifact_id = slot_token = None
     if "{attempt_id}" in path:
         attempt_id, lease_token, artifact_id = w.attempt
         path = path.replace("{attempt_id}", str(attempt_id))
         headers["HTTP_X_LEASE_TOKEN"] = lease_token
+    if "/slots/" in path:  # allocate needs the registered host too
+        path = path.replace("{slot_id}", str(w.runner_slot.pk))
+        slot_token = str(w.runner_slot.lease_token)
     action = path.rstrip("/").rsplit("/", 1)[-1]
     if action == "results":
         body, branch, base = _result_bundle(w)
@@ -260,6 +281,10 @@ def _runner_call(client: APIClient, path: str, w: World):
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": "0.01"},
         "artifact-links": {"artifact_id": str(artifact_id), "role": "log"},
         "finish": {"status": "succeeded"},
+        "allocate": {"repository_id": w.repository_id, "holder": "table"},
+        "prepared": {"token": slot_token, "commit": "a" * 40},
+        "renew": {"token": slot_token},
+        "release": {"token": slot_token, "commit": ""},
     }[action]
     return client.post(path, body, format="json", **headers)
 
