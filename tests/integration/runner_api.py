@@ -187,20 +187,25 @@ class RunnerAPI:
         self,
         repository_id: int,
         *,
+        host: str,
         holder: str,
         lease_seconds: int = 600,
         wait_seconds: float = 0,
         attempt_id: int | None = None,
+        lease: str | None = None,
     ) -> httpx.Response:
+        """A slot of this token's host `host` (a token may register several); with `attempt_id` it is recorded on that attempt, and
+        `lease` (the attempt's lease token) fences the call."""
         body = {
             "repository_id": repository_id,
             "holder": holder,
             "lease_seconds": lease_seconds,
             "wait_seconds": wait_seconds,
+            "host": host,
         }
         if attempt_id is not None:
             body["attempt_id"] = attempt_id
-        return self.post(self.pool, "slots/allocate/", json=body, timeout=wait_seconds + 60)
+        return self.post(self.pool, "slots/allocate/", json=body, lease=lease, timeout=wait_seconds + 60)
 
     def prepared(self, slot_id: int, token: str, *, commit: str, setup_hash: str = "", fetched: bool = True):
         body = {"token": token, "commit": commit, "setup_hash": setup_hash, "fetched": fetched}

@@ -3,6 +3,7 @@ renew, fencing by lease token, waiting for a slot and giving up with 503 + Retry
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -121,8 +122,8 @@ def host_with(runner_api, repo: dict, capacity: int) -> str:
 
 
 def test_a_runner_host_allocates_prepares_renews_and_releases_its_slot(pool, runner_api, repository, tmp_path):
-    host_with(runner_api, repository, 1)
-    leased = expect(runner_api.allocate(repository["id"], holder="it-host-runner", lease_seconds=60), 200)
+    host = host_with(runner_api, repository, 1)
+    leased = expect(runner_api.allocate(repository["id"], host=host, holder="it-host-runner", lease_seconds=60), 200)
     slot, spec = leased["slot"], leased["repository"]
     assert (spec["name"], spec["url"], spec["default_branch"]) == (repository["name"], repository["url"], "main")
     assert slot["token"] and slot["expires_at"]
@@ -130,7 +131,10 @@ def test_a_runner_host_allocates_prepares_renews_and_releases_its_slot(pool, run
     copy = tmp_path / "copy"
     run_git(tmp_path, "clone", "-q", spec["url"], str(copy))
     head = run_git(copy, "rev-parse", "HEAD")
-    expect(runner_api.prepared(slot["id"], slot["token"], commit=head, setup_hash="none"), 200)
+    expect(
+        runner_api.prepared(slot["id"], slot["token"], commit=head, setup_hash=hashlib.sha256(b"no setup").hexdigest()),
+        200,
+    )
     seen = expect(pool.get(f"/api/slots/{slot['id']}/"), 200)
     assert (seen["state"], seen["commit"]) == ("leased", head)
 
@@ -143,8 +147,8 @@ def test_a_runner_host_allocates_prepares_renews_and_releases_its_slot(pool, run
 
 def test_a_runner_host_gets_different_slots_up_to_its_capacity(runner_api, make_repository):
     repo = make_repository(pool_size=1)
-    host_with(runner_api, repo, 3)  # the host's announced capacity, not the pool size, bounds it
-    leases = [expect(runner_api.allocate(repo["id"], holder=f"it-{n}"), 200)["slot"] for n in range(3)]
+    host = host_with(runner_api, repo, 3)  # the host's announced capacity, not the pool size, bounds it
+    leases = [expect(runner_api.allocate(repo["id"], host=host, holder=f"it-{n}"), 200)["slot"] for n in range(3)]
     assert len({s["id"] for s in leases}) == 3 and len({s["token"] for s in leases}) == 3
     assert len({s["index"] for s in leases}) == 3
     for slot in leases:
@@ -152,8 +156,8 @@ def test_a_runner_host_gets_different_slots_up_to_its_capacity(runner_api, make_
 
 
 def test_a_runner_host_with_a_stale_slot_token_gets_409(runner_api, pool, repository):
-    host_with(runner_api, repository, 1)
-    slot = expect(runner_api.allocate(repository["id"], holder="it-stale"), 200)["slot"]
+    host = host_with(runner_api, repository, 1)
+    slot = expect(runner_api.allocate(repository["id"], host=host, holder="it-stale"), 200)["slot"]
     wrong = str(uuid.uuid4())
     for refused in (runner_api.renew(slot["id"], wrong), runner_api.release(slot["id"], wrong)):
         assert refused.status_code == 409 and refused.json()["code"] == "stale_lease"
@@ -164,11 +168,11 @@ def test_a_runner_host_with_a_stale_slot_token_gets_409(runner_api, pool, reposi
 
 
 def test_a_runner_host_with_no_free_slot_gets_503_within_the_wait(runner_api, repository):
-    host_with(runner_api, repository, 1)
-    slot = expect(runner_api.allocate(repository["id"], holder="it-busy"), 200)["slot"]
+    host = host_with(runner_api, repository, 1)
+    slot = expect(runner_api.allocate(repository["id"], host=host, holder="it-busy"), 200)["slot"]
     wait = 1.5
     started = time.monotonic()
-    refused = runner_api.allocate(repository["id"], holder="it-waiting", wait_seconds=wait)
+    refused = runner_api.allocate(repository["id"], host=host, holder="it-waiting", wait_seconds=wait)
     elapsed = time.monotonic() - started
     assert refused.status_code == 503 and refused.json()["code"] == "no_slot"
     assert int(refused.headers["Retry-After"]) >= 1

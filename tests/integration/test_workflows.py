@@ -32,7 +32,12 @@ def test_a_whole_task_across_the_three_services(deployment, registry, pool, stor
 
     claimed = runner_api.claim(runner_id=f"{host}:1", task_id=task["id"])
     assert claimed.task["repository_name"] == task["repository"] and claimed.task["base_ref"] == "main"
-    leased = expect(runner_api.allocate(repo_id, holder=f"{host}:1", attempt_id=claimed.attempt_id), 200)
+    leased = expect(
+        runner_api.allocate(
+            repo_id, host=host, holder=f"{host}:1", attempt_id=claimed.attempt_id, lease=claimed.lease_token
+        ),
+        200,
+    )
     slot, spec = leased["slot"], leased["repository"]
     assert spec["name"] == task["repository"] and spec["default_branch"] == "main"
 
