@@ -51,6 +51,7 @@ def test_response_time_of_each_service(deployment, make_task, report):
 
 
 @pytest.mark.performance
+@pytest.mark.slow
 def test_throughput_of_reads_and_writes(deployment, repository, report):
     registry = deployment.client("registry")
     local = threading.local()
@@ -85,6 +86,7 @@ def test_throughput_of_reads_and_writes(deployment, repository, report):
 
 
 @pytest.mark.performance
+@pytest.mark.slow
 def test_throughput_of_runner_event_appends(deployment, runner_api, make_task, report):
     """Events as a busy runner sends them, one call each (the runner's client batches; this is the
     worst case): N requests from several threads to one attempt, each landing once and in order."""
