@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES, SAMPLE_PROJECT, require_service, run_git, write_files
+from tests.conftest import SAMPLE_PROJECT, require_service, run_git, write_files
 from tests.integration.deployment import Deployment, expect, from_environment, start_local, stop_local
 from tests.integration.runner_api import RunnerAPI
 
@@ -63,32 +63,41 @@ def deployment(tmp_path_factory) -> Deployment:
         yield ours
     finally:
         ours.close()
-        if server.process.poll() is not None and REQUIRE_SERVICES:
-            print(server.log_tail())
+        if server.process.poll() is not None:  # it died under the tests: say why
+            print(f"gunicorn exited with {server.process.returncode}:\n{server.log_tail()}")
         stop_local(server, workdir)
 
 
 @pytest.fixture
 def registry(deployment):
     """The task registry as a staff user sees it."""
-    return deployment.client("registry")
+    client = deployment.client("registry")
+    yield client
+    client.close()
 
 
 @pytest.fixture
 def pool(deployment):
-    return deployment.client("pool")
+    """The repo pool as a staff user sees it."""
+    client = deployment.client("pool")
+    yield client
+    client.close()
 
 
 @pytest.fixture
 def store(deployment):
-    """The artifact store."""
-    return deployment.client("artifacts")
+    """The artifact store as a staff user sees it."""
+    client = deployment.client("artifacts")
+    yield client
+    client.close()
 
 
 @pytest.fixture
-def runner_api(deployment) -> RunnerAPI:
+def runner_api(deployment):
     """The runner API as a runner host (runner token) reaches it, each service at its own URL."""
-    return RunnerAPI(deployment)
+    api = RunnerAPI(deployment)
+    yield api
+    api.close()
 
 
 def unique(prefix: str) -> str:

@@ -44,6 +44,10 @@ class RunnerAPI:
         self.pool: ServiceClient = deployment.runner_client("pool")
         self.artifacts: ServiceClient = deployment.runner_client("artifacts")
 
+    def close(self) -> None:
+        for client in (self.registry, self.pool, self.artifacts):
+            client.close()
+
     # --- the raw call ---------------------------------------------------------------------------
     def post(
         self,
