@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-live lint demo demo-live serve bench clean
+.PHONY: test test-live test-deployed lint demo demo-live serve bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,3 +52,11 @@ clean:
 
 test-live: $(VENV)/.installed  ## the live_llm tests against the real API (needs OPENAI_API_KEY)
 	$(PY) -m pytest -m live_llm tests/agent/test_live_llm.py
+
+# The integration suite against a deployed instance (README, "Development"): the services' URLs and
+# a staff token say which; without them the suite would start a server of its own instead.
+test-deployed: $(VENV)/.installed  ## tests/integration against TASK_REGISTRY_URL, REPO_POOL_URL, ARTIFACT_STORE_URL
+	@for name in TASK_REGISTRY_URL REPO_POOL_URL ARTIFACT_STORE_URL AGENTRUNNER_API_TOKEN; do \
+	    if [ -z "$$(printenv $$name)" ]; then echo "make test-deployed: set $$name (see README, Development)" >&2; exit 2; fi; \
+	done
+	$(PY) -m pytest -m integration tests/integration $(PYTEST_ARGS)
