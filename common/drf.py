@@ -11,6 +11,7 @@ from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponsePermanentRedirect, JsonResponse
 from django.urls import Resolver404, resolve
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, parsers, serializers
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
@@ -181,6 +182,7 @@ def errors(*codes: int) -> dict:
 
 
 # --- answers for what no API view handles -------------------------------------------------------
+@csrf_exempt  # nothing here changes state; without it a POST got Django's HTML CSRF page, not JSON
 def api_not_found(request: HttpRequest, path: str = "") -> HttpResponse:
     """Catch-all for ``/api/...``: a JSON 404 in the usual shape (never Django's HTML page, which
     with DEBUG on lists every URL pattern). A path that only lacks its trailing slash is redirected

@@ -24,6 +24,19 @@ def assert_json_error(response, status: int, code: str) -> dict:
 
 
 @pytest.mark.parametrize("debug", [True, False], ids=["debug", "production"])
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
+def test_unknown_paths_answer_json_to_writes_with_csrf_checks_on(settings, debug, method):
+    """A client as browsers and scripts are: CSRF enforced. Writes to an unknown path used to get
+    Django's HTML 'CSRF verification failed' page instead of the API's JSON 404."""
+    from django.test import Client
+
+    settings.DEBUG = debug
+    client = Client(enforce_csrf_checks=True)
+    response = getattr(client, method)("/api/nonexistent/", data="{}", content_type="application/json")
+    assert_json_error(response, 404, "not_found")
+
+
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "production"])
 @pytest.mark.parametrize(
     "method, path",
     [
