@@ -5,7 +5,7 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from agentrunner.drf import errors
+from agentrunner.drf import Pagination, errors
 from registry import services
 from registry.models import Task
 from registry.selectors import tasks_visible_to
@@ -39,8 +39,13 @@ class EventsQuerySerializer(serializers.Serializer):
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=500)
 
 
+class TaskPagination(Pagination):
+    cursor_ordering = ("-created_at", "-id")  # the index task_list_order
+
+
 class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = TaskSerializer
+    pagination_class = TaskPagination
     lookup_value_regex = UUID_REGEX
 
     def get_queryset(self):

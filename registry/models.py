@@ -68,7 +68,14 @@ class Task(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["status", "-priority", "created_at"], name="task_claim_order")]
+        indexes = [
+            # The claim's order over runnable tasks only: a claimed or finished task leaves it, so it
+            # stays as small as the queue (the claim's WHERE names the same status; see services).
+            models.Index(fields=["-priority", "created_at"], condition=models.Q(status="queued"), name="task_runnable"),
+            # Cursor pages of the task list (newest first; the id breaks ties).
+            models.Index(fields=["-created_at", "-id"], name="task_list_order"),
+            models.Index(fields=["owner", "-created_at", "-id"], name="task_owner_list_order"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.title} ({self.status})"
