@@ -251,3 +251,40 @@ def test_a_bad_cursor_or_count_is_a_clear_400(staff_api, repository, params, fie
     response = staff_api.get("/api/tasks/", params)
     assert response.status_code == 400, response.content
     assert field in response.json()["errors"]
+
+
+def test_the_direct_representations_equal_the_declared_fields(user, repository):
+    """TaskSerializer and TaskEventSerializer build their JSON directly; DRF's walk over the
+    declared fields must give the same bytes for every kind of value."""
+    from decimal import Decimal
+
+    from rest_framework import serializers as drf
+    from rest_framework.renderers import JSONRenderer
+
+    from registry.serializers import TaskEventSerializer, TaskSerializer, attach_dependency_ids
+
+    first = make(repository, owner=user, max_cost_usd=Decimal("1.5"), max_steps=7, llm_model="m")
+    second = make(repository, depends_on=[first], priority=-3, test_command="pytest -q")
+    services.task_claim(runner_id="r", task_id=first.pk)
+    Task.objects.filter(pk=first.pk).update(
+        cost_usd=Decimal("0.123456"), tests_passed=False, test_results={"failed": 1, "names": ["t"]}, summary="é"
+    )
+    services.task_add_usage(task_id=first.pk, prompt_tokens=5, completion_tokens=7, cost_usd=Decimal("0.01"))
+    render = JSONRenderer().render
+    for task in Task.objects.all():
+        serializer = TaskSerializer()
+        assert render(serializer.to_representation(task)) == render(
+            drf.ModelSerializer.to_representation(serializer, task)
+        )
+    listed = list(Task.objects.order_by("created_at"))
+    attach_dependency_ids(listed)
+    assert [t.dependency_ids for t in listed] == [[], [first.pk]]
+    assert render(TaskSerializer(listed, many=True).data) == render(
+        [drf.ModelSerializer.to_representation(TaskSerializer(), t) for t in Task.objects.order_by("created_at")]
+    )
+    for event in TaskEvent.objects.all():
+        serializer = TaskEventSerializer()
+        assert render(serializer.to_representation(event)) == render(
+            drf.ModelSerializer.to_representation(serializer, event)
+        )
+    assert second.pk
