@@ -74,11 +74,13 @@ def _admin(sql: str) -> None:
         conn.execute(sql)
 
 
-def pg_database(label: str) -> str:
-    """Create an empty database of our own and return its URL; it is dropped at exit."""
+def pg_database(label: str, *, template: str | None = None) -> str:
+    """Create a database of our own (empty, or a copy of the database at URL ``template``, which
+    must have no open connection) and return its URL; it is dropped at exit."""
     name = f"{os.environ.get('BENCH_DB_PREFIX', 'ar_bench_')}{label}_{os.getpid()}"
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    _admin(f'CREATE DATABASE "{name}"')
+    copy = f' TEMPLATE "{urlsplit(template).path.lstrip("/")}"' if template else ""
+    _admin(f'CREATE DATABASE "{name}"{copy}')
     _cleanups.append(lambda: _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     parts = urlsplit(PG_SERVER)
     return urlunsplit(parts._replace(path=f"/{name}"))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import multiprocessing
 import re
@@ -188,16 +189,13 @@ def pgbench_script(sql: str, params: dict, replace: dict[str, str] | None = None
     return " ".join(text.split()) + ";\n"
 
 
-def fill_tasks(repo, owner, total: int) -> float:
-    """Grow the task table to ``total`` rows, finished tasks older than the rest, in one
-    INSERT ... SELECT FROM generate_series; returns the seconds it took (ANALYZE included)."""
+def fill_sql(repo, owner, total: int, offset: int) -> tuple[str, list]:
+    """One INSERT ... SELECT FROM generate_series adding finished tasks, older than the rest, up to
+    ``total`` rows (from ``offset``); its SQL and parameters."""
     from django.db import connection
 
     from registry.models import Task
 
-    missing = total - Task.objects.count()
-    if missing <= 0:
-        return 0.0
     template = Task(title="", instructions="filled", repository=repo, owner=owner, status="succeeded")
     columns, values, params = [], [], []
     for field in Task._meta.concrete_fields:
@@ -211,25 +209,46 @@ def fill_tasks(repo, owner, total: int) -> float:
         else:
             values.append("%s")
             params.append(field.get_db_prep_save(getattr(template, field.attname), connection))
-    started = time.perf_counter()
-    with connection.cursor() as cursor:
-        offset = Task.objects.count()
-        cursor.execute(
-            f"INSERT INTO registry_task ({', '.join(columns)}) SELECT {', '.join(values)} "
-            f"FROM generate_series({offset + 1}, {total}) g",
-            params,
-        )
-        cursor.execute("VACUUM ANALYZE registry_task")
-    return time.perf_counter() - started
+    sql = (
+        f"INSERT INTO registry_task ({', '.join(columns)}) SELECT {', '.join(values)} "
+        f"FROM generate_series({offset + 1}, {total}) g"
+    )
+    return sql, params
 
 
-def deep_cursor(fraction: float) -> str:
+def run_sql(url: str, sql: str, params=None, *, fetch: bool = False):
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if fetch else None
+
+
+def deep_cursor(url: str, fraction: float) -> str:
     """A cursor (as the API encodes one) at ``fraction`` of the way down the task list."""
-    from registry.models import Task
+    from datetime import UTC
 
-    depth = int(Task.objects.count() * fraction)
-    position = Task.objects.order_by("-created_at", "-id").values_list("created_at", flat=True)[depth]
-    return base64.b64encode(urlencode({"p": str(position)}).encode("ascii")).decode("ascii")
+    (count,) = run_sql(url, "SELECT count(*) FROM registry_task", fetch=True)[0]
+    rows = run_sql(
+        url,
+        "SELECT created_at FROM registry_task ORDER BY created_at DESC, id DESC OFFSET %s LIMIT 1",
+        [int(count * fraction)],
+        fetch=True,
+    )
+    position = str(rows[0][0].astimezone(UTC))
+    return base64.b64encode(urlencode({"p": position}).encode("ascii")).decode("ascii")
+
+
+def use_database(url: str) -> None:
+    """Point this process (and the processes it forks, and pgbench) at another scratch database."""
+    import os
+
+    from django.db import connections
+
+    connections.close_all()
+    name = url.rsplit("/", 1)[1]
+    connections["default"].settings_dict["NAME"] = name
+    os.environ["DATABASE_URL"] = url
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -274,6 +293,21 @@ def main() -> None:
     Task.objects.update(status="succeeded")  # the claim bench queues its own
     pgb = PgBench(data)
 
+    # One database per list size, copied from this one and filled (timed), each behind its own
+    # server, so the sizes are measured side by side, interleaved, as everything else.
+    base_url = _django_url()
+    base_count = Task.objects.count()
+    fill = fill_sql(repo, staff, max(sizes), base_count)
+    connection.close()
+    databases: dict[int, str] = {sizes[0]: base_url}
+    fills: dict[int, float] = {}
+    for size in sizes[1:]:
+        databases[size] = pg_database(f"registry_{size}", template=base_url)
+        started = time.perf_counter()
+        run_sql(databases[size], fill[0].replace(f", {max(sizes)}) g", f", {size}) g"), fill[1])
+        run_sql(databases[size], "VACUUM ANALYZE registry_task")
+        fills[size] = time.perf_counter() - started
+
     def post(c: int, n: int):
         body = {"title": f"posted {c}-{n}", "instructions": "Make add() add.", "repository": repo.pk}
         return "POST", "/api/tasks/", json.dumps(body).encode(), auth
@@ -286,47 +320,37 @@ def main() -> None:
         "POST /api/tasks/": (post, 201),
         "GET /api/tasks/<id>/events/ (50 events)": get(f"/api/tasks/{events_task.pk}/events/"),
     }
-    results: dict[str, list[tuple[float, list[float]]]] = {}
-    floors: dict[str, list[float]] = {"pgbench tpcb": [], "pgbench -S": [], "connect ms": []}
-    fills: dict[int, float] = {}
+    server_of = dict.fromkeys(http_cases, sizes[0])
     list_names: dict[int, list[str]] = {}
-
-    def list_cases(size: int) -> dict:
-        deep = quote(deep_cursor(0.9), safe="")
-        return {
+    for size in sizes:
+        deep = quote(deep_cursor(databases[size], 0.9), safe="")
+        cases = {
             f"GET /api/tasks/?cursor= ({size:,} tasks)": get("/api/tasks/?cursor="),
             f"GET /api/tasks/?cursor=<90 % deep> ({size:,} tasks)": get(f"/api/tasks/?cursor={deep}"),
             f"GET /api/tasks/?page=1 ({size:,} tasks, COUNT)": get("/api/tasks/?page=1"),
         }
+        http_cases.update(cases)
+        server_of.update(dict.fromkeys(cases, size))
+        list_names[size] = list(cases)
+    results: dict[str, list[tuple[float, list[float]]]] = {}
+    floors: dict[str, list[float]] = {"pgbench tpcb": [], "pgbench -S": [], "connect ms": []}
 
     print(f"API on PostgreSQL, gunicorn -w 4, DEBUG off, {clients} clients, {rounds} rounds of {seconds:g} s")
-    with gunicorn() as port:
-
-        def http_round(names) -> None:
-            for name in names:
-                make, expect = http_cases[name]
+    with contextlib.ExitStack() as servers:
+        ports = {size: servers.enter_context(gunicorn(env={"DATABASE_URL": url})) for size, url in databases.items()}
+        for name, (make, expect) in http_cases.items():  # warm-up: imports, first connections, caches
+            http_load(ports[server_of[name]], make, clients=clients, seconds=0.5, expect=expect)
+        Task.objects.filter(title__startswith="posted ").delete()
+        for _ in range(rounds):
+            for name, (make, expect) in http_cases.items():
                 results.setdefault(name, []).append(
-                    http_load(port, make, clients=clients, seconds=seconds, expect=expect)
+                    http_load(ports[server_of[name]], make, clients=clients, seconds=seconds, expect=expect)
                 )
                 if name.startswith("POST"):  # keep the table at its size
                     Task.objects.filter(title__startswith="posted ").delete()
-
-        for size in sizes:
-            fills[size] = fill_tasks(repo, staff, size)
-            cases = list_cases(size)
-            http_cases.update(cases)
-            list_names[size] = list(cases)
-            first = size == sizes[0]
-            names = [*http_cases][:3] + list(cases) if first else list(cases)
-            for name in names:  # warm-up: imports, first connections, caches
-                http_load(port, http_cases[name][0], clients=clients, seconds=0.5, expect=http_cases[name][1])
-            Task.objects.filter(title__startswith="posted ").delete()
-            for _ in range(rounds):
-                http_round(names)
-                if first:
-                    floors["pgbench tpcb"].append(pgb.tps("-c", "8", "-j", "2", "-T", str(int(seconds))))
-                    floors["pgbench -S"].append(pgb.tps("-S", "-c", "8", "-j", "2", "-T", str(int(seconds))))
-                    floors["connect ms"].append(pgb.connect_ms(8, int(seconds)))
+            floors["pgbench tpcb"].append(pgb.tps("-c", "8", "-j", "2", "-T", str(int(seconds))))
+            floors["pgbench -S"].append(pgb.tps("-S", "-c", "8", "-j", "2", "-T", str(int(seconds))))
+            floors["connect ms"].append(pgb.connect_ms(8, int(seconds)))
 
     def row(label: str, samples: list[tuple[float, list[float]]], floor: float | None = None) -> str:
         rates = [rate for rate, _ in samples]
@@ -347,13 +371,15 @@ def main() -> None:
     print(f"  {'':58s} {'median (p25–p75)':>22s}                                        / pgbench")
     for name in http_cases:
         print(row(name, results[name], tpcb if name.startswith("POST") else read_only))
-    print("  fill (INSERT ... SELECT generate_series + VACUUM ANALYZE): ", end="")
-    print(", ".join(f"to {size:,} in {fills[size]:.1f} s" for size in sizes))
-    for i in range(3):
-        label = ["first cursor page", "cursor page 90 % deep", "page=1 with COUNT"][i]
+    print("  fill (INSERT ... SELECT generate_series + VACUUM ANALYZE, on a copy of the first): ", end="")
+    print(", ".join(f"to {size:,} in {fills[size]:.1f} s" for size in sizes[1:]))
+    for i, label in enumerate(["first cursor page", "cursor page 90 % deep", "page=1 with COUNT"]):
         base = p50(list_names[sizes[0]][i])
         ratios = ", ".join(f"{size:,}: {p50(list_names[size][i]) / base:.2f}x" for size in sizes[1:])
         print(f"  list p50 against {sizes[0]:,} tasks, {label}: {ratios}")
+
+    # Events and claims in the largest table.
+    use_database(databases[max(sizes)])
 
     # --- events -----------------------------------------------------------------------------------
     writers = 8

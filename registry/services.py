@@ -55,6 +55,7 @@ A = Action
 EVENT_MESSAGE_MAX = 2000
 EVENT_STRING_MAX = 1000
 EVENT_ITEMS_MAX = 1000
+EVENT_BATCH_MAX = 1000  # events in one event_append_batch call
 
 
 def _cut(text: str, limit: int) -> str:
@@ -108,7 +109,11 @@ def event_append_batch(*, task_id: uuid.UUID, events: list[dict[str, Any]]) -> l
 
     The numbers are the task's next ones, consecutive, unique and increasing, whoever else
     appends at the same time. Bounded as ``event_append`` (every string cut). One statement on
-    PostgreSQL; SQLite, whose writers are serialised anyway, takes the numbers then inserts."""
+    PostgreSQL; SQLite, whose writers are serialised anyway, takes the numbers then inserts.
+    Refused whole (DomainError on ``events``, nothing written) when one event is malformed or
+    there are more than EVENT_BATCH_MAX."""
+    if not isinstance(events, (list, tuple)) or len(events) > EVENT_BATCH_MAX:
+        raise DomainError(f"give a list of at most {EVENT_BATCH_MAX} events", field="events")
     return [event.seq for event in _append(task_id, [_event_row(e) for e in events])]
 
 

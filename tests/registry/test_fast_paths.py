@@ -122,6 +122,14 @@ def test_event_append_batch_refuses_a_bad_event_and_appends_nothing(repository, 
     assert TaskEvent.objects.filter(task=task).count() == 2
 
 
+def test_event_append_batch_refuses_too_many_events(repository):
+    task = make(repository)
+    with pytest.raises(DomainError) as refused:
+        services.event_append_batch(task_id=task.pk, events=[{"type": "x"}] * (services.EVENT_BATCH_MAX + 1))
+    assert refused.value.field == "events" and TaskEvent.objects.filter(task=task).count() == 2
+    assert len(services.event_append_batch(task_id=task.pk, events=[{"type": "x"}] * services.EVENT_BATCH_MAX)) == 1000
+
+
 @pytest.mark.parametrize("task_id", [uuid.uuid4(), "not-a-uuid"])
 def test_events_for_an_unknown_task_are_refused(db, task_id):
     with pytest.raises(TaskNotFound):
