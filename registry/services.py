@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -501,6 +502,7 @@ if _HAS_LEASE_TOKEN:
     _ATTEMPT_COLUMNS += ("lease_token",)
 
 
+@functools.cache
 def _claim_sql(named: bool) -> str:
     """The claim as one PostgreSQL statement: pick and lock the next runnable row (skipping rows
     other claimers hold), move it to running, open its attempt and record its ``claimed`` event

@@ -179,7 +179,9 @@ def test_concurrent_batches_and_single_appends_never_share_or_skip_a_number(requ
 
 
 def test_claim_is_one_statement_on_postgresql(require_postgres, repository):
-    task = make(repository, priority=1)
+    from decimal import Decimal
+
+    task = make(repository, priority=1, max_cost_usd=Decimal("2.5"), llm_config={"provider": "replay"})
     make(repository)
     with CaptureQueriesContext(connection) as captured:
         claimed, attempt = services.task_claim(runner_id="runner-a")
@@ -188,6 +190,9 @@ def test_claim_is_one_statement_on_postgresql(require_postgres, repository):
     assert claimed.pk == task.pk and claimed.status == stored.status == "running"
     assert claimed.attempts_count == stored.attempts_count == 1 and claimed.event_seq == stored.event_seq == 3
     assert claimed.started_at == stored.started_at and claimed.repository_id == repository.pk
+    # Every column comes back as the ORM would load it (JSON decoded, decimals, the repository).
+    assert claimed.llm_config == {"provider": "replay"} and claimed.test_results == {}
+    assert claimed.max_cost_usd == Decimal("2.5") and claimed.repository.name == repository.name
     row = Attempt.objects.get(task=task)
     assert (attempt.pk, attempt.number, attempt.runner_id, attempt.outcome) == (row.pk, 1, "runner-a", "running")
     assert row.heartbeat_at == attempt.heartbeat_at and row.metrics == {}
