@@ -27,6 +27,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import DecimalField, F, Q, Value
 from django.db.models.functions import Coalesce
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from common.errors import DomainError
@@ -335,57 +336,52 @@ def task_create(
 ) -> Task:
     """Create a task; it is queued at once when it has no unfinished dependency.
 
-    A handful of statements: the dependencies locked (when there are any), the task inserted with
-    the status its dependencies allow, its dependency rows in one INSERT, and its two events
-    (``created``, then the ``promote`` that queued it) in one. No cycle check: nothing can depend
-    on a task that does not exist yet."""
+    Without dependencies, on PostgreSQL: one statement, the task and its two events (``created``,
+    then the ``promote`` that queued it). Otherwise a handful: the dependencies locked, the task
+    inserted with the status they allow, its dependency rows in one INSERT, its events in one.
+    No cycle check: nothing can depend on a task that does not exist yet."""
     now = timezone.now()
+    depends_on = list(depends_on)
+    fields = {
+        "title": title,
+        "instructions": instructions,
+        "repository": repository,
+        "base_ref": base_ref or repository.default_branch,
+        "test_command": test_command,
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "timeout_seconds": timeout_seconds,
+        "max_iterations": max_iterations,
+        "llm_model": llm_model,
+        "llm_config": llm_config or {},
+        "max_steps": max_steps,
+        "max_tokens": max_tokens,
+        "max_cost_usd": max_cost_usd,
+        "owner": owner,
+    }
+    if not depends_on and connection.vendor == "postgresql":
+        # Nothing to wait for: queued at once, the task and its events in one statement (atomic
+        # by itself: no BEGIN and COMMIT round trips).
+        status = next_status(A.PROMOTE, S.PENDING)
+        events = _creation_events(repository, depends_on, status)
+        task = Task(**fields, status=status, queued_at=now, event_seq=len(events))
+        _insert_with_events(task, [_event_row(e) for e in events])
+        _known_dependencies(task, [])
+        transaction.on_commit(lambda: task_queued.send(sender=Task, task_id=task.pk))
+        return task
     with transaction.atomic():
         # Lock the dependencies: one finishing now either sees this task among its dependents
         # (after we commit) or has committed before we read its status, never neither. The
         # statuses read here, under the lock, decide where the task starts.
-        depends_on = list(depends_on)
         locked = _lock_all(depends_on)
         blocked = next((d for d in locked if d.status in (S.FAILED, S.CANCELLED)), None)
         ready = blocked is None and all(d.status == S.SUCCEEDED for d in locked)
         status = next_status(A.PROMOTE, S.PENDING) if ready else S.PENDING
-        task = Task.objects.create(
-            title=title,
-            instructions=instructions,
-            repository=repository,
-            base_ref=base_ref or repository.default_branch,
-            test_command=test_command,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout_seconds=timeout_seconds,
-            max_iterations=max_iterations,
-            llm_model=llm_model,
-            llm_config=llm_config or {},
-            max_steps=max_steps,
-            max_tokens=max_tokens,
-            max_cost_usd=max_cost_usd,
-            owner=owner,
-            status=status,
-            queued_at=now if status == S.QUEUED else None,
-        )
+        task = Task.objects.create(**fields, status=status, queued_at=now if status == S.QUEUED else None)
         if locked:
             through = Task.depends_on.through
             through.objects.bulk_create(through(from_task_id=task.pk, to_task_id=d.pk) for d in locked)
-        events = [
-            {
-                "type": "created",
-                "message": f"task created for {repository.name}",
-                "data": {"depends_on": [str(d.pk) for d in depends_on]},
-            }
-        ]
-        if status != S.PENDING:  # the same event ``_apply`` records for the promotion
-            events.append(
-                {
-                    "type": "status",
-                    "message": f"{S.PENDING} -> {status}",
-                    "data": {"from": S.PENDING, "to": status, "action": str(A.PROMOTE)},
-                }
-            )
+        events = _creation_events(repository, depends_on, status)
         task.event_seq = event_append_batch(task_id=task.pk, events=events)[-1]
         _known_dependencies(task, locked)
         if status == S.QUEUED:
@@ -393,6 +389,53 @@ def task_create(
         if blocked is not None:
             task = _fail_for_dependency(task, blocked)
     return task
+
+
+def _creation_events(repository: Any, depends_on: list[Task], status: str) -> list[dict[str, Any]]:
+    """``created``, then, when the task starts queued, the ``status`` event ``_apply`` records for
+    the promotion."""
+    events = [
+        {
+            "type": "created",
+            "message": f"task created for {repository.name}",
+            "data": {"depends_on": [str(d.pk) for d in depends_on]},
+        }
+    ]
+    if status != S.PENDING:
+        events.append(
+            {
+                "type": "status",
+                "message": f"{S.PENDING} -> {status}",
+                "data": {"from": S.PENDING, "to": status, "action": str(A.PROMOTE)},
+            }
+        )
+    return events
+
+
+def _insert_with_events(task: Task, rows: list[tuple[str, str, Any]]) -> None:
+    """PostgreSQL: INSERT ``task`` (as ``save`` would: the ORM compiles it, auto_now fields filled)
+    and its first events, numbered from 1, in one statement."""
+    query = InsertQuery(Task)
+    query.insert_values(Task._meta.local_concrete_fields, [task])
+    ((insert_sql, insert_params),) = query.get_compiler(connection=connection).as_sql()
+    encoder = TaskEvent._meta.get_field("data").encoder
+    sql = (
+        f"WITH new AS ({insert_sql} RETURNING id) "
+        "INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at) "
+        "SELECT new.id, e.ord, e.type, e.message, e.data::jsonb, %s "
+        "FROM new, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS e(type, message, data, ord)"
+    )
+    params = [
+        *insert_params,
+        task.created_at,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [json.dumps(r[2], cls=encoder) for r in rows],
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+    task._state.adding = False
+    task._state.db = connection.alias
 
 
 def _known_dependencies(task: Task, dependencies: list[Task]) -> None:
