@@ -36,7 +36,7 @@ serve: $(VENV)/.installed  ## gunicorn on $(ADDR); static files collected for Wh
 	$(PY) manage.py collectstatic --noinput -v 0
 	$(VENV)/bin/gunicorn agentrunner.wsgi -w 2 -b $(ADDR) --timeout 600
 
-# Side-by-side measurements with their floors (about 10 minutes). They need a PostgreSQL server where
+# Side-by-side measurements with their floors (about 20 minutes). They need a PostgreSQL server where
 # the user may create databases (BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/postgres)
 # and pgbench; each makes scratch databases, folders and ports of its own and removes them.
 bench: $(VENV)/.installed

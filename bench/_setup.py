@@ -1,8 +1,8 @@
 """Shared bench plumbing: scratch databases and folders, gunicorn, a real repository, statistics.
 
 Every bench uses its own throwaway PostgreSQL database (created on the server named by
-BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/postgres, and dropped at exit), its
-own temp folder and free ports, so a developer's DATABASE_URL, data folder and port 8000 are never
+BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/postgres, named ``ar_bench_*`` or
+``$BENCH_DB_PREFIX*``, and dropped at exit), its own temp folder and free ports, so a developer's DATABASE_URL, data folder and port 8000 are never
 touched.
 """
 
@@ -74,11 +74,13 @@ def _admin(sql: str) -> None:
         conn.execute(sql)
 
 
-def pg_database(label: str) -> str:
-    """Create an empty database of our own and return its URL; it is dropped at exit."""
-    name = f"ar_bench_{label}_{os.getpid()}"
+def pg_database(label: str, *, template: str | None = None) -> str:
+    """Create a database of our own (empty, or a copy of the database at URL ``template``, which
+    must have no open connection) and return its URL; it is dropped at exit."""
+    name = f"{os.environ.get('BENCH_DB_PREFIX', 'ar_bench_')}{label}_{os.getpid()}"
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    _admin(f'CREATE DATABASE "{name}"')
+    copy = f' TEMPLATE "{urlsplit(template).path.lstrip("/")}"' if template else ""
+    _admin(f'CREATE DATABASE "{name}"{copy}')
     _cleanups.append(lambda: _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     parts = urlsplit(PG_SERVER)
     return urlunsplit(parts._replace(path=f"/{name}"))

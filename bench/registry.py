@@ -1,18 +1,24 @@
 """Registry and pool service benchmark on PostgreSQL, the API behind gunicorn with DEBUG off.
 
-    python bench/registry.py [--clients 8] [--seconds 3] [--rounds 3] [--big 50000]
+    python bench/registry.py [--clients 8] [--seconds 3] [--rounds 3] [--sizes 1000,100000,1000000]
 
 Each figure is printed beside its floor measured in the same run, the compared operations
 interleaved (A B A B ..., ``--rounds`` rounds), as the median over rounds with the p25–p75 spread:
 
-- HTTP (``--clients`` keep-alive client threads against gunicorn -w 4): GET /api/health/,
-  POST /api/tasks/, GET /api/tasks/<id>/events/ (50 events), GET /api/tasks/ at 1,000 and at
-  ``--big`` tasks, each on two servers side by side: persistent connections off
-  (DJANGO_CONN_MAX_AGE=0) and on (60). Floor: pgbench -c 8 -j 2 (TPC-B-like, and -S read-only)
-  on a scratch database, and pgbench -C for the cost of a new connection.
-- Claims: ``task_claim`` in 1 and 8 processes over 5,000 queued tasks. Floor: pgbench running the
-  same shape of SQL (SELECT ... FOR UPDATE SKIP LOCKED, conditional UPDATE, two INSERTs) in 1 and 8
-  clients.
+- HTTP (``--clients`` keep-alive client threads against gunicorn -w 4, persistent connections):
+  GET /api/health/, POST /api/tasks/, GET /api/tasks/<id>/events/ (50 events). Floor: pgbench
+  -c 8 -j 2 (TPC-B-like, and -S read-only) on a scratch database, and pgbench -C for the cost of
+  a new connection.
+- List pages at each of ``--sizes`` tasks (filled with one INSERT ... SELECT FROM generate_series,
+  timed and printed): the first cursor page (``?cursor=``), a cursor page 90 % deep, and the
+  first page-number page (``?page=1``, which counts every row), 50 tasks a page.
+- Events: ``event_append_batch`` (batches of 100) and ``event_append`` (one at a time) in 8
+  processes, each on a task of its own, called in-process (the user API has no event-writing
+  endpoint). Floor: pgbench running the very statement the batch sends, 8 clients.
+- Claims: ``task_claim`` in 1, 2, 4 and 8 processes over 20,000 queued tasks, in a table of the
+  largest size. Floor: pgbench running the very statement ``task_claim`` sends (one CTE: pick with
+  SKIP LOCKED, update, insert attempt and event), as many clients. Rates are claims made / time,
+  counted in the table (a client that finds the queue empty does not count).
 - Slots: ``slot_allocate`` (default branch, fetch as the runner does) + ``slot_release`` in 16
   processes over 16 slots of a small repository. Floor: 16 processes each running the git work
   alone (reset --hard + clean -ffdx) on its own clone.
@@ -25,6 +31,8 @@ are a lower bound and the ratios compare like with like.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import multiprocessing
 import re
@@ -32,6 +40,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from _setup import (
     GIT_ENV,
@@ -46,26 +55,6 @@ from _setup import (
     spread,
 )
 
-CLAIM_SQL = """\
-\\set pri random(0, 3)
-BEGIN;
-SELECT id FROM bq WHERE status = 'queued' ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED \\gset
-UPDATE bq SET status = 'running', attempts = attempts + 1, started_at = now() WHERE id = :id AND status = 'queued';
-INSERT INTO bq_attempt (task_id, runner, heartbeat_at) VALUES (:id, 'bench', now());
-INSERT INTO bq_event (task_id, type, data, created_at) VALUES (:id, 'claimed', '{"to": "running"}', now());
-END;
-"""
-CLAIM_SCHEMA = """\
-DROP TABLE IF EXISTS bq, bq_attempt, bq_event;
-CREATE TABLE bq (id serial PRIMARY KEY, priority int NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now(),
-                 status text NOT NULL, attempts int NOT NULL DEFAULT 0, started_at timestamptz);
-CREATE INDEX bq_claim ON bq (status, priority DESC, created_at);
-CREATE TABLE bq_attempt (id serial PRIMARY KEY, task_id int NOT NULL REFERENCES bq, runner text, heartbeat_at timestamptz);
-CREATE TABLE bq_event (id serial PRIMARY KEY, task_id int NOT NULL REFERENCES bq, type text, data jsonb,
-                       created_at timestamptz);
-"""
-CLAIM_RESET = "TRUNCATE bq_attempt, bq_event; UPDATE bq SET status = 'queued', attempts = 0, started_at = NULL;"
-
 
 # --- pgbench --------------------------------------------------------------------------------------
 class PgBench:
@@ -76,20 +65,12 @@ class PgBench:
         self.url = pg_database("pgbench")
         self.workdir = workdir
         self.run("-i", "-q", "-s", "10")
-        self.psql(CLAIM_SCHEMA + "INSERT INTO bq (status) SELECT 'queued' FROM generate_series(1, 50000);")
-        (workdir / "claim.sql").write_text(CLAIM_SQL)
 
-    def run(self, *args: str) -> str:
-        done = subprocess.run([self.binary, *args, self.url], capture_output=True, text=True, cwd=self.workdir)
+    def run(self, *args: str, url: str | None = None) -> str:
+        done = subprocess.run([self.binary, *args, url or self.url], capture_output=True, text=True, cwd=self.workdir)
         if done.returncode:
             raise RuntimeError(f"pgbench {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
-
-    def psql(self, sql: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(sql)
 
     def tps(self, *args: str) -> float:
         out = self.run(*args)
@@ -100,7 +81,7 @@ class PgBench:
         return float(re.search(r"average connection time = ([\d.]+) ms", out).group(1))
 
 
-# --- claim and slot workers (forked processes, each with its own connection) ------------------------
+# --- workers (forked processes, each with its own connection) ---------------------------------------
 def _claim_worker(barrier, seconds: float, out) -> None:
     from registry.services import task_claim
 
@@ -113,6 +94,29 @@ def _claim_worker(barrier, seconds: float, out) -> None:
             break
         count += 1
     out.put(count)
+
+
+def _event_worker(barrier, seconds: float, task_id: str, batch: int, out) -> None:
+    from registry.services import event_append, event_append_batch
+
+    barrier.wait()
+    stop = time.perf_counter() + seconds
+    count = 0
+    while time.perf_counter() < stop:
+        if batch == 1:
+            event_append(task_id=task_id, type="progress", message=f"step {count}", data=_event_data(count))
+        else:
+            events = [
+                {"type": "progress", "message": f"step {count + i}", "data": _event_data(count + i)}
+                for i in range(batch)
+            ]
+            event_append_batch(task_id=task_id, events=events)
+        count += batch
+    out.put(count)
+
+
+def _event_data(n: int) -> dict:
+    return {"n": n, "tool": "write_file", "path": f"src/module_{n % 20}.py"}
 
 
 def _slot_worker(barrier, seconds: float, repository_id: int, out) -> None:
@@ -145,14 +149,17 @@ def _git_worker(barrier, seconds: float, path: str, out) -> None:
     out.put(latencies)
 
 
-def in_processes(target, n: int, seconds: float, *args) -> tuple[float, list]:
-    """Run ``target`` in ``n`` forked processes started together; returns (elapsed, their results)."""
+def in_processes(target, n: int, seconds: float, *args, each: list[tuple] | None = None) -> tuple[float, list]:
+    """Run ``target`` in ``n`` forked processes started together (process i gets ``*args`` then
+    ``each[i]``); returns (elapsed, their results)."""
     from django.db import connections
 
     connections.close_all()  # a forked child must open its own connection
     ctx = multiprocessing.get_context("fork")
     barrier, out = ctx.Barrier(n + 1), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(barrier, seconds, *args, out)) for _ in range(n)]
+    procs = [
+        ctx.Process(target=target, args=(barrier, seconds, *args, *(each[i] if each else ()), out)) for i in range(n)
+    ]
     for p in procs:
         p.start()
     barrier.wait()
@@ -164,21 +171,104 @@ def in_processes(target, n: int, seconds: float, *args) -> tuple[float, list]:
     return elapsed, results
 
 
+def _django_url() -> str:
+    """The bench's own scratch database (django_in_tempdir made it)."""
+    import os
+
+    return os.environ["DATABASE_URL"]
+
+
+def pgbench_script(sql: str, params: dict, replace: dict[str, str] | None = None) -> str:
+    """``sql`` with ``params`` bound client-side, as one pgbench command (one line)."""
+    import psycopg
+
+    with psycopg.connect(_django_url()) as conn:
+        text = psycopg.ClientCursor(conn).mogrify(sql, params)
+    for old, new in (replace or {}).items():
+        text = text.replace(old, new)
+    return " ".join(text.split()) + ";\n"
+
+
+def fill_sql(repo, owner, total: int, offset: int) -> tuple[str, list]:
+    """One INSERT ... SELECT FROM generate_series adding finished tasks, older than the rest, up to
+    ``total`` rows (from ``offset``); its SQL and parameters."""
+    from django.db import connection
+
+    from registry.models import Task
+
+    template = Task(title="", instructions="filled", repository=repo, owner=owner, status="succeeded")
+    columns, values, params = [], [], []
+    for field in Task._meta.concrete_fields:
+        columns.append(field.column)
+        if field.name == "id":
+            values.append("gen_random_uuid()")
+        elif field.name == "title":
+            values.append("'filled ' || g")
+        elif field.name in ("created_at", "updated_at", "finished_at"):
+            values.append("now() - interval '1 day' - g * interval '1 millisecond'")
+        else:
+            values.append("%s")
+            params.append(field.get_db_prep_save(getattr(template, field.attname), connection))
+    sql = (
+        f"INSERT INTO registry_task ({', '.join(columns)}) SELECT {', '.join(values)} "
+        f"FROM generate_series({offset + 1}, {total}) g"
+    )
+    return sql, params
+
+
+def run_sql(url: str, sql: str, params=None, *, fetch: bool = False):
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if fetch else None
+
+
+def deep_cursor(url: str, fraction: float) -> str:
+    """A cursor (as the API encodes one) at ``fraction`` of the way down the task list."""
+    from datetime import UTC
+
+    (count,) = run_sql(url, "SELECT count(*) FROM registry_task", fetch=True)[0]
+    rows = run_sql(
+        url,
+        "SELECT created_at FROM registry_task ORDER BY created_at DESC, id DESC OFFSET %s LIMIT 1",
+        [int(count * fraction)],
+        fetch=True,
+    )
+    position = str(rows[0][0].astimezone(UTC))
+    return base64.b64encode(urlencode({"p": position}).encode("ascii")).decode("ascii")
+
+
+def use_database(url: str) -> None:
+    """Point this process (and the processes it forks, and pgbench) at another scratch database."""
+    import os
+
+    from django.db import connections
+
+    connections.close_all()
+    name = url.rsplit("/", 1)[1]
+    connections["default"].settings_dict["NAME"] = name
+    os.environ["DATABASE_URL"] = url
+
+
 # --- main -----------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--big", type=int, default=50_000)
+    parser.add_argument("--sizes", default="1000,100000,1000000", help="task counts for the list pages")
+    parser.add_argument("--skip-slots", action="store_true")
     args = parser.parse_args()
     rounds, seconds, clients = args.rounds, args.seconds, args.clients
+    sizes = [int(x) for x in args.sizes.split(",")]
 
     data = django_in_tempdir("bench-registry-")
     from django.contrib.auth import get_user_model
     from django.db import connection
     from rest_framework.authtoken.models import Token
 
+    from registry import services
     from registry.models import Attempt, Task, TaskEvent
     from registry.services import event_append, task_create
     from repopool.services import pool_warm, repository_create
@@ -196,110 +286,187 @@ def main() -> None:
     staff = get_user_model().objects.create_user(username="bench", is_staff=True)
     auth = {"Authorization": f"Token {Token.objects.create(user=staff).key}", "Content-Type": "application/json"}
     events_task = task_create(title="events", instructions="x", repository=repo, owner=staff)
-    for i in range(49):
+    for i in range(48):
         event_append(task_id=events_task.pk, type="note", message=f"step {i}", data={"i": i})
-    for i in range(1000 - Task.objects.count()):
+    for i in range(sizes[0] - Task.objects.count()):
         task_create(title=f"t{i}", instructions="fix it", repository=repo, owner=staff)
     Task.objects.update(status="succeeded")  # the claim bench queues its own
     pgb = PgBench(data)
 
+    # One database per list size, copied from this one and filled (timed), each behind its own
+    # server, so the sizes are measured side by side, interleaved, as everything else.
+    base_url = _django_url()
+    base_count = Task.objects.count()
+    fill = fill_sql(repo, staff, max(sizes), base_count)
+    connection.close()
+    databases: dict[int, str] = {sizes[0]: base_url}
+    fills: dict[int, float] = {}
+    for size in sizes[1:]:
+        databases[size] = pg_database(f"registry_{size}", template=base_url)
+        started = time.perf_counter()
+        run_sql(databases[size], fill[0].replace(f", {max(sizes)}) g", f", {size}) g"), fill[1])
+        run_sql(databases[size], "VACUUM ANALYZE registry_task")
+        fills[size] = time.perf_counter() - started
+
     def post(c: int, n: int):
-        body = {"title": f"c{c}-{n}", "instructions": "Make add() add.", "repository": repo.pk}
+        body = {"title": f"posted {c}-{n}", "instructions": "Make add() add.", "repository": repo.pk}
         return "POST", "/api/tasks/", json.dumps(body).encode(), auth
+
+    def get(path: str):
+        return lambda c, n: ("GET", path, None, auth), 200
 
     http_cases = {
         "GET /api/health/": (lambda c, n: ("GET", "/api/health/", None, {}), 200),
         "POST /api/tasks/": (post, 201),
-        "GET /api/tasks/<id>/events/": (lambda c, n: ("GET", f"/api/tasks/{events_task.pk}/events/", None, auth), 200),
-        "GET /api/tasks/ (1,000 tasks)": (lambda c, n: ("GET", "/api/tasks/", None, auth), 200),
+        "GET /api/tasks/<id>/events/ (50 events)": get(f"/api/tasks/{events_task.pk}/events/"),
     }
-    results: dict[tuple[str, str], list[tuple[float, list[float]]]] = {}
+    server_of = dict.fromkeys(http_cases, sizes[0])
+    list_names: dict[int, list[str]] = {}
+    for size in sizes:
+        deep = quote(deep_cursor(databases[size], 0.9), safe="")
+        cases = {
+            f"GET /api/tasks/?cursor= ({size:,} tasks)": get("/api/tasks/?cursor="),
+            f"GET /api/tasks/?cursor=<90 % deep> ({size:,} tasks)": get(f"/api/tasks/?cursor={deep}"),
+            f"GET /api/tasks/?page=1 ({size:,} tasks, COUNT)": get("/api/tasks/?page=1"),
+        }
+        http_cases.update(cases)
+        server_of.update(dict.fromkeys(cases, size))
+        list_names[size] = list(cases)
+    results: dict[str, list[tuple[float, list[float]]]] = {}
     floors: dict[str, list[float]] = {"pgbench tpcb": [], "pgbench -S": [], "connect ms": []}
-    variants = {"conn age 0": {"DJANGO_CONN_MAX_AGE": "0"}, "conn age 60": {"DJANGO_CONN_MAX_AGE": "60"}}
+
     print(f"API on PostgreSQL, gunicorn -w 4, DEBUG off, {clients} clients, {rounds} rounds of {seconds:g} s")
-    with gunicorn(env=variants["conn age 0"]) as port0, gunicorn(env=variants["conn age 60"]) as port60:
-        ports = {"conn age 0": port0, "conn age 60": port60}
-
-        def http_round(names) -> None:
-            for name in names:
-                make, expect = http_cases[name]
-                for variant, port in ports.items():
-                    results.setdefault((name, variant), []).append(
-                        http_load(port, make, clients=clients, seconds=seconds, expect=expect)
-                    )
-
-        for make, expect in http_cases.values():  # warm-up: imports, first connections
-            for port in ports.values():
-                http_load(port, make, clients=clients, seconds=0.5, expect=expect)
+    with contextlib.ExitStack() as servers:
+        ports = {size: servers.enter_context(gunicorn(env={"DATABASE_URL": url})) for size, url in databases.items()}
+        for name, (make, expect) in http_cases.items():  # warm-up: imports, first connections, caches
+            http_load(ports[server_of[name]], make, clients=clients, seconds=0.5, expect=expect)
+        Task.objects.filter(title__startswith="posted ").delete()
         for _ in range(rounds):
-            http_round(list(http_cases))
+            for name, (make, expect) in http_cases.items():
+                results.setdefault(name, []).append(
+                    http_load(ports[server_of[name]], make, clients=clients, seconds=seconds, expect=expect)
+                )
+                if name.startswith("POST"):  # keep the table at its size
+                    Task.objects.filter(title__startswith="posted ").delete()
             floors["pgbench tpcb"].append(pgb.tps("-c", "8", "-j", "2", "-T", str(int(seconds))))
             floors["pgbench -S"].append(pgb.tps("-S", "-c", "8", "-j", "2", "-T", str(int(seconds))))
             floors["connect ms"].append(pgb.connect_ms(8, int(seconds)))
-
-        # The list at --big tasks: fill with bulk inserts (not timed), then the same interleaving.
-        big_name = f"GET /api/tasks/ ({args.big:,} tasks)"
-        http_cases[big_name] = http_cases["GET /api/tasks/ (1,000 tasks)"]
-        missing = args.big - Task.objects.count()
-        for start in range(0, missing, 5000):
-            Task.objects.bulk_create(
-                Task(title=f"b{start + i}", instructions="x", repository=repo, owner=staff, status="succeeded")
-                for i in range(min(5000, missing - start))
-            )
-        with connection.cursor() as cursor:
-            cursor.execute("ANALYZE")
-        for _ in range(rounds):
-            http_round([big_name])
 
     def row(label: str, samples: list[tuple[float, list[float]]], floor: float | None = None) -> str:
         rates = [rate for rate, _ in samples]
         lat = [x for _, flat in samples for x in flat]
         ratio = f"  {median(rates) / floor:7.3f}" if floor else ""
         return (
-            f"  {label:44s} {spread(rates):>22s} req/s   p50 {percentile(lat, 0.5) * 1000:6.1f} ms"
+            f"  {label:58s} {spread(rates):>22s} req/s   p50 {percentile(lat, 0.5) * 1000:6.1f} ms"
             f"   p99 {percentile(lat, 0.99) * 1000:7.1f} ms{ratio}"
         )
+
+    def p50(name: str) -> float:
+        return percentile([x for _, flat in results[name] for x in flat], 0.5)
 
     tpcb, read_only = median(floors["pgbench tpcb"]), median(floors["pgbench -S"])
     print(f"  floor: pgbench -c 8 -j 2 TPC-B-like {spread(floors['pgbench tpcb'], fmt='{:.0f}')} TPS;", end="")
     print(f" -S (read-only) {spread(floors['pgbench -S'], fmt='{:.0f}')} TPS;", end="")
     print(f" new connection (pgbench -C) {spread(floors['connect ms'])} ms")
-    print(f"  {'':44s} {'median (p25–p75)':>22s}                                        / pgbench")
+    print(f"  {'':58s} {'median (p25–p75)':>22s}                                        / pgbench")
     for name in http_cases:
-        for variant in variants:
-            floor = tpcb if name.startswith("POST") else read_only
-            print(row(f"{name} [{variant}]", results[(name, variant)], floor))
+        print(row(name, results[name], tpcb if name.startswith("POST") else read_only))
+    print("  fill (INSERT ... SELECT generate_series + VACUUM ANALYZE, on a copy of the first): ", end="")
+    print(", ".join(f"to {size:,} in {fills[size]:.1f} s" for size in sizes[1:]))
+    for i, label in enumerate(["first cursor page", "cursor page 90 % deep", "page=1 with COUNT"]):
+        base = p50(list_names[sizes[0]][i])
+        ratios = ", ".join(f"{size:,}: {p50(list_names[size][i]) / base:.2f}x" for size in sizes[1:])
+        print(f"  list p50 against {sizes[0]:,} tasks, {label}: {ratios}")
+
+    # Events and claims in the largest table.
+    use_database(databases[max(sizes)])
+
+    # --- events -----------------------------------------------------------------------------------
+    writers = 8
+    event_tasks = [task_create(title=f"ev-{i}", instructions="x", repository=repo, owner=staff) for i in range(writers)]
+    sample = [{"type": "progress", "message": f"step {i}", "data": _event_data(i)} for i in range(100)]
+    rows = [(e["type"], e["message"], e["data"]) for e in sample]
+    params = {
+        "n": 100,
+        "task_id": event_tasks[0].pk,
+        "now": services.timezone.now(),
+        "types": [r[0] for r in rows],
+        "messages": [r[1] for r in rows],
+        "datas": [json.dumps(r[2]) for r in rows],
+    }
+    script = pgbench_script(
+        services._APPEND_SQL,
+        params,
+        {f"'{event_tasks[0].pk}'::uuid": "(SELECT id FROM registry_task WHERE title = 'ev-' || :client_id)"},
+    )
+    (data / "events.sql").write_text(script)
+    event_rates: dict[str, list[float]] = {"batch": [], "single": [], "floor": []}
+    each = [(str(t.pk),) for t in event_tasks]
+    for _ in range(rounds):
+        elapsed, counts = in_processes(_event_worker, writers, seconds, each=[(*e, 100) for e in each])
+        event_rates["batch"].append(sum(counts) / elapsed)
+        out = pgb.run(
+            "-n", "-f", "events.sql", "-c", str(writers), "-j", "2", "-T", str(int(seconds)), url=_django_url()
+        )
+        event_rates["floor"].append(100 * float(re.search(r"tps = ([\d.]+)", out).group(1)))
+        elapsed, counts = in_processes(_event_worker, writers, seconds, each=[(*e, 1) for e in each])
+        event_rates["single"].append(sum(counts) / elapsed)
+    print(f"events, {writers} processes each on its own task, in-process service calls, {rounds} rounds:")
+    print(
+        f"  event_append_batch (100 a call) {spread(event_rates['batch'], fmt='{:.0f}')} events/s   "
+        f"floor (its statement in pgbench, {writers} clients) {spread(event_rates['floor'], fmt='{:.0f}')} events/s"
+        f"   ratio {median(event_rates['batch']) / median(event_rates['floor']):.3f}"
+    )
+    print(f"  event_append (one a call)       {spread(event_rates['single'], fmt='{:.0f}')} events/s")
 
     # --- claims -----------------------------------------------------------------------------------
-    queued = 5000
+    queued = 20_000
     Task.objects.bulk_create(
         Task(title=f"q{i}", instructions="x", repository=repo, status="queued") for i in range(queued)
     )
     queued_ids = list(Task.objects.filter(status="queued").values_list("pk", flat=True))
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE registry_task")
 
     def requeue() -> None:
         Attempt.objects.filter(task_id__in=queued_ids).delete()
         TaskEvent.objects.filter(task_id__in=queued_ids).delete()
-        Task.objects.filter(pk__in=queued_ids).update(status="queued", attempts_count=0, started_at=None)
+        Task.objects.filter(pk__in=queued_ids).update(status="queued", attempts_count=0, started_at=None, event_seq=0)
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM registry_task, registry_attempt, registry_taskevent")
 
-    claims: dict[int, list[float]] = {1: [], 8: []}
-    claim_floor: dict[int, list[float]] = {1: [], 8: []}
+    def claimed() -> int:
+        return Task.objects.filter(pk__in=queued_ids, status="running").count()
+
+    claim_sql = pgbench_script(services._claim_sql(named=False), services._claim_params("pgbench", None))
+    (data / "claim.sql").write_text(claim_sql)
+    counts_n = (1, 2, 4, 8)
+    claims: dict[int, list[float]] = {n: [] for n in counts_n}
+    claim_floor: dict[int, list[float]] = {n: [] for n in counts_n}
     for _ in range(rounds):
-        for n in (1, 8):
+        for n in counts_n:
             requeue()
             elapsed, counts = in_processes(_claim_worker, n, seconds)
             if sum(counts) >= queued:
                 print(f"  (warning: {n} claimers emptied the queue; raise the queue size)")
             claims[n].append(sum(counts) / elapsed)
-            pgb.psql(CLAIM_RESET)
-            claim_floor[n].append(pgb.tps("-n", "-f", "claim.sql", "-c", str(n), "-j", str(min(n, 2)), "-T", "3"))
-    print(f"claims (task_claim in N processes, {queued:,} queued), {rounds} rounds of {seconds:g} s:")
-    for n in (1, 8):
+            requeue()
+            pgb.run(
+                "-n", "-f", "claim.sql", "-c", str(n), "-j", str(min(n, 2)), "-T", str(int(seconds)), url=_django_url()
+            )
+            claim_floor[n].append(claimed() / int(seconds))
+    print(
+        f"claims (task_claim in N processes, {queued:,} queued among {Task.objects.count():,} tasks), "
+        f"{rounds} rounds of {seconds:g} s:"
+    )
+    for n in counts_n:
         ratio = median(claims[n]) / median(claim_floor[n])
         print(
-            f"  {n} claimer(s): {spread(claims[n], fmt='{:.0f}')} claims/s   floor (same SQL in pgbench, {n} clients)"
-            f" {spread(claim_floor[n], fmt='{:.0f}')} TPS   ratio {ratio:.3f}"
+            f"  {n} claimer(s): {spread(claims[n], fmt='{:.0f}')} claims/s   floor (its statement in pgbench, {n} "
+            f"clients) {spread(claim_floor[n], fmt='{:.0f}')} claims/s   ratio {ratio:.3f}"
         )
+    if args.skip_slots:
+        return
 
     # --- slots ------------------------------------------------------------------------------------
     pool_warm(repository=repo)

@@ -13,15 +13,84 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponsePermanen
 from django.urls import Resolver404, resolve
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, parsers, serializers
-from rest_framework.pagination import PageNumberPagination
+from rest_framework.pagination import CursorPagination, PageNumberPagination
 from rest_framework.response import Response
 
 from common.errors import DomainError, UnavailableError
 
 
-class Pagination(PageNumberPagination):
+class _CursorPages(CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def paginate_queryset(self, queryset, request, view=None):
+        try:
+            return super().paginate_queryset(queryset, request, view)
+        except (exceptions.NotFound, DjangoValidationError):  # undecodable, or a position of the wrong type
+            raise exceptions.ValidationError({"cursor": ["Invalid cursor: use the next or previous link as given."]})
+
+
+class Pagination(PageNumberPagination):
+    """Page numbers with an exact count (``?page=``, ``?page_size=``), the default.
+
+    A view that sets ``cursor_ordering`` (a unique order, e.g. ``("-created_at", "-id")``) also
+    serves cursor pages when asked with ``?cursor=`` (empty for the first page, then the ``next``
+    or ``previous`` link): a keyset query whose cost does not grow with the table, and no count
+    unless ``?count=exact`` is given too (a COUNT(*) reads the whole table)."""
+
+    page_size_query_param = "page_size"
+    max_page_size = 500
+    cursor_ordering: tuple[str, ...] | None = None
+
+    def paginate_queryset(self, queryset, request, view=None):
+        self.cursor = None
+        if not self.cursor_ordering or "cursor" not in request.query_params:
+            return super().paginate_queryset(queryset, request, view)
+        wanted = request.query_params.get("count")
+        if wanted not in (None, "exact"):
+            raise exceptions.ValidationError({"count": ["Give count=exact for an exact count, or leave it out."]})
+        self.cursor = _CursorPages()
+        self.cursor.ordering = self.cursor_ordering
+        self.exact_count = queryset.count() if wanted == "exact" else None
+        return self.cursor.paginate_queryset(queryset, request, view)
+
+    def get_paginated_response(self, data):
+        if self.cursor is None:
+            return super().get_paginated_response(data)
+        body = {} if self.exact_count is None else {"count": self.exact_count}
+        body.update(next=self.cursor.get_next_link(), previous=self.cursor.get_previous_link(), results=data)
+        return Response(body)
+
+    def get_paginated_response_schema(self, schema):
+        response = super().get_paginated_response_schema(schema)
+        if self.cursor_ordering:
+            response["required"] = ["results"]
+            response["properties"]["count"]["description"] = (
+                "Exact number of results: always with page numbers; with cursor pages only when count=exact."
+            )
+        return response
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        if self.cursor_ordering:
+            parameters += [
+                {
+                    "name": "cursor",
+                    "required": False,
+                    "in": "query",
+                    "description": "Cursor pages instead of page numbers: empty for the first page, then the "
+                    "value in the next or previous link. Each page costs the same however long the list.",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "count",
+                    "required": False,
+                    "in": "query",
+                    "description": "With cursor: 'exact' adds the exact count (it reads every matching row).",
+                    "schema": {"type": "string", "enum": ["exact"]},
+                },
+            ]
+        return parameters
 
 
 class PayloadTooLarge(exceptions.APIException):

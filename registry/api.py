@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+from django.db.models import F
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from common.drf import errors
+from common.drf import Pagination, errors
 from registry import services
 from registry.models import Task
 from registry.selectors import tasks_visible_to
@@ -16,6 +17,7 @@ from registry.serializers import (
     TaskDependenciesSerializer,
     TaskEventSerializer,
     TaskSerializer,
+    attach_dependency_ids,
 )
 from registry.states import TaskStatus
 from repopool.models import Repository
@@ -39,13 +41,23 @@ class EventsQuerySerializer(serializers.Serializer):
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=500)
 
 
+class TaskPagination(Pagination):
+    cursor_ordering = ("-created_at", "-id")  # the index task_list_order
+
+
 class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = TaskSerializer
+    pagination_class = TaskPagination
     lookup_value_regex = UUID_REGEX
 
     def get_queryset(self):
+        if self.action not in ("list", "retrieve"):
+            # The other actions need the task's id only (and who may see it).
+            return tasks_visible_to(self.request.user, Task.objects.only("id", "owner_id"))
+        # The names the serializer shows, joined in, rather than whole repository and user rows.
         queryset = tasks_visible_to(
-            self.request.user, Task.objects.select_related("repository", "owner").prefetch_related("depends_on")
+            self.request.user,
+            Task.objects.annotate(repository_name=F("repository__name"), owner_username=F("owner__username")),
         )
         if self.action == "list":
             query = TaskFilterSerializer(data=self.request.query_params)
@@ -64,7 +76,9 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         parameters=[TaskFilterSerializer], responses={200: TaskSerializer(many=True), **errors(400, 401, 403, 404)}
     )
     def list(self, request, *args, **kwargs):
-        return super().list(request, *args, **kwargs)
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        attach_dependency_ids(page)
+        return self.get_paginated_response(TaskSerializer(page, many=True).data)
 
     @extend_schema(responses={200: TaskSerializer, **errors(401, 403, 404)})
     def retrieve(self, request, *args, **kwargs):

@@ -16,8 +16,14 @@ class Task(models.Model):
     repository = models.ForeignKey("repopool.Repository", on_delete=models.PROTECT, related_name="tasks")
     # Who submitted the task: plain users see, cancel and retry only their own; null for tasks made
     # by operators' commands (runagent --repo, demo), which only staff see through the API.
+    # No index of its own: ``task_owner_list_order`` starts with it.
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="agent_tasks"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="agent_tasks",
+        db_index=False,
     )
     base_ref = models.CharField(max_length=255, blank=True, default="")
     test_command = models.TextField(blank=True, default="", help_text="Overrides the repository's test command.")
@@ -37,7 +43,7 @@ class Task(models.Model):
 
     depends_on = models.ManyToManyField("self", symmetrical=False, related_name="dependents", blank=True)
 
-    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING, db_index=True)
+    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING)
     failure_reason = models.CharField(max_length=32, choices=FailureReason.choices, blank=True, default="")
     failure_message = models.TextField(blank=True, default="")
     cancel_requested = models.BooleanField(default=False)
@@ -60,7 +66,7 @@ class Task(models.Model):
     # Last event sequence number handed out; bumped under the row lock (see services.event_append).
     event_seq = models.PositiveBigIntegerField(default=0)
 
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)  # indexed by ``task_list_order``
     updated_at = models.DateTimeField(auto_now=True)
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -68,7 +74,17 @@ class Task(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["status", "-priority", "created_at"], name="task_claim_order")]
+        indexes = [
+            # The claim's order over runnable tasks only: a claimed or finished task leaves it, so it
+            # stays as small as the queue (the claim's WHERE names the same status; see services).
+            models.Index(fields=["-priority", "created_at"], condition=models.Q(status="queued"), name="task_runnable"),
+            # Cursor pages of the task list (newest first; the id breaks ties). Every index is
+            # written on each status change, so there is no other on created_at or owner.
+            models.Index(fields=["-created_at", "-id"], name="task_list_order"),
+            models.Index(fields=["owner", "-created_at", "-id"], name="task_owner_list_order"),
+            # Lists and counts by status (a plain index: db_index would add a second, LIKE one).
+            models.Index(fields=["status"], name="task_status"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.title} ({self.status})"

@@ -13,6 +13,9 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import uuid
 from collections.abc import Iterable
@@ -21,9 +24,10 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import DecimalField, F, Q, Value
 from django.db.models.functions import Coalesce
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from common.errors import DomainError
@@ -53,6 +57,7 @@ A = Action
 EVENT_MESSAGE_MAX = 2000
 EVENT_STRING_MAX = 1000
 EVENT_ITEMS_MAX = 1000
+EVENT_BATCH_MAX = 1000  # events in one event_append_batch call
 
 
 def _cut(text: str, limit: int) -> str:
@@ -72,18 +77,109 @@ def _bounded(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def _event_row(event: dict[str, Any]) -> tuple[str, str, Any]:
+    """(type, message, data) of one event, bounded as event_append bounds it."""
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str) or not event["type"]:
+        raise DomainError("each event needs a non-empty string 'type'", field="events")
+    unknown = set(event) - {"type", "message", "data"}
+    if unknown:
+        raise DomainError(f"unknown event key(s): {', '.join(sorted(map(str, unknown)))}", field="events")
+    message = event.get("message") or ""
+    data = event.get("data") or {}
+    if not isinstance(message, str) or not isinstance(data, dict):
+        raise DomainError("an event's message is a string and its data an object", field="events")
+    return event["type"][:64], _cut(message, EVENT_MESSAGE_MAX), _bounded(data)
+
+
+# One statement on PostgreSQL: the UPDATE takes the task row lock (concurrent appenders queue on
+# it until commit) and hands out ``n`` numbers at once; the INSERT numbers the batch from them.
+_APPEND_SQL = """
+WITH seq AS (
+    UPDATE registry_task SET event_seq = event_seq + %(n)s WHERE id = %(task_id)s RETURNING id, event_seq
+)
+INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at)
+SELECT seq.id, seq.event_seq - %(n)s + e.ord, e.type, e.message, e.data::jsonb, %(now)s
+FROM seq, unnest(%(types)s::text[], %(messages)s::text[], %(datas)s::text[]) WITH ORDINALITY
+    AS e(type, message, data, ord)
+ORDER BY e.ord
+RETURNING id, seq
+"""
+
+
+def event_append_batch(*, task_id: uuid.UUID, events: list[dict[str, Any]]) -> list[int]:
+    """Append ``events`` (each ``{"type", "message"?, "data"?}``) in order; returns their ``seq``.
+
+    The numbers are the task's next ones, consecutive, unique and increasing, whoever else
+    appends at the same time. Bounded as ``event_append`` (every string cut). One statement on
+    PostgreSQL; SQLite, whose writers are serialised anyway, takes the numbers then inserts.
+    Refused whole (DomainError on ``events``, nothing written) when one event is malformed or
+    there are more than EVENT_BATCH_MAX."""
+    if not isinstance(events, (list, tuple)) or len(events) > EVENT_BATCH_MAX:
+        raise DomainError(f"give a list of at most {EVENT_BATCH_MAX} events", field="events")
+    return [event.seq for event in _append(task_id, [_event_row(e) for e in events])]
+
+
 def event_append(*, task_id: uuid.UUID, type: str, message: str = "", data: dict[str, Any] | None = None) -> TaskEvent:
     """Append one event; its ``seq`` is the task's next number, unique and increasing. The message
-    and every string in ``data`` are cut to a bound (see EVENT_MESSAGE_MAX)."""
-    message = _cut(message, EVENT_MESSAGE_MAX)
-    data = _bounded(data or {})
-    with transaction.atomic():
-        # The UPDATE takes the task row lock until commit: concurrent appenders queue here.
-        updated = Task.objects.filter(pk=task_id).update(event_seq=F("event_seq") + 1)
-        if not updated:
+    and every string in ``data`` are cut to a bound (see EVENT_MESSAGE_MAX). One round trip on
+    PostgreSQL (see ``event_append_batch``)."""
+    return _append(task_id, [(type[:64], _cut(message, EVENT_MESSAGE_MAX), _bounded(data or {}))])[0]
+
+
+def _take_seq_sqlite(task_id: uuid.UUID, n: int) -> int | None:
+    """Bump the task's event_seq by ``n`` and return the new value (None: no such task)."""
+    if connection.features.can_return_rows_from_bulk_insert:  # SQLite 3.35+: RETURNING
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE registry_task SET event_seq = event_seq + %s WHERE id = %s RETURNING event_seq",
+                [n, task_id.hex],
+            )
+            row = cursor.fetchone()
+        return row[0] if row else None
+    if not Task.objects.filter(pk=task_id).update(event_seq=F("event_seq") + n):
+        return None
+    return Task.objects.filter(pk=task_id).values_list("event_seq", flat=True).get()
+
+
+def _append(task_id: uuid.UUID | str, rows: list[tuple[str, str, Any]]) -> list[TaskEvent]:
+    try:
+        task_id = task_id if isinstance(task_id, uuid.UUID) else uuid.UUID(str(task_id))
+    except ValueError:
+        raise TaskNotFound(f"task {task_id} does not exist") from None
+    if not rows:
+        return []
+    now = timezone.now()
+    n = len(rows)
+    if connection.vendor == "postgresql":
+        encoder = TaskEvent._meta.get_field("data").encoder
+        params = {
+            "n": n,
+            "task_id": task_id,
+            "now": now,
+            "types": [r[0] for r in rows],
+            "messages": [r[1] for r in rows],
+            "datas": [json.dumps(r[2], cls=encoder) for r in rows],
+        }
+        with connection.cursor() as cursor:
+            cursor.execute(_APPEND_SQL, params)
+            returned = cursor.fetchall()
+        if not returned:
             raise TaskNotFound(f"task {task_id} does not exist")
-        seq = Task.objects.filter(pk=task_id).values_list("event_seq", flat=True).get()
-        return TaskEvent.objects.create(task_id=task_id, seq=seq, type=type, message=message, data=data or {})
+        returned.sort(key=lambda r: r[1])
+        return [
+            TaskEvent(id=pk, task_id=task_id, seq=seq, type=t, message=m, data=d, created_at=now)
+            for (pk, seq), (t, m, d) in zip(returned, rows, strict=True)
+        ]
+    # SQLite: writers are serialised (BEGIN IMMEDIATE), so the number, read back, is ours. Inside
+    # a caller's transaction no savepoint is needed: a refusal comes before anything is written.
+    with contextlib.nullcontext() if connection.in_atomic_block else transaction.atomic():
+        last = _take_seq_sqlite(task_id, n)
+        if last is None:
+            raise TaskNotFound(f"task {task_id} does not exist")
+        return TaskEvent.objects.bulk_create(
+            TaskEvent(task_id=task_id, seq=last - n + i, type=t, message=m, data=d, created_at=now)
+            for i, (t, m, d) in enumerate(rows, start=1)
+        )
 
 
 # --- status machine -----------------------------------------------------------------------------
@@ -238,39 +334,117 @@ def task_create(
     owner: Any = None,
     llm_config: dict | None = None,
 ) -> Task:
-    """Create a task; it is queued at once when it has no unfinished dependency."""
+    """Create a task; it is queued at once when it has no unfinished dependency.
+
+    Without dependencies, on PostgreSQL: one statement, the task and its two events (``created``,
+    then the ``promote`` that queued it). Otherwise a handful: the dependencies locked, the task
+    inserted with the status they allow, its dependency rows in one INSERT, its events in one.
+    No cycle check: nothing can depend on a task that does not exist yet."""
+    now = timezone.now()
     depends_on = list(depends_on)
+    fields = {
+        "title": title,
+        "instructions": instructions,
+        "repository": repository,
+        "base_ref": base_ref or repository.default_branch,
+        "test_command": test_command,
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "timeout_seconds": timeout_seconds,
+        "max_iterations": max_iterations,
+        "llm_model": llm_model,
+        "llm_config": llm_config or {},
+        "max_steps": max_steps,
+        "max_tokens": max_tokens,
+        "max_cost_usd": max_cost_usd,
+        "owner": owner,
+    }
+    if not depends_on and connection.vendor == "postgresql":
+        # Nothing to wait for: queued at once, the task and its events in one statement (atomic
+        # by itself: no BEGIN and COMMIT round trips).
+        status = next_status(A.PROMOTE, S.PENDING)
+        events = _creation_events(repository, depends_on, status)
+        task = Task(**fields, status=status, queued_at=now, event_seq=len(events))
+        _insert_with_events(task, [_event_row(e) for e in events])
+        _known_dependencies(task, [])
+        transaction.on_commit(lambda: task_queued.send(sender=Task, task_id=task.pk))
+        return task
     with transaction.atomic():
         # Lock the dependencies: one finishing now either sees this task among its dependents
-        # (after we commit) or has committed before we read its status, never neither.
-        _lock_all(depends_on)
-        task = Task.objects.create(
-            title=title,
-            instructions=instructions,
-            repository=repository,
-            base_ref=base_ref or repository.default_branch,
-            test_command=test_command,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout_seconds=timeout_seconds,
-            max_iterations=max_iterations,
-            llm_model=llm_model,
-            llm_config=llm_config or {},
-            max_steps=max_steps,
-            max_tokens=max_tokens,
-            max_cost_usd=max_cost_usd,
-            owner=owner,
-        )
-        _check_no_cycle(task, depends_on)
-        task.depends_on.set(depends_on)
-        event_append(
-            task_id=task.pk,
-            type="created",
-            message=f"task created for {repository.name}",
-            data={"depends_on": [str(d.pk) for d in depends_on]},
-        )
-        task = _promote_if_ready(task)
+        # (after we commit) or has committed before we read its status, never neither. The
+        # statuses read here, under the lock, decide where the task starts.
+        locked = _lock_all(depends_on)
+        blocked = next((d for d in locked if d.status in (S.FAILED, S.CANCELLED)), None)
+        ready = blocked is None and all(d.status == S.SUCCEEDED for d in locked)
+        status = next_status(A.PROMOTE, S.PENDING) if ready else S.PENDING
+        task = Task.objects.create(**fields, status=status, queued_at=now if status == S.QUEUED else None)
+        if locked:
+            through = Task.depends_on.through
+            through.objects.bulk_create(through(from_task_id=task.pk, to_task_id=d.pk) for d in locked)
+        events = _creation_events(repository, depends_on, status)
+        task.event_seq = event_append_batch(task_id=task.pk, events=events)[-1]
+        _known_dependencies(task, locked)
+        if status == S.QUEUED:
+            transaction.on_commit(lambda: task_queued.send(sender=Task, task_id=task.pk))
+        if blocked is not None:
+            task = _fail_for_dependency(task, blocked)
     return task
+
+
+def _creation_events(repository: Any, depends_on: list[Task], status: str) -> list[dict[str, Any]]:
+    """``created``, then, when the task starts queued, the ``status`` event ``_apply`` records for
+    the promotion."""
+    events = [
+        {
+            "type": "created",
+            "message": f"task created for {repository.name}",
+            "data": {"depends_on": [str(d.pk) for d in depends_on]},
+        }
+    ]
+    if status != S.PENDING:
+        events.append(
+            {
+                "type": "status",
+                "message": f"{S.PENDING} -> {status}",
+                "data": {"from": S.PENDING, "to": status, "action": str(A.PROMOTE)},
+            }
+        )
+    return events
+
+
+def _insert_with_events(task: Task, rows: list[tuple[str, str, Any]]) -> None:
+    """PostgreSQL: INSERT ``task`` (as ``save`` would: the ORM compiles it, auto_now fields filled)
+    and its first events, numbered from 1, in one statement."""
+    query = InsertQuery(Task)
+    query.insert_values(Task._meta.local_concrete_fields, [task])
+    ((insert_sql, insert_params),) = query.get_compiler(connection=connection).as_sql()
+    encoder = TaskEvent._meta.get_field("data").encoder
+    sql = (
+        f"WITH new AS ({insert_sql} RETURNING id) "
+        "INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at) "
+        "SELECT new.id, e.ord, e.type, e.message, e.data::jsonb, %s "
+        "FROM new, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS e(type, message, data, ord)"
+    )
+    params = [
+        *insert_params,
+        task.created_at,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [json.dumps(r[2], cls=encoder) for r in rows],
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+    task._state.adding = False
+    task._state.db = connection.alias
+
+
+def _known_dependencies(task: Task, dependencies: list[Task]) -> None:
+    """What ``prefetch_related("depends_on")`` would leave on a task we just wrote: its serializer
+    reads the dependencies without another query."""
+    known = task.depends_on.all()
+    known._result_cache = list(dependencies)
+    known._prefetch_done = True
+    task._prefetched_objects_cache = {"depends_on": known}
 
 
 def task_set_dependencies(*, task_id: uuid.UUID, depends_on: Iterable[Task]) -> Task:
@@ -346,20 +520,112 @@ def task_is_cancel_requested(*, task_id: uuid.UUID) -> bool:
 
 
 # --- claiming and attempts ----------------------------------------------------------------------
+# The attempt's columns at claim besides task and number. The runner API's lease token joins
+# them here (``lease_token``, a fresh UUID per claim; see ``_attempt_values``).
+_ATTEMPT_COLUMNS = ("runner_id", "started_at", "heartbeat_at", "outcome", "failure_reason", "message", "metrics")
+
+
+def _attempt_values(runner_id: str, now) -> dict[str, Any]:
+    values = {
+        "runner_id": runner_id,
+        "started_at": now,
+        "heartbeat_at": now,
+        "outcome": AttemptOutcome.RUNNING.value,
+        "failure_reason": "",
+        "message": "",
+        "metrics": "{}",
+    }
+    if _HAS_LEASE_TOKEN:
+        values["lease_token"] = uuid.uuid4()
+    return values
+
+
+_HAS_LEASE_TOKEN = any(f.name == "lease_token" for f in Attempt._meta.concrete_fields)
+if _HAS_LEASE_TOKEN:
+    _ATTEMPT_COLUMNS += ("lease_token",)
+
+
+@functools.cache
+def _claim_sql(named: bool) -> str:
+    """The claim as one PostgreSQL statement: pick and lock the next runnable row (skipping rows
+    other claimers hold), move it to running, open its attempt and record its ``claimed`` event
+    (its number taken in the same UPDATE). Every value comes from a parameter or from the row."""
+    (queued,) = sources(A.CLAIM)  # one claimable status: the partial index ``task_runnable`` covers it
+    running = next_status(A.CLAIM, queued)
+    task_columns = ", ".join(f"t.{f.column}" for f in Task._meta.concrete_fields)
+    attempt_columns = ", ".join(_ATTEMPT_COLUMNS)
+    attempt_values = ", ".join(f"%(a_{c})s" for c in _ATTEMPT_COLUMNS)
+    return f"""
+WITH claimed AS (
+    UPDATE registry_task t
+    SET status = '{running}', attempts_count = t.attempts_count + 1, event_seq = t.event_seq + 1,
+        started_at = %(now)s, updated_at = %(now)s, failure_reason = '', failure_message = ''
+    WHERE t.id = (
+        SELECT c.id FROM registry_task c
+        WHERE c.status = '{queued}' {"AND c.id = %(task_id)s" if named else ""}
+        ORDER BY c.priority DESC, c.created_at
+        LIMIT 1 FOR UPDATE SKIP LOCKED
+    ) AND t.status = '{queued}'
+    RETURNING {task_columns}
+), attempt AS (
+    INSERT INTO registry_attempt (task_id, number, {attempt_columns})
+    SELECT claimed.id, claimed.attempts_count, {attempt_values} FROM claimed
+    RETURNING id
+), event AS (
+    INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at)
+    SELECT claimed.id, claimed.event_seq, 'claimed',
+           'claimed by ' || %(runner_id)s::text || ' (attempt ' || claimed.attempts_count || ')',
+           jsonb_build_object('runner_id', %(runner_id)s::text, 'attempt', claimed.attempts_count,
+                              'from', '{queued}', 'to', '{running}'),
+           %(now)s
+    FROM claimed
+)
+SELECT claimed.*, attempt.id AS claimed_attempt_id FROM claimed, attempt
+"""
+
+
 def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tuple[Task, Attempt] | None:
     """Claim the next runnable task (highest priority, then oldest), or the one named.
 
-    Returns None when nothing is runnable. Concurrency: the candidate row is locked with
-    ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite serialises writers with
-    BEGIN IMMEDIATE) and moved with a conditional UPDATE, so no two runners get one task.
+    Returns None when nothing is runnable. Concurrency: on PostgreSQL one statement
+    (``_claim_sql``) picks the row with ``SELECT ... FOR UPDATE SKIP LOCKED`` and moves it with an
+    UPDATE that re-checks its status, opening the attempt and recording the event with it, so no two
+    runners get one task and a claim is one round trip. SQLite serialises writers with BEGIN
+    IMMEDIATE and takes the same steps one by one.
     """
+    if task_id is not None:
+        named = _get(task_id)
+        _refuse_unless(A.CLAIM, named)
+        task_id = named.pk
+    if connection.vendor == "postgresql":
+        return _claim_postgresql(runner_id, task_id)
+    return _claim_portable(runner_id, task_id)
+
+
+def _claim_params(runner_id: str, task_id: uuid.UUID | None) -> dict[str, Any]:
+    now = timezone.now()
+    values = _attempt_values(runner_id, now)
+    return {"now": now, "runner_id": runner_id, "task_id": task_id, **{f"a_{k}": v for k, v in values.items()}}
+
+
+def _claim_postgresql(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, Attempt] | None:
+    params = _claim_params(runner_id, task_id)
+    rows = list(Task.objects.raw(_claim_sql(task_id is not None), params))
+    if not rows:
+        return None
+    task = rows[0]
+    values = {column: params[f"a_{column}"] for column in _ATTEMPT_COLUMNS}
+    values["metrics"] = {}
+    attempt = Attempt(id=task.claimed_attempt_id, task=task, number=task.attempts_count, **values)
+    return task, attempt
+
+
+def _claim_portable(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, Attempt] | None:
     claimable = sources(A.CLAIM)
     with transaction.atomic():
         candidates = Task.objects.filter(status__in=claimable)
         if task_id is not None:
-            named = _get(task_id)
-            _refuse_unless(A.CLAIM, named)
-            candidates = candidates.filter(pk=named.pk)
+            candidates = candidates.filter(pk=task_id)
         task = candidates.order_by("-priority", "created_at").select_for_update(skip_locked=True).first()
         if task is None:
             return None
@@ -376,7 +642,9 @@ def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tup
         )
         if not updated:
             return None
-        attempt = Attempt.objects.create(task=task, number=number, runner_id=runner_id, heartbeat_at=now)
+        values = _attempt_values(runner_id, now)
+        values["metrics"] = {}
+        attempt = Attempt.objects.create(task=task, number=number, **values)
         event_append(
             task_id=task.pk,
             type="claimed",
@@ -587,18 +855,6 @@ def task_link_artifact(
 
 
 # --- used by the runner API and the artifact upload endpoint ------------------------------------
-def event_append_batch(*, task_id: uuid.UUID, events: list[dict[str, Any]]) -> list[int]:
-    """Append ``events`` (each ``{"type", "message", "data"}``) in order, all or none; returns
-    their sequence numbers. A simple loop over ``event_append`` in one transaction."""
-    with transaction.atomic():
-        return [
-            event_append(
-                task_id=task_id, type=event["type"], message=event.get("message") or "", data=event.get("data")
-            ).seq
-            for event in events
-        ]
-
-
 def task_artifact_link_check(*, task_id: uuid.UUID, user: Any) -> None:
     """Refuse (400, field ``task``) to attach an artifact to a task ``user`` may not see: another
     user's task is as unknown as a missing one. Checked before an upload stores any byte."""
