@@ -62,6 +62,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "agentrunner.middleware.DatabaseUnavailableMiddleware",  # a database gone away: 503, not 500
 ]
 
 ROOT_URLCONF = "agentrunner.urls"

@@ -1,0 +1,182 @@
+"""Services of our own that a fault test may stop and start: a PostgreSQL cluster and a Redis
+server, each in a temp folder on a port of its own (never the shared instances)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_BIN = Path(os.environ.get("AGENTRUNNER_PG_BIN", "/usr/lib/postgresql/15/bin"))
+# Ports of this suite (overridable): PostgreSQL from 18550, Redis from 18560, servers from 18570.
+PG_PORTS = range(int(os.environ.get("AGENTRUNNER_FAULTS_PG_PORT", "18550")), 18560)
+REDIS_PORTS = range(int(os.environ.get("AGENTRUNNER_FAULTS_REDIS_PORT", "18560")), 18570)
+SERVER_PORTS = range(int(os.environ.get("AGENTRUNNER_FAULTS_SERVER_PORT", "18570")), 18600)
+SCRATCH = Path(os.environ.get("AGENTRUNNER_FAULTS_DIR", "/tmp/ar-faults"))
+
+
+def free_port(candidates: range) -> int:
+    for port in candidates:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1}")
+
+
+def wait_for(condition, timeout: float = 30, message: str = "condition", interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class OwnPostgres:
+    """A throwaway PostgreSQL cluster (trust auth) that tests stop and start at will."""
+
+    def __init__(self) -> None:
+        SCRATCH.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="pg-", dir=SCRATCH))
+        self.data = self.folder / "data"
+        self.sockets = self.folder / "sock"
+        self.port = free_port(PG_PORTS)
+        self._as: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to the postgres user
+            self._as = ["runuser", "-u", "postgres", "--"]
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
+        self.sockets.mkdir()
+        if self._as:
+            os.chown(self.sockets, owner.pw_uid, owner.pw_gid)
+        self._pg("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def _pg(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [*self._as, str(PG_BIN / program), *args], capture_output=True, text=True, timeout=120, cwd="/"
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr or done.stdout}")
+        return done
+
+    def url(self, dbname: str) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg(
+            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "-t", "60", "start"
+        )
+
+    def stop(self) -> None:
+        """Stop at once: open connections are cut, as when the database host restarts."""
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def running(self) -> bool:
+        return self._pg("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def createdb(self, name: str, template: str = "template1") -> str:
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return self.url(name)
+
+    def query(self, dbname: str, sql: str, *params) -> list[tuple]:
+        with psycopg.connect(self.url(dbname), autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def destroy(self) -> None:
+        if self.running():
+            self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class OwnRedis:
+    """A throwaway redis-server without persistence, stopped and started on the same port."""
+
+    def __init__(self) -> None:
+        SCRATCH.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="redis-", dir=SCRATCH))
+        self.port = free_port(REDIS_PORTS)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=20, message=f"redis on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=20)
+        self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def manage_command(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "manage.py"), *args]
+
+
+def base_env(data_dir: Path, database_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a server or runner process of a fault test: our variables only as given."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI", "AGENTRUNNER_", "DJANGO_", "CELERY_", "ARTIFACTS_", "REPO_POOL_"))
+        and k != "DATABASE_URL"
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="agentrunner.settings",
+        DATABASE_URL=database_url,
+        AGENTRUNNER_DATA_DIR=str(data_dir),
+        AGENTRUNNER_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
