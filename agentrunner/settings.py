@@ -261,6 +261,9 @@ AGENTRUNNER_INSPECTOR_DIFF_MAX = env.int("AGENTRUNNER_INSPECTOR_DIFF_MAX", defau
 # --- Runner -------------------------------------------------------------------------------------
 # A running attempt whose runner has not heartbeated for this long is lost (its task runs again).
 AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS", default=120)
+# How long a runner keeps retrying what must be recorded (an attempt's finish, a slot's release, an
+# artifact) while the database is unreachable, before it gives up and leaves it to the reaper.
+AGENTRUNNER_DB_RETRY_SECONDS = env.float("AGENTRUNNER_DB_RETRY_SECONDS", default=60)
 
 # --- Sandbox ------------------------------------------------------------------------------------
 # Every setup and test command runs under bubblewrap (see docs/security.md, "The sandbox").

@@ -100,6 +100,21 @@ class Timed:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
 
 
+def _drop_broken_connection() -> None:
+    """Close this thread's database connection when it no longer works (the server restarted), so
+    the next call opens a new one. Outside a request nothing else does: a runner's threads would
+    keep failing on the dead connection after the database came back."""
+    from django.db import connection
+
+    if connection.connection is None or connection.in_atomic_block:
+        return
+    try:
+        if not connection.is_usable():
+            connection.close()
+    except Exception:  # closing a dead connection may itself fail; it is gone either way
+        connection.connection = None
+
+
 class _LocalPort:
     """Calls services in-process and adds the time spent to ``timed`` under ``name``."""
 
@@ -108,10 +123,27 @@ class _LocalPort:
     def __init__(self, timed: Timed | None = None):
         self.timed = timed or Timed()
 
-    def _call(self, fn, **kwargs) -> Any:
+    def _call(self, fn, *, deliver: bool = False, **kwargs) -> Any:
+        """Call ``fn``; a database gone away drops the connection (the next call reconnects). With
+        ``deliver`` (an outcome that must be recorded: finish, release, an artifact) the call is
+        retried with backoff while the database stays unreachable, up to
+        AGENTRUNNER_DB_RETRY_SECONDS; every such call is safe to repeat (fenced or idempotent)."""
+        from django.conf import settings
+        from django.db import InterfaceError, OperationalError
+
         started = time.monotonic()
+        give_up = started + (settings.AGENTRUNNER_DB_RETRY_SECONDS if deliver else 0)
+        delay = 0.25
         try:
-            return fn(**kwargs)
+            while True:
+                try:
+                    return fn(**kwargs)
+                except (OperationalError, InterfaceError):
+                    _drop_broken_connection()
+                    if time.monotonic() + delay > give_up:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         finally:
             self.timed.add(self.name, started)
 
@@ -174,6 +206,7 @@ class LocalRegistry(_LocalPort):
 
         self._call(
             services.task_link_artifact,
+            deliver=True,
             task_id=task_id,
             artifact_id=artifact_id,
             role=role,
@@ -186,7 +219,7 @@ class LocalRegistry(_LocalPort):
 
         try:
             task = self._call(
-                services.task_finish, task_id=task_id, attempt_id=attempt_id, status=status,
+                services.task_finish, deliver=True, task_id=task_id, attempt_id=attempt_id, status=status,
                 failure_reason=failure_reason, message=message, retry=retry, result=result, metrics=metrics,
             )  # fmt: skip
         except AttemptLost as exc:
@@ -220,7 +253,7 @@ class LocalPool(_LocalPort):
         from repopool.errors import StaleLease
 
         try:
-            self._call(services.slot_release, slot_id=slot_id, lease_token=token)
+            self._call(services.slot_release, deliver=True, slot_id=slot_id, lease_token=token)
         except StaleLease as exc:
             raise LeaseLost(exc.message) from None
 
@@ -243,7 +276,13 @@ class LocalArtifacts(_LocalPort):
         from artifacts import services
 
         artifact = self._call(
-            services.artifact_store, source=path, name=name, kind=kind, content_type=content_type, metadata=metadata
+            services.artifact_store,
+            deliver=True,
+            source=path,
+            name=name,
+            kind=kind,
+            content_type=content_type,
+            metadata=metadata,
         )
         return artifact.pk
 

@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
+import time
 from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 
 from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
@@ -17,6 +19,60 @@ from common.sandbox import sandbox_status
 from common.schema import require_schema
 
 CONFIG_ERROR_EXIT = 2  # the command cannot work as configured: nothing was created or claimed
+WORKER_DIED_EXIT = 4  # --loop: a worker died of an error of this host; the loop stopped
+# The database went away (restart, failover, network): --loop waits it out.
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+
+log = logging.getLogger(__name__)
+
+
+class _Backoff:
+    """Waits between retries while the database is away: 0.5 s doubling to 10 s."""
+
+    def __init__(self, first: float = 0.5, most: float = 10.0):
+        self.first, self.most, self.wait = first, most, first
+
+    def next(self) -> float:
+        wait, self.wait = self.wait, min(self.wait * 2, self.most)
+        return wait
+
+    def reset(self) -> None:
+        self.wait = self.first
+
+
+class _Outage:
+    """The loop's view of the database, shared by its workers: an outage is said once when it
+    begins and once when it ends, not on every retry."""
+
+    def __init__(self, say):
+        self.say = say
+        self.lock = threading.Lock()
+        self.since: float | None = None
+
+    def began(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                # The class name only: the message can name the database's host and user.
+                self.say(f"database unavailable ({type(exc).__name__}); waiting for it, retrying with backoff")
+
+    def ended(self) -> None:
+        if self.since is None:
+            return
+        with self.lock:
+            if self.since is not None:
+                self.say(f"database reachable again after {time.monotonic() - self.since:.0f} s")
+                self.since = None
+
+
+def _drop_connection(*, always: bool = False) -> None:
+    """Close this thread's connection when it is broken (or ``always``), so the next query
+    reconnects: outside a request nothing else closes a connection the server dropped."""
+    try:
+        if always or (connection.connection is not None and not connection.is_usable()):
+            connection.close()
+    except Exception:  # closing a dead connection may fail too; it is gone either way
+        connection.connection = None
 
 
 def _raise_interrupt(signum, frame):
@@ -39,7 +95,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("task_id", nargs="?", help="Run this task now, in the foreground.")
         parser.add_argument("--next", action="store_true", help="Claim and run the next runnable task.")
-        parser.add_argument("--loop", action="store_true", help="Keep claiming and running tasks.")
+        parser.add_argument(
+            "--loop",
+            action="store_true",
+            help="Keep claiming and running tasks; waits out a database outage; exits 4 when a worker dies.",
+        )
         parser.add_argument(
             "--concurrency", type=int, default=1, help="With --loop: tasks at once, each in its own slot."
         )
@@ -203,20 +263,35 @@ class Command(BaseCommand):
         )
 
     def _loop(self) -> int:
+        """Workers claim and run tasks until stopped. A database that goes away is waited out (each
+        worker backs off; the outage is said once); a worker that dies of anything else stops the
+        loop with WORKER_DIED_EXIT once the others have finished their tasks, never exit 0."""
         from agentrunner.runner.pipeline import run_task
         from repopool import services as pool
 
         failures = {"n": 0}
         lock = threading.Lock()
         stop = threading.Event()
+        outage = _Outage(self.stderr.write)
+        died: list[str] = []
 
         def worker(n: int) -> None:
+            backoff = _Backoff()
             try:
                 while not stop.is_set():
-                    summary = run_task(progress=None if self.opts["quiet"] else self._progress)
+                    try:
+                        summary = run_task(progress=None if self.opts["quiet"] else self._progress)
+                        if summary is None:
+                            # Idle: this host does the pool warming asked for over the API or admin.
+                            pool.pool_warm_requested()
+                    except DATABASE_ERRORS as exc:
+                        _drop_connection()
+                        outage.began(exc)
+                        stop.wait(backoff.next())
+                        continue
+                    outage.ended()
+                    backoff.reset()
                     if summary is None:
-                        # Idle: this host does the pool warming asked for over the API or admin.
-                        pool.pool_warm_requested()
                         if self.opts["until_idle"]:
                             return
                         stop.wait(1.0)
@@ -227,8 +302,14 @@ class Command(BaseCommand):
                             failures["n"] += 1
             except KeyboardInterrupt:  # the output pipe closed: this task wound down; claim nothing more
                 stop.set()
+            except Exception as exc:
+                log.error("runagent worker %s died", n, exc_info=True)
+                with lock:
+                    died.append(f"worker {n} died: {type(exc).__name__}: {exc}")
+                    self.stderr.write(f"{died[-1]}; stopping once the running tasks finish")
+                stop.set()
             finally:
-                connection.close()
+                _drop_connection(always=True)
 
         threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(self.opts["concurrency"])]
         for thread in threads:
@@ -242,6 +323,8 @@ class Command(BaseCommand):
             stop.set()
             for thread in threads:
                 thread.join()
+        if died:
+            raise CommandError("; ".join(died), returncode=WORKER_DIED_EXIT)
         return failures["n"]
 
     # --- output ---------------------------------------------------------------------------------
