@@ -1,5 +1,2 @@
-from __future__ import annotations
-
-from agentrunner.celery import app as celery_app
-
-__all__ = ["celery_app"]
+"""The Django project. Importing it loads nothing else: the Celery app (``agentrunner.celery``) is
+loaded by ``AgentRunnerConfig.ready()``, and ``celery -A agentrunner`` finds it by that module name."""

@@ -12,4 +12,8 @@ class AgentRunnerConfig(AppConfig):
 
         for folder in (settings.DATA_DIR, settings.TMP_ROOT, settings.SPOOL_ROOT):
             folder.mkdir(parents=True, exist_ok=True)
-        from agentrunner import receivers  # noqa: F401  (connects signal receivers)
+        # The Celery app, so shared tasks bind to it (its broker from settings) wherever Django runs.
+        from agentrunner import (
+            celery,  # noqa: F401
+            receivers,  # noqa: F401  (connects signal receivers)
+        )

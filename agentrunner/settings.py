@@ -174,11 +174,11 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # JSON only: a form body would parse into an empty dict and answer "field required" for every
     # field. Artifact uploads declare their own parsers (multipart and raw bodies).
-    "DEFAULT_PARSER_CLASSES": ["agentrunner.drf.LimitedJSONParser"],
-    "DEFAULT_PAGINATION_CLASS": "agentrunner.drf.Pagination",
+    "DEFAULT_PARSER_CLASSES": ["common.drf.LimitedJSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "common.drf.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "agentrunner.drf.exception_handler",
+    "EXCEPTION_HANDLER": "common.drf.exception_handler",
     "UNAUTHENTICATED_USER": None,
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }

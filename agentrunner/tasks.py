@@ -55,7 +55,7 @@ def run_agent_task(task_id: str) -> str:
 
 @shared_task(name="agentrunner.reap", ignore_result=True)
 def reap() -> dict:
-    from agentrunner.runner.reaper import reap as do_reap
+    from agentrunner.reaping import reap as do_reap
 
     report = do_reap()
     return {"slots": report.slots, "attempts": report.attempts}

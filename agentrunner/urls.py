@@ -5,7 +5,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from agentrunner.api import HealthView
-from agentrunner.drf import api_not_found
+from common.drf import api_not_found
 from inspector.metrics import metrics_view
 
 urlpatterns = [
@@ -27,5 +27,5 @@ urlpatterns = [
     re_path(r"^api/(?P<path>.*)$", api_not_found),  # last: JSON 404 for every other /api/ path
 ]
 
-handler400 = "agentrunner.drf.bad_request"
-handler500 = "agentrunner.drf.server_error"
+handler400 = "common.drf.bad_request"
+handler500 = "common.drf.server_error"

@@ -16,7 +16,6 @@ from rest_framework import mixins, parsers, permissions, serializers, status, vi
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from agentrunner.drf import errors
 from artifacts import services
 from artifacts.errors import ArtifactTooLarge
 from artifacts.models import Artifact
@@ -27,6 +26,7 @@ from artifacts.serializers import (
     MultipartUploadSerializer,
     UploadParamsSerializer,
 )
+from common.drf import errors
 
 CHUNK = 1024 * 1024
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -5,7 +5,7 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from agentrunner.drf import errors
+from common.drf import errors
 from registry import services
 from registry.models import Task
 from registry.selectors import tasks_visible_to

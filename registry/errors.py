@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from common.errors import ConflictError, DomainError, NotFoundError
+from common.outcomes import LeaseLost
 
 
 class InvalidTransition(ConflictError):
@@ -16,7 +17,7 @@ class DependencyCycle(DomainError):
     field = "depends_on"
 
 
-class AttemptLost(ConflictError):
+class AttemptLost(LeaseLost):
     """The attempt was reaped as lost; its runner must stop and not record a result."""
 
     code = "attempt_lost"

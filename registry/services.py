@@ -568,7 +568,18 @@ def tasks_requeue_stale(*, older_than_seconds: int) -> list[uuid.UUID]:
 def task_link_artifact(
     *, task_id: uuid.UUID, artifact_id: uuid.UUID, role: str = "", attempt_number: int | None = None
 ) -> TaskArtifact:
-    _get(task_id)
+    """Link a stored artifact to a task, idempotently. Without ``attempt_number`` the attempt is
+    the one the artifact's metadata names (a runner's artifacts carry ``attempt``; a spooled one
+    of an earlier attempt keeps its own), when the task has had that many attempts."""
+    task = _get(task_id)
+    if attempt_number is None:
+        from artifacts.models import Artifact
+
+        named = (Artifact.objects.filter(pk=artifact_id).values_list("metadata", flat=True).first() or {}).get(
+            "attempt"
+        )
+        if isinstance(named, int) and not isinstance(named, bool) and task.attempts.filter(number=named).exists():
+            attempt_number = named
     link, _ = TaskArtifact.objects.get_or_create(
         task_id=task_id, artifact_id=artifact_id, role=role, defaults={"attempt_number": attempt_number}
     )

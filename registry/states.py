@@ -38,6 +38,8 @@ from enum import StrEnum
 
 from django.db import models
 
+from common.outcomes import Reason
+
 
 class TaskStatus(models.TextChoices):
     PENDING = "pending"
@@ -48,17 +50,8 @@ class TaskStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
-class FailureReason(models.TextChoices):
-    IMPLEMENTATION_FAILED = "implementation_failed"
-    TESTS_FAILED = "tests_failed"
-    TIMEOUT = "timeout"
-    GIT_ERROR = "git_error"
-    WORKSPACE_ERROR = "workspace_error"
-    LLM_ERROR = "llm_error"
-    BUDGET_EXCEEDED = "budget_exceeded"
-    CANCELLED = "cancelled"
-    DEPENDENCY_FAILED = "dependency_failed"
-    INFRASTRUCTURE_ERROR = "infrastructure_error"
+# The values come from the one outcome vocabulary (common.outcomes.Reason).
+FailureReason = models.TextChoices("FailureReason", [(reason.name, reason.value) for reason in Reason])
 
 
 class Action(StrEnum):

@@ -5,7 +5,7 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from agentrunner.drf import errors
+from common.drf import errors
 from common.permissions import IsStaff, is_staff
 from repopool import services
 from repopool.models import Repository, Slot, SlotState

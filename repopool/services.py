@@ -29,10 +29,10 @@ from django.utils import timezone
 from common.errors import DomainError
 from common.procs import run_command, safe_env, tail_of
 from common.sandbox import SandboxPolicy
-from repopool import git
 from repopool.errors import NoSlotAvailable, RepositoryNotFound, SlotBroken, SlotNotFound, StaleLease
 from repopool.models import Repository, Slot, SlotState
 from repopool.urls_policy import check_repository_url
+from workcopy import git
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,11 @@ from agentrunner.agent.tools import SYSTEM_PROMPT, TOOL_NAMES, TOOLS
 from agentrunner.agent.workspace import SKIP_DIRS, TestRunner, ToolError, Workspace, is_git_name
 from agentrunner.llm.client import LLMClient
 from agentrunner.llm.errors import LLMError
+from common.outcomes import AGENT_FINISHED, AGENT_STOP_REASONS
 
-# Outcomes, each with the task failure reason the runner records.
-FINISHED = "finished"
-OUTCOME_REASONS = {
-    FINISHED: "",
-    "budget_exceeded": "budget_exceeded",
-    "timeout": "timeout",
-    "stuck": "implementation_failed",
-    "no_progress": "implementation_failed",
-    "cancelled": "cancelled",
-    "llm_error": "llm_error",
-}
+# Stop reasons, each with the task failure reason the runner records: the one vocabulary.
+FINISHED = AGENT_FINISHED
+OUTCOME_REASONS = AGENT_STOP_REASONS
 REPEAT_LIMIT = 3
 IDLE_LIMIT = 3
 TOOL_RESULT_LIMIT = 20_000

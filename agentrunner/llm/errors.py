@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-RETRYABLE = {"rate_limited", "timeout", "connection", "server_error", "malformed_response"}
+from common.outcomes import LLM_RETRYABLE_KINDS as RETRYABLE
+
 KINDS = {
     "authentication": "the API key was refused (401/403)",
     "model_not_found": "the model does not exist on this server (404)",

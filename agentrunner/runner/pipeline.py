@@ -31,26 +31,28 @@ from agentrunner.agent.workspace import Workspace
 from agentrunner.llm.client import LLMClient, Transcript
 from agentrunner.llm.config import TASK_CONFIG_KEYS, from_settings
 from agentrunner.runner import testreport
-from agentrunner.runner.ports import ClaimedTask, LeaseLost, Ports, SlotLease
+from agentrunner.runner.ports import ClaimedTask, Ports, SlotLease
+from common.outcomes import (
+    GitError,
+    LeaseLost,
+    NoSlotAvailable,
+    Outcome,
+    Reason,
+    RefNotFound,
+    SlotBroken,
+    Status,
+    agent_outcome,
+    outcome_for,
+)
 from common.procs import run_command, safe_env, tail_of
 from common.sandbox import SandboxPolicy, SandboxUnavailable, sandbox_status
-from repopool import git
+from workcopy import git
 
 log = logging.getLogger(__name__)
-
-TRANSIENT_LLM_KINDS = {"rate_limited", "timeout", "connection", "server_error", "malformed_response"}
 
 
 def default_runner_id() -> str:
     return settings.AGENTRUNNER_RUNNER_ID or f"{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass
-class Outcome:
-    status: str  # succeeded | failed | cancelled
-    reason: str = ""
-    message: str = ""
-    retry: bool = False
 
 
 @dataclass
@@ -106,9 +108,9 @@ class RunLog:
         self._fh.close()
 
 
-class Heartbeat(threading.Thread):
-    """Renews the slot lease at a third of its length, heartbeats the attempt and watches for a
-    cancel request (once a second) while the task runs."""
+class HeartbeatThread(threading.Thread):
+    """Heartbeats the attempt once a second (its answer carries a cancel request) and renews the
+    slot lease at a third of its length, while the task runs."""
 
     def __init__(self, run: TaskRun):
         super().__init__(daemon=True, name=f"heartbeat-{run.task.short_id}")
@@ -124,7 +126,7 @@ class Heartbeat(threading.Thread):
         try:
             while not self.stop_event.wait(1.0):
                 try:
-                    if run.ports.registry.cancel_requested(task_id=run.task.id):
+                    if run.ports.registry.heartbeat(task=run.task).cancel_requested:
                         if not run.cancel.is_set():
                             run.log("cancel requested")
                         run.cancel.set()
@@ -132,7 +134,6 @@ class Heartbeat(threading.Thread):
                         run.ports.pool.renew(
                             slot_id=run.lease.slot_id, token=run.lease.token, lease_seconds=lease_seconds
                         )
-                        run.ports.registry.heartbeat(attempt_id=run.task.attempt_id)
                         last_renew = time.monotonic()
                 except LeaseLost as exc:
                     run.log(f"lease lost ({exc}); stopping")
@@ -142,9 +143,7 @@ class Heartbeat(threading.Thread):
                 except Exception as exc:
                     run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
         finally:
-            from django.db import connection
-
-            connection.close()
+            run.ports.thread_done()
 
 
 class TaskRun:
@@ -201,11 +200,11 @@ class TaskRun:
         except BaseException as exc:
             self.log(f"progress reporter failed while winding down: {type(exc).__name__}")
 
-    def event(self, type: str, message: str = "", data: dict | None = None) -> None:
+    def event(self, kind: str, message: str = "", data: dict | None = None) -> None:
         try:
-            self.ports.registry.event(task_id=self.task.id, type=type, message=message, data=data)
+            self.ports.registry.events(task=self.task, events=[{"type": kind, "message": message, "data": data or {}}])
         except Exception as exc:  # an event that cannot be written must not end the run
-            self.log(f"could not record event {type}: {exc.__class__.__name__}")  # `type` is the event's
+            self.log(f"could not record event {kind}: {type(exc).__name__}")
 
     def phase(self, name: str):
         run = self
@@ -309,9 +308,9 @@ class TaskRun:
         )
         return 0, tail_of(output, 4000)
 
-    def on_agent_event(self, type: str, message: str, data: dict) -> None:
-        self.event(type, message, data)
-        if type == "llm_retry" and self.client is not None:
+    def on_agent_event(self, kind: str, message: str, data: dict) -> None:
+        self.event(kind, message, data)
+        if kind == "llm_retry" and self.client is not None:
             config = self.client.config
             what = "unreachable" if data.get("kind") in ("connection", "timeout") else f"failing ({data.get('kind')})"
             self.progress({
@@ -319,7 +318,7 @@ class TaskRun:
                 "note": f"LLM {what} at {config.endpoint}; retry {data.get('attempt')}/{config.max_retries} "
                 f"in {data.get('wait', 0):.0f} s",
             })  # fmt: skip
-        if type == "llm_call" and self.client is not None:
+        if kind == "llm_call" and self.client is not None:
             totals = self.client.totals
             self.progress({
                 "phase": "agent", "step": data.get("step"), "tokens": totals.total_tokens,
@@ -359,7 +358,7 @@ class TaskRun:
             summary = result.summary
             if not git.has_changes(self.lease.path, task.keep_paths):
                 return Outcome(
-                    "failed", "implementation_failed", "the agent finished without changing anything"
+                    Status.FAILED, Reason.IMPLEMENTATION_FAILED, "the agent finished without changing anything"
                 ), summary
             with self.phase("tests"):
                 code, tail = self.run_tests([], final=True)
@@ -372,7 +371,7 @@ class TaskRun:
                 return None, summary
             self.summary.tests_passed = False
             if code is None and self.remaining() <= 0:
-                return Outcome("failed", "timeout", "the task's time ran out while the tests ran"), summary
+                return Outcome(Status.FAILED, Reason.TIMEOUT, "the task's time ran out while the tests ran"), summary
             if iteration < task.max_iterations:
                 self._feedback = (
                     f"The test command `{task.test_command}` failed ({'timed out' if code is None else f'exit code {code}'}). "
@@ -380,20 +379,20 @@ class TaskRun:
                     f"\n\n{tail[-7000:]}\n\nFix the code so the tests pass, then call finish."
                 )
                 self.event("iteration", f"tests failed; agent round {iteration + 1} of {task.max_iterations}")
-        return Outcome("failed", "tests_failed", f"the tests still fail after {task.max_iterations} round(s)"), summary
+        return Outcome(
+            Status.FAILED, Reason.TESTS_FAILED, f"the tests still fail after {task.max_iterations} round(s)"
+        ), summary
 
     def _cancelled(self) -> Outcome:
         if self.lease_lost:
-            return Outcome("failed", "infrastructure_error", "the slot lease was lost (the runner stalled)", retry=True)
-        return Outcome("cancelled", "cancelled", "cancelled by request")
+            return outcome_for(LeaseLost("the slot lease was lost (the runner stalled)"))
+        return agent_outcome("cancelled", "cancelled by request")
 
     def _agent_failure(self, result) -> Outcome:
         if result.outcome == "cancelled":
             return self._cancelled()
-        if result.outcome == "llm_error":
-            kind = result.llm_error.kind if result.llm_error else ""
-            return Outcome("failed", "llm_error", result.message, retry=kind in TRANSIENT_LLM_KINDS)
-        return Outcome("failed", result.failure_reason, result.message)
+        kind = result.llm_error.kind if result.llm_error else ""
+        return agent_outcome(result.outcome, result.message, llm_error_kind=kind)
 
     def commit_and_push(self, summary: str) -> None:
         task = self.task
@@ -406,10 +405,9 @@ class TaskRun:
             self.summary.commit = commit
             self.summary.branch = self.branch
             self.summary.files_changed = git.changed_files(self.lease.path, self.base_commit)
-            remote = self.ports.pool.results_remote(repository_name=task.repository_name, push_url=task.push_url)
-            # Our own results repository also keeps the base, so the next push sends only new commits.
-            git.push(self.lease.path, remote, self.branch, base="" if task.push_url else self.base_commit)
-            self.summary.fetch = f"git fetch {remote} {self.branch}"
+            self.summary.fetch = self.ports.pool.publish(
+                task=task, path=self.lease.path, branch=self.branch, base=self.base_commit
+            )
             self.patch_path = self.workdir / f"{task.short_id}.patch"
             git.format_patch(self.lease.path, self.base_commit, self.patch_path)
             self.event(
@@ -440,18 +438,14 @@ class TaskRun:
                     self.log("storing artifacts")
                 try:
                     artifact_id = self.ports.artifacts.store(
+                        task=self.task,
                         path=path,
                         name=name,
                         kind=kind,
                         content_type=content_type,
                         metadata={"task": str(self.task.id), "attempt": self.task.attempt_number},
                     )
-                    self.ports.registry.link_artifact(
-                        task_id=self.task.id,
-                        artifact_id=artifact_id,
-                        role=kind,
-                        attempt_number=self.task.attempt_number,
-                    )
+                    self.ports.registry.link_artifact(task=self.task, artifact_id=artifact_id, role=kind)
                     self.summary.artifacts[kind] = str(artifact_id)
                 except Exception as exc:
                     ok = False
@@ -549,13 +543,15 @@ def adopt_run_folders(ports: Ports, task: ClaimedTask) -> list[int]:
         if skipped:
             data["skipped"] = skipped
         try:
-            ports.registry.event(
-                task_id=task.id,
-                type="run_recovered",
-                message=f"attempt {number} left its run folder behind (its runner was killed); "
-                f"{', '.join(kept) or 'nothing'} kept as artifacts of attempt {number}",
-                data=data,
-            )
+            ports.registry.events(
+                task=task,
+                events=[{
+                    "type": "run_recovered",
+                    "message": f"attempt {number} left its run folder behind (its runner was killed); "
+                    f"{', '.join(kept) or 'nothing'} kept as artifacts of attempt {number}",
+                    "data": data,
+                }],
+            )  # fmt: skip
         except Exception as exc:
             log.warning("could not record the recovery of attempt %s: %s", number, type(exc).__name__)
     return adopted
@@ -585,51 +581,48 @@ def spool_artifact(
     return folder
 
 
-def flush_spool(ports: Ports, task_id: uuid.UUID | None = None) -> list[str]:
-    """Upload spooled artifacts (of one task, or all); each is removed once stored and linked."""
-    root = Path(settings.SPOOL_ROOT)
-    uploaded = []
-    folders = [root / task_id.hex] if task_id else [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
-    for task_folder in folders:
-        if not task_folder.is_dir():
+def flush_spool(ports: Ports, task: ClaimedTask) -> list[str]:
+    """Upload what earlier attempts of ``task`` spooled on this host; each entry is removed once
+    stored and linked (to the attempt that spooled it: its metadata names it)."""
+    task_folder = Path(settings.SPOOL_ROOT) / task.id.hex
+    uploaded: list[str] = []
+    if not task_folder.is_dir():
+        return uploaded
+    for entry in sorted(task_folder.iterdir()):
+        manifest_path = entry / "manifest.json"
+        if not manifest_path.exists():
             continue
-        for entry in sorted(task_folder.iterdir()):
-            manifest_path = entry / "manifest.json"
-            if not manifest_path.exists():
-                continue
-            manifest = json.loads(manifest_path.read_text())
-            try:
-                artifact_id = ports.artifacts.store(
-                    path=entry / "content",
-                    name=manifest["name"],
-                    kind=manifest["kind"],
-                    content_type=manifest["content_type"],
-                    metadata={
-                        **(manifest.get("metadata") or {}),
-                        "task": manifest["task"],
-                        "attempt": manifest["attempt"],
-                        "spooled": True,
-                    },
-                )
-                ports.registry.link_artifact(
-                    task_id=uuid.UUID(manifest["task"]),
-                    artifact_id=artifact_id,
-                    role=manifest["kind"],
-                    attempt_number=manifest["attempt"],
-                )
-                ports.registry.event(
-                    task_id=uuid.UUID(manifest["task"]),
-                    type="artifact_unspooled",
-                    message=f"spooled {manifest['kind']} of attempt {manifest['attempt']} stored",
-                    data={"artifact": str(artifact_id)},
-                )
-            except Exception as exc:
-                log.warning("spooled artifact %s still cannot be stored: %s", entry, type(exc).__name__)
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            uploaded.append(str(artifact_id))
-        if task_folder.is_dir() and not any(task_folder.iterdir()):
-            task_folder.rmdir()
+        manifest = json.loads(manifest_path.read_text())
+        try:
+            artifact_id = ports.artifacts.store(
+                task=task,
+                path=entry / "content",
+                name=manifest["name"],
+                kind=manifest["kind"],
+                content_type=manifest["content_type"],
+                metadata={
+                    **(manifest.get("metadata") or {}),
+                    "task": manifest["task"],
+                    "attempt": manifest["attempt"],
+                    "spooled": True,
+                },
+            )
+            ports.registry.link_artifact(task=task, artifact_id=artifact_id, role=manifest["kind"])
+            ports.registry.events(
+                task=task,
+                events=[{
+                    "type": "artifact_unspooled",
+                    "message": f"spooled {manifest['kind']} of attempt {manifest['attempt']} stored",
+                    "data": {"artifact": str(artifact_id)},
+                }],
+            )  # fmt: skip
+        except Exception as exc:
+            log.warning("spooled artifact %s still cannot be stored: %s", entry, type(exc).__name__)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        uploaded.append(str(artifact_id))
+    if not any(task_folder.iterdir()):
+        task_folder.rmdir()
     return uploaded
 
 
@@ -649,7 +642,7 @@ def run_task(
     sandbox = sandbox_status()
     if sandbox["mode"] == "unavailable":
         raise SandboxUnavailable(sandbox["reason"])
-    ports = ports or Ports.local()
+    ports = ports or Ports.from_settings()
     runner_id = runner_id or default_runner_id()
     claim_started = time.monotonic()
     task = ports.registry.claim(runner_id=runner_id, task_id=task_id)
@@ -662,7 +655,7 @@ def run_task(
         raise
     run.phases["claim"] = time.monotonic() - claim_started
     run.log(f"claimed task {task.id} ({task.title}) attempt {task.attempt_number} as {runner_id}")
-    heartbeat = Heartbeat(run)
+    heartbeat = HeartbeatThread(run)
     outcome: Outcome | None = None
     summary_text = ""
     interrupted = False
@@ -672,13 +665,13 @@ def run_task(
                 run.log(f"adopted the run folder(s) of killed attempt(s) {', '.join(map(str, adopted))}")
         except Exception as exc:  # leftovers of an earlier attempt must not stop this one
             run.log(f"could not adopt earlier run folders: {type(exc).__name__}: {exc}")
-        if flush_spool(ports, task.id):
+        if flush_spool(ports, task):
             run.log("uploaded artifacts spooled by an earlier attempt")
         with run.phase("allocate"):
             outcome = _allocate(run)
         if outcome is None:
             heartbeat.start()
-            run.ports.registry.heartbeat(attempt_id=task.attempt_id, slot_id=run.lease.slot_id)
+            run.ports.registry.heartbeat(task=task, slot_id=run.lease.slot_id)
             with run.phase("prepare"):
                 outcome = _prepare(run)
         if outcome is None:
@@ -686,17 +679,17 @@ def run_task(
             run.summary.summary = summary_text
             if outcome is None or outcome.reason == "tests_failed":
                 run.commit_and_push(summary_text)
-    except git.GitError as exc:
-        outcome = Outcome("failed", "git_error", exc.message)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: wind down cleanly, then stop
+    except GitError as exc:
+        outcome = outcome_for(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: wind down cleanly, then stop
         run.log("interrupted")
         interrupted = True
-        outcome = Outcome("failed", "infrastructure_error", "the runner was interrupted", retry=True)
+        outcome = outcome_for(exc, "the runner was interrupted")
     except Exception as exc:  # the runner's own failure: recorded, slot still released below
         run.log("runner error:\n" + traceback.format_exc())
-        outcome = Outcome("failed", "infrastructure_error", f"{type(exc).__name__}: {exc}", retry=True)
+        outcome = outcome_for(exc)
     if outcome is None:
-        outcome = Outcome("succeeded")
+        outcome = Outcome(Status.SUCCEEDED)
     run.winding_down = True
     heartbeat.stop_event.set()
     if heartbeat.is_alive():
@@ -710,7 +703,7 @@ def run_task(
         run.summary.llm_calls = totals.calls
         try:
             ports.registry.add_usage(
-                task_id=task.id,
+                task=task,
                 prompt_tokens=totals.prompt_tokens,
                 completion_tokens=totals.completion_tokens,
                 cost_usd=None if totals.cost_unknown else totals.cost,
@@ -720,10 +713,10 @@ def run_task(
     run.log(f"outcome: {outcome.status} {outcome.reason} {outcome.message}".rstrip())
     if run.client is not None:
         run.client.transcript.close()
-    if not run.store_artifacts() and outcome.status == "succeeded":
+    if not run.store_artifacts() and outcome.status == Status.SUCCEEDED:
         outcome = Outcome(
-            "failed",
-            "infrastructure_error",
+            Status.FAILED,
+            Reason.INFRASTRUCTURE_ERROR,
             "artifacts could not be stored (kept in the spool for the next attempt)",
             retry=True,
         )
@@ -734,8 +727,9 @@ def run_task(
     metrics = _metrics(run)
     try:
         with run.phase("finish"):
+            _flush(run)
             final = ports.registry.finish(
-                task_id=task.id, attempt_id=task.attempt_id, status=outcome.status, failure_reason=outcome.reason,
+                task=task, status=outcome.status, failure_reason=outcome.reason,
                 message=outcome_message, retry=outcome.retry,
                 result={
                     "result_branch": run.summary.branch, "result_commit": run.summary.commit, "result_fetch": run.summary.fetch,
@@ -766,32 +760,36 @@ def _give_back(ports: Ports, task: ClaimedTask, message: str) -> None:
     """End a claimed attempt that never started as the runner's failure, so the task runs again."""
     try:
         ports.registry.finish(
-            task_id=task.id, attempt_id=task.attempt_id, status="failed", failure_reason="infrastructure_error",
-            message=message, retry=True, result={}, metrics={},
+            task=task, status="failed", failure_reason="infrastructure_error", message=message, retry=True,
+            result={}, metrics={},
         )  # fmt: skip
     except Exception as exc:  # the reaper ends it then
         log.warning("could not give task %s back: %s", task.id, exc.__class__.__name__)
 
 
-def _allocate(run: TaskRun) -> Outcome | None:
-    from repopool.errors import NoSlotAvailable, SlotBroken
+def _flush(run: TaskRun) -> None:
+    """Deliver buffered events and usage before the attempt ends (a no-op in-process)."""
+    try:
+        run.ports.registry.flush()
+    except Exception as exc:
+        run.log(f"could not deliver buffered events: {type(exc).__name__}: {exc}")
 
+
+def _allocate(run: TaskRun) -> Outcome | None:
     task = run.task
     refused = _check_sandbox(run)
     if refused is not None:
         return refused
     try:
         run.lease = run.ports.pool.allocate(
-            repository_id=task.repository_id, holder=f"{run.runner_id} task {task.short_id}",
+            task=task, holder=f"{run.runner_id} task {task.short_id}",
             lease_seconds=settings.AGENTRUNNER_LEASE_SECONDS, wait_seconds=settings.AGENTRUNNER_SLOT_WAIT_SECONDS,
             ref=task.base_ref,
         )  # fmt: skip
-    except git.RefNotFound as exc:
-        return Outcome("failed", "git_error", exc.message)
-    except NoSlotAvailable as exc:
-        return Outcome("failed", "workspace_error", exc.message, retry=True)
-    except (SlotBroken, git.GitError) as exc:
-        return Outcome("failed", "workspace_error", exc.message, retry=True)
+    except (RefNotFound, NoSlotAvailable, SlotBroken) as exc:
+        return outcome_for(exc)
+    except GitError as exc:  # not the ref: the working copy failed, another slot may serve
+        return outcome_for(SlotBroken(exc.message))
     run.base_commit = run.lease.commit
     run.event(
         "slot_leased",
@@ -807,7 +805,7 @@ def _check_sandbox(run: TaskRun) -> Outcome | None:
     status = sandbox_status()
     if status["mode"] == "unavailable":
         run.event("sandbox", f"commands refused: {status['reason']}", status)
-        return Outcome("failed", "infrastructure_error", status["reason"], retry=True)
+        return outcome_for(SandboxUnavailable(status["reason"]), status["reason"])
     if status["mode"] == "none":
         run.summary.sandbox = f"commands ran WITHOUT a sandbox: {status['reason']}"
         run.log(run.summary.sandbox)

@@ -145,7 +145,7 @@ def test_loop_survives_postgres_restarts_idle_and_mid_task(pg, llm, make_repo, t
         assert "Traceback" not in err and "TypeError" not in err, err
         # Each outage is said once (not once per poll), and so is its end.
         assert err.count("database unavailable") == 2, err
-        assert err.count("database reachable again") == 2, err
+        assert err.count("reachable again after") == 2, err
     finally:
         stop_process(process, signal.SIGTERM, timeout=60)
     assert process.returncode == 0, log.read_text()

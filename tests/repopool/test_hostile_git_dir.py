@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from repopool import git, services
+from repopool import services
 from repopool.models import Slot
 from tests.conftest import GIT_ENV
+from workcopy import git
 
 pytestmark = pytest.mark.django_db
 

@@ -10,10 +10,11 @@ import pytest
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from repopool import git, services
+from repopool import services
 from repopool.errors import NoSlotAvailable, StaleLease
 from repopool.models import Slot
 from tests.conftest import run_git, write_files
+from workcopy import git
 
 pytestmark = pytest.mark.django_db
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from repopool import git
 from repopool import services as pool
 from tests.conftest import run_git
+from workcopy import git
 
 pytestmark = pytest.mark.django_db
 

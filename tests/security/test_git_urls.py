@@ -99,7 +99,8 @@ def test_the_service_refuses_the_same_urls_with_the_field(marker):
 def test_git_layer_refuses_an_injected_url_even_if_one_was_stored(marker, tmp_path, repository):
     """A row written before the policy (or a push_url the server sends the runner) still never
     reaches git: clone, ls-remote, fetch and push check it again, as a GitError the runner handles."""
-    from repopool import git, services
+    from repopool import services
+    from workcopy import git
 
     lease = services.slot_allocate(repository=repository, holder="h")
     for url in injection_urls(marker):

@@ -13,7 +13,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("username")
         parser.add_argument(
-            "--staff", action="store_true", help="Make the user staff: an operator who defines repositories, warms pools, leases slots, sees every "
+            "--staff",
+            action="store_true",
+            help="Make the user staff: an operator who defines repositories, warms pools, leases slots, sees every "
             "task and artifact and uses the admin.",
         )
         parser.add_argument("--superuser", action="store_true", help="Make the user a superuser.")

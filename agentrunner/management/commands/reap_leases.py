@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from agentrunner.runner.reaper import reap
+from agentrunner.reaping import reap
 from common.schema import require_schema
 
 

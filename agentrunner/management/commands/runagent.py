@@ -15,13 +15,15 @@ from django.db import InterfaceError, OperationalError, connection
 
 from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
+from common.outcomes import ServiceUnavailable
 from common.sandbox import sandbox_status
 from common.schema import require_schema
 
 CONFIG_ERROR_EXIT = 2  # the command cannot work as configured: nothing was created or claimed
 WORKER_DIED_EXIT = 4  # --loop: a worker died of an error of this host; the loop stopped
-# The database went away (restart, failover, network): --loop waits it out.
-DATABASE_ERRORS = (OperationalError, InterfaceError)
+# What a server gone away raises (the database restarting or failing over, the API unreachable):
+# --loop waits it out. ServiceUnavailable is what the ports raise for either.
+UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, ServiceUnavailable)
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,21 @@ class _Outage:
         with self.lock:
             if self.since is None:
                 self.since = time.monotonic()
-                # The class name only: the message can name the database's host and user.
-                self.say(f"database unavailable ({type(exc).__name__}); waiting for it, retrying with backoff")
+                # Ours say what is away; of a driver's, the class name only (its message can name
+                # the database's host and user).
+                what = (
+                    exc.message
+                    if isinstance(exc, ServiceUnavailable)
+                    else f"database unavailable ({type(exc).__name__})"
+                )
+                self.say(f"{what}; waiting for it, retrying with backoff")
 
     def ended(self) -> None:
         if self.since is None:
             return
         with self.lock:
             if self.since is not None:
-                self.say(f"database reachable again after {time.monotonic() - self.since:.0f} s")
+                self.say(f"reachable again after {time.monotonic() - self.since:.0f} s")
                 self.since = None
 
 
@@ -284,7 +292,7 @@ class Command(BaseCommand):
                         if summary is None:
                             # Idle: this host does the pool warming asked for over the API or admin.
                             pool.pool_warm_requested()
-                    except DATABASE_ERRORS as exc:
+                    except UNAVAILABLE_ERRORS as exc:
                         _drop_connection()
                         outage.began(exc)
                         stop.wait(backoff.next())

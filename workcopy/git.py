@@ -21,7 +21,7 @@ the same key) and an environment that allow only the https, ssh, git and file tr
 ``ext::``/``fd::``), no hooks, no fsmonitor, no credential helpers, no system or global config and
 no prompts. Fetches name the repository's URL (from the database), never the slot's ``origin``.
 URLs and paths follow ``--`` so none is read as an option, and each URL is checked by
-``repopool.urls_policy`` again right before git sees it.
+``workcopy.urls_policy`` again right before git sees it.
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from django.conf import settings
-
-from common.errors import DomainError
+from common.outcomes import GitError, RefNotFound
 from common.sandbox import kill_processes_in
-from repopool.urls_policy import UrlRefused, check_repository_url
+from workcopy import config
+from workcopy.urls_policy import UrlRefused, check_repository_url
 
 # Never prompt for credentials, never run pagers, never pick up system or user config, and take
 # the protocol policy from our command line only (GIT_PROTOCOL_FROM_USER=0).
@@ -83,15 +82,6 @@ _REDIRECTING = ("commondir", "config.worktree", "objects/info/alternates", "obje
 _LEGACY_REMOTES = ("remotes", "branches")
 
 
-class GitError(DomainError):
-    code = "git_error"
-
-
-class RefNotFound(GitError):
-    code = "ref_not_found"
-    field = "ref"
-
-
 class UrlNotAllowed(GitError):
     """A URL the policy refuses reached the git layer (a row stored before the policy, a
     push_url sent by the server): git never sees it."""
@@ -130,7 +120,7 @@ def _run(
             input=stdin,
             stdin=None if stdin is not None else subprocess.DEVNULL,
             capture_output=True,
-            timeout=timeout or settings.REPO_POOL_GIT_TIMEOUT,
+            timeout=timeout or config.current().git_timeout,
         )
     except subprocess.TimeoutExpired:
         raise GitError(f"git {_verb(args)} timed out") from None
@@ -379,7 +369,7 @@ def _excluding_kept(keep_paths: list[str]) -> list[str]:
     if not keep_paths:
         return []
     patterns = "".join(f"/{p.strip('/')}\n" for p in sorted(set(keep_paths)))
-    folder = Path(settings.TMP_ROOT)
+    folder = config.current().tmp_root
     folder.mkdir(parents=True, exist_ok=True)
     exclude = folder / f"git-keep-{hashlib.sha256(patterns.encode()).hexdigest()[:16]}.exclude"
     if not exclude.exists():
@@ -429,7 +419,7 @@ def push(path: Path, remote: str, branch: str, *, base: str = "") -> None:
     commit is kept there too, as ``refs/agentrunner/base``: git sends what the remote lacks
     judging by the remote's refs the pusher has, and a reset prunes earlier tasks' commits from
     the slot, so without a ref to the shared history every push would send all of it."""
-    remote = _allowed_url(remote, field="push_url", extra_roots=(settings.RESULTS_ROOT,))
+    remote = _allowed_url(remote, field="push_url", extra_roots=tuple(r for r in (config.current().results_root,) if r))
     branch_ref = f"HEAD:refs/heads/{branch}"
     if base:
         try:
@@ -460,7 +450,7 @@ def content_tree(path: Path, keep_paths: list[str]) -> str:
     stands for a run on the other."""
     path = Path(path)
     gitdir = secure_slot(path)
-    folder = Path(settings.TMP_ROOT)
+    folder = config.current().tmp_root
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix="index-") as scratch:
         index = Path(scratch) / "index"
