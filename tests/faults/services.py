@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -180,3 +182,115 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class Server:
+    """The project's server (gunicorn) in its own process group on fixed addresses, so a test can
+    kill it outright (SIGKILL to master and workers) and start it again where runners expect it."""
+
+    def __init__(self, *, data_dir: Path, database_url: str, binds: list[str], env: dict[str, str] | None = None):
+        self.data_dir = data_dir
+        self.binds = binds
+        self.env = base_env(data_dir, database_url, AGENTRUNNER_AUTO_ENQUEUE="0", **(env or {}))
+        self.log_path = data_dir / "gunicorn.log"
+        self.process: subprocess.Popen | None = None
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.binds[0]}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "gunicorn", "agentrunner.wsgi", "-k", "gthread", "-w", "1", "--threads", "8",
+                "--timeout", "120", "--graceful-timeout", "5"]  # fmt: skip
+        for bind in self.binds:
+            args += ["-b", bind]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+
+        def answers() -> bool:
+            assert self.process.poll() is None, f"gunicorn exited:\n{self.log()[-3000:]}"
+            try:
+                with socket.create_connection(tuple(self.binds[-1].rsplit(":", 1)), timeout=1):  # type: ignore[arg-type]
+                    return True
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=60, message="gunicorn to listen")
+
+    def kill(self) -> None:
+        """SIGKILL to the whole server (master and workers): no graceful anything."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+class RunnerNetns:
+    """A runner host of its own: a Linux network namespace joined to this host by veth pairs, each a
+    private /30. ``api`` carries the traffic to our server (the link a test cuts); ``model`` the
+    traffic to the model's server (the outside world, which stays reachable)."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.name = f"arf-{tag}"
+        # Two /30s in 10.250.0.0/16, picked at random so parallel runs do not meet.
+        block = random.randrange(0, 15000) * 4
+        self.api_host, self.api_runner = _addr(block + 1), _addr(block + 2)
+        self.model_host, self.model_runner = _addr(block + 64001), _addr(block + 64002)
+        self.api_link = f"arfa{tag}"
+        self.model_link = f"arfm{tag}"
+        _ip("netns", "add", self.name)
+        try:
+            _ip("netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+            for link, host, runner in ((self.api_link, self.api_host, self.api_runner),
+                                       (self.model_link, self.model_host, self.model_runner)):  # fmt: skip
+                _ip("link", "add", link, "type", "veth", "peer", "name", f"{link}r")
+                _ip("link", "set", f"{link}r", "netns", self.name)
+                _ip("addr", "add", f"{host}/30", "dev", link)
+                _ip("link", "set", link, "up")
+                _ip("netns", "exec", self.name, "ip", "addr", "add", f"{runner}/30", "dev", f"{link}r")
+                _ip("netns", "exec", self.name, "ip", "link", "set", f"{link}r", "up")
+        except Exception:
+            self.destroy()
+            raise
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def cut(self) -> None:
+        _ip("link", "set", self.api_link, "down")
+
+    def restore(self) -> None:
+        _ip("link", "set", self.api_link, "up")
+
+    def destroy(self) -> None:
+        for link in (self.api_link, self.model_link):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+
+
+def _addr(n: int) -> str:
+    return f"10.250.{(n >> 8) & 255}.{n & 255}"
