@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "repopool",
     "artifacts",
     "registry",
+    "runners",
     "agentrunner",
     "inspector",
 ]
@@ -60,6 +61,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "runners.middleware.RunnerTokenConfinement",  # a runner token opens /api/runner/ only
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "agentrunner.middleware.DatabaseUnavailableMiddleware",  # a database gone away: 503, not 500
@@ -264,6 +266,8 @@ AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS",
 # How long a runner keeps retrying what must be recorded (an attempt's finish, a slot's release, an
 # artifact) while the database is unreachable, before it gives up and leaves it to the reaper.
 AGENTRUNNER_DB_RETRY_SECONDS = env.float("AGENTRUNNER_DB_RETRY_SECONDS", default=60)
+# The largest results bundle a remote runner may upload (POST /api/runner/v1/attempts/{id}/results/).
+AGENTRUNNER_RESULTS_BUNDLE_MAX = env.int("AGENTRUNNER_RESULTS_BUNDLE_MAX", default=1024**3)
 
 # --- Sandbox ------------------------------------------------------------------------------------
 # Every setup and test command runs under bubblewrap (see docs/security.md, "The sandbox").
@@ -305,6 +309,27 @@ AGENTRUNNER_TEST_TIMEOUT = env.int("AGENTRUNNER_TEST_TIMEOUT", default=900)
 AGENTRUNNER_GIT_AUTHOR_NAME = env.str("AGENTRUNNER_GIT_AUTHOR_NAME", default="Agent Runner")
 AGENTRUNNER_GIT_AUTHOR_EMAIL = env.str("AGENTRUNNER_GIT_AUTHOR_EMAIL", default="agent-runner@localhost")
 AGENTRUNNER_PUBLIC_URL = env.str("AGENTRUNNER_PUBLIC_URL", default="http://127.0.0.1:8000")
+# --- Remote runner: a runner host holds an API URL and a runner token, never the database --------
+# Base URL of the server (the runner API lives under /api/runner/v1/); each service's own URL, when
+# set, overrides it for that service (they may be served from different hosts).
+AGENTRUNNER_API_URL = env.str("AGENTRUNNER_API_URL", default="")
+TASK_REGISTRY_URL = env.str("TASK_REGISTRY_URL", default="")
+REPO_POOL_URL = env.str("REPO_POOL_URL", default="")
+ARTIFACT_STORE_URL = env.str("ARTIFACT_STORE_URL", default="")
+AGENTRUNNER_RUNNER_TOKEN = env.str("AGENTRUNNER_RUNNER_TOKEN", default="")  # art_r_...: never logged
+AGENTRUNNER_API_CONNECT_TIMEOUT = env.float("AGENTRUNNER_API_CONNECT_TIMEOUT", default=5.0)
+AGENTRUNNER_API_READ_TIMEOUT = env.float("AGENTRUNNER_API_READ_TIMEOUT", default=30.0)
+# One call is retried (connection errors, timeouts, 429, 502/503/504) for at most this long.
+AGENTRUNNER_API_RETRY_SECONDS = env.float("AGENTRUNNER_API_RETRY_SECONDS", default=60.0)
+# Delivering what a run buffered and its finish: tried until delivered, fenced, or this long.
+AGENTRUNNER_API_FINISH_RETRY_SECONDS = env.float("AGENTRUNNER_API_FINISH_RETRY_SECONDS", default=900.0)
+AGENTRUNNER_API_HEARTBEAT_RETRY_SECONDS = env.float("AGENTRUNNER_API_HEARTBEAT_RETRY_SECONDS", default=10.0)
+AGENTRUNNER_API_BACKOFF_BASE = env.float("AGENTRUNNER_API_BACKOFF_BASE", default=0.25)
+AGENTRUNNER_API_BACKOFF_MAX = env.float("AGENTRUNNER_API_BACKOFF_MAX", default=15.0)
+# What this host announces it can hold: {"<repository name>": slots}; unset: the repository's pool size.
+AGENTRUNNER_HOST_CAPACITY = env.json("AGENTRUNNER_HOST_CAPACITY", default={})
+# A runner loop's long-poll: how long one claim waits on the server for a task to become runnable.
+AGENTRUNNER_CLAIM_WAIT_SECONDS = env.float("AGENTRUNNER_CLAIM_WAIT_SECONDS", default=20.0)
 # Beat: how often to reap, and when a queued task counts as lost by the broker.
 AGENTRUNNER_REAP_INTERVAL = env.int("AGENTRUNNER_REAP_INTERVAL", default=60)
 AGENTRUNNER_REQUEUE_AFTER = env.int("AGENTRUNNER_REQUEUE_AFTER", default=900)

@@ -19,6 +19,7 @@ urlpatterns = [
         SpectacularRedocView.as_view(url_name="schema", template_name="agentrunner/redoc.html"),
         name="redoc",
     ),
+    path("api/runner/v1/", include("runners.urls")),
     path("api/", include("registry.urls")),
     path("api/", include("repopool.urls")),
     path("api/", include("artifacts.urls")),

@@ -12,7 +12,7 @@ from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from django.utils.http import content_disposition_header
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import mixins, parsers, permissions, serializers, status, viewsets
+from rest_framework import mixins, parsers, permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
@@ -134,11 +134,9 @@ class ArtifactViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             content_type = content_type.split(";")[0].strip() if content_type else ""
         task_id = params.get("task")
         if task_id is not None:
-            from registry.selectors import tasks_visible_to
+            from registry.services import task_artifact_link_check
 
-            # Only a task the uploader may see: another user's task is as unknown as a missing one.
-            if not tasks_visible_to(request.user).filter(pk=task_id).exists():
-                raise serializers.ValidationError({"task": [f"Unknown task {task_id}."]})
+            task_artifact_link_check(task_id=task_id, user=request.user)
         artifact = services.artifact_store(
             source=source,
             name=name,
@@ -189,9 +187,9 @@ def _linker(task_id, role):
         return None
 
     def link(artifact):
-        from registry.services import task_link_artifact
+        from registry.services import task_artifact_link
 
-        task_link_artifact(task_id=task_id, artifact_id=artifact.pk, role=role)
+        task_artifact_link(task_id=task_id, artifact_id=artifact.pk, role=role)
 
     return link
 

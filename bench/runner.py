@@ -4,11 +4,17 @@ The repository is real source: Django's own files (about 3,600) plus a small mod
 and its test; PostgreSQL in a scratch database, DEBUG off.
 
     python bench/runner.py [--tasks 20] [--delay 0.05] [--speedup-delay 1.0] [--speedup-tasks 16]
+                           [--rounds 8] [--claim-tasks 320] [--claimers 16]
 
 Prints (1) the runner's own overhead per task, wall time minus LLM time minus test time, median
 and p95, with the time per phase; (2) the speedup of `runagent --loop --concurrency 1, 2, 4, 8`
-on `--speedup-tasks` tasks whose LLM answers take `--speedup-delay` seconds each.
-Targets: overhead under 250 ms per task; speedup at 8 at least 6x.
+on `--speedup-tasks` tasks whose LLM answers take `--speedup-delay` seconds each; (3) the same
+overhead in both modes side by side, in-process ports and HTTP ports against the API under
+gunicorn, interleaved (local, http, http, local, ...) for `--rounds` rounds; (4) the claim rate of
+`--claimers` remote runners (threads, each its own HTTP client and token) over `--claim-tasks`
+queued tasks, beside the same number of in-process claimers.
+Targets: overhead under 250 ms per task; speedup at 8 at least 6x; HTTP overhead under 1.5x the
+in-process overhead and under 400 ms a task.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import threading
 import time
 from pathlib import Path
 
-from _setup import ROOT, build_django_repo, django_in_tempdir, median, percentile, temp_dir
+from _setup import ROOT, build_django_repo, django_in_tempdir, gunicorn, median, percentile, spread, temp_dir
 
 
 def sample_repo(where: Path) -> Path:
@@ -37,6 +44,10 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05)
     parser.add_argument("--speedup-delay", type=float, default=1.0)
     parser.add_argument("--speedup-tasks", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the two modes")
+    parser.add_argument("--claim-tasks", type=int, default=320)
+    parser.add_argument("--claimers", type=int, default=16)
+    parser.add_argument("--only-modes", action="store_true", help="only (3) and (4)")
     args = parser.parse_args()
 
     django_in_tempdir("bench-runner-")
@@ -67,7 +78,16 @@ def main() -> None:
         test_command=f"{sys.executable} -m pytest -q -p no:cacheprovider test_calc.py",
     )  # fmt: skip
     pool_warm(repository=repo)
+    if not args.only_modes:
+        overhead_and_speedup(args, server, repo, run_task, Attempt, Task, task_create, call_command)
+    server.delay = args.delay
+    repo.test_command = f"{sys.executable} -m pytest -q -p no:cacheprovider test_calc.py"
+    repo.save()
+    both_modes(args, server, repo)
+    server.stop()
 
+
+def overhead_and_speedup(args, server, repo, run_task, Attempt, Task, task_create, call_command) -> None:
     # (1) overhead per task, sequential
     for i in range(args.tasks + 1):
         task_create(title=f"t{i}", instructions="make add() add", repository=repo)
@@ -111,7 +131,103 @@ def main() -> None:
     for concurrency, seconds in results.items():
         print(f"  concurrency {concurrency}: {seconds:6.1f} s   speedup {results[1] / seconds:4.1f}x")
     print("  (target: at least 6x at 8)")
-    server.stop()
+    Task.objects.all().update(status="succeeded")
+
+
+def _overhead(summary, metrics) -> float:
+    return summary.timings["total"] - metrics["llm"]["duration"] - metrics["test_seconds"]
+
+
+def both_modes(args, server, repo) -> None:
+    """(3) per-task overhead, in-process vs HTTP, interleaved; (4) the claim rate of remote runners."""
+    from agentrunner.runner import http
+    from agentrunner.runner.pipeline import run_task
+    from agentrunner.runner.ports import Ports
+    from registry.models import Attempt, Task
+    from registry.services import task_claim, task_create
+    from runners.services import runner_token_create
+
+    Task.objects.exclude(status__in=("succeeded", "failed", "cancelled")).update(status="succeeded")
+    _token, raw = runner_token_create(name="bench-remote")
+    remote_pool = temp_dir("bench-runner-remote-pool-")
+    with gunicorn(workers=2) as port:
+        base = f"http://127.0.0.1:{port}"
+        config = http.ApiConfig(
+            registry_url=http.api_root(base), pool_url=http.api_root(base), artifacts_url=http.api_root(base),
+            token=raw, host="bench-remote",
+        )  # fmt: skip
+        http.announce_host(config, capacity={repo.name: 2})
+
+        def remote_ports() -> Ports:
+            return http.ports(config, pool_root=remote_pool)
+
+        def one(mode: str) -> float:
+            task = task_create(title=f"{mode}", instructions="make add() add", repository=repo)
+            ports = Ports.local() if mode == "local" else remote_ports()
+            summary = run_task(task_id=task.pk, ports=ports)
+            assert summary.status == "succeeded", (mode, summary.message)
+            return _overhead(summary, Attempt.objects.get(task_id=summary.task_id).metrics)
+
+        one("local"), one("http")  # warm-up: each mode's slot cloned and set up, not counted
+        samples: dict[str, list[float]] = {"local": [], "http": []}
+        for n in range(args.rounds):
+            for mode in ("local", "http") if n % 2 == 0 else ("http", "local"):
+                samples[mode].append(one(mode))
+        local, remote = median(samples["local"]), median(samples["http"])
+        print(
+            f"overhead per task, both modes side by side ({args.rounds} interleaved rounds, LLM delay {args.delay}s; "
+            "wall - LLM - tests), ms, median (p25-p75):"
+        )
+        print(f"  in-process ports: {spread(samples['local'], 1000)}")
+        print(f"  HTTP ports (gunicorn -w 2, same machine): {spread(samples['http'], 1000)}")
+        print(f"  ratio HTTP / in-process: {remote / local:.2f}x   (targets: < 1.5x and < 400 ms)")
+
+        # (4) the claim rate: N remote runners claiming as fast as they can, beside N in-process ones.
+        def claim_round(mode: str) -> float:
+            for i in range(args.claim_tasks):
+                task_create(title=f"claim-{mode}-{i}", instructions="x", repository=repo)
+            barrier = threading.Barrier(args.claimers + 1)
+            counts = [0] * args.claimers
+
+            def claimer(index: int) -> None:
+                from django.db import connection
+
+                api = http.ApiClient(config) if mode == "http" else None
+                registry = http.HttpRegistry(api, config.registry_url) if api else None
+                barrier.wait()
+                try:
+                    while True:
+                        if registry is not None:
+                            got = registry.claim(runner_id=f"bench-{index}", wait=0)
+                        else:
+                            got = task_claim(runner_id=f"bench-{index}", task_id=None)
+                        if got is None:
+                            return
+                        counts[index] += 1
+                finally:
+                    if api is not None:
+                        api.close()
+                    connection.close()
+
+            threads = [threading.Thread(target=claimer, args=(i,)) for i in range(args.claimers)]
+            for thread in threads:
+                thread.start()
+            barrier.wait()
+            started = time.perf_counter()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - started
+            assert sum(counts) == args.claim_tasks, (mode, sum(counts))
+            Task.objects.filter(status="running").update(status="succeeded")
+            return sum(counts) / elapsed
+
+        rates: dict[str, list[float]] = {"local": [], "http": []}
+        for n in range(2):
+            for mode in ("http", "local") if n % 2 == 0 else ("local", "http"):
+                rates[mode].append(claim_round(mode))
+        print(f"claims per second, {args.claimers} claimers over {args.claim_tasks} queued tasks (2 rounds each):")
+        print(f"  remote runners (POST /api/runner/v1/claim/): {spread(rates['http'])}")
+        print(f"  in-process (task_claim): {spread(rates['local'])}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ class Attempt(models.Model):
     failure_reason = models.CharField(max_length=32, blank=True, default="")
     message = models.TextField(blank=True, default="")
     metrics = models.JSONField(default=dict, blank=True)
+    # The fencing token of this attempt, new for every claim: a remote runner sends it with every
+    # attempt-scoped call, and a call without the current one changes nothing (409 lease_lost).
+    lease_token = models.UUIDField(default=uuid.uuid4, editable=False)
 
     class Meta:
         ordering = ["task", "number"]

@@ -584,3 +584,32 @@ def task_link_artifact(
         task_id=task_id, artifact_id=artifact_id, role=role, defaults={"attempt_number": attempt_number}
     )
     return link
+
+
+# --- used by the runner API and the artifact upload endpoint ------------------------------------
+def event_append_batch(*, task_id: uuid.UUID, events: list[dict[str, Any]]) -> list[int]:
+    """Append ``events`` (each ``{"type", "message", "data"}``) in order, all or none; returns
+    their sequence numbers. A simple loop over ``event_append`` in one transaction."""
+    with transaction.atomic():
+        return [
+            event_append(
+                task_id=task_id, type=event["type"], message=event.get("message") or "", data=event.get("data")
+            ).seq
+            for event in events
+        ]
+
+
+def task_artifact_link_check(*, task_id: uuid.UUID, user: Any) -> None:
+    """Refuse (400, field ``task``) to attach an artifact to a task ``user`` may not see: another
+    user's task is as unknown as a missing one. Checked before an upload stores any byte."""
+    from registry.selectors import tasks_visible_to
+
+    if not tasks_visible_to(user).filter(pk=task_id).exists():
+        raise DomainError(f"Unknown task {task_id}.", field="task")
+
+
+def task_artifact_link(
+    *, task_id: uuid.UUID, artifact_id: uuid.UUID, role: str = "", attempt_number: int | None = None
+) -> TaskArtifact:
+    """Link a stored artifact to a task under ``role``; linking the same again changes nothing."""
+    return task_link_artifact(task_id=task_id, artifact_id=artifact_id, role=role, attempt_number=attempt_number)

@@ -104,6 +104,10 @@ class Slot(models.Model):
     )
     setup_hash = models.CharField(max_length=64, blank=True, default="")
     fetched_at = models.DateTimeField(null=True, blank=True, help_text="Last fetch from origin.")
+    needs_reset = models.BooleanField(
+        default=False,
+        help_text="Its lease expired on a remote host: that host resets the copy before the next use.",
+    )
     last_error = models.TextField(blank=True, default="")
     lease_count = models.PositiveIntegerField(default=0)
 

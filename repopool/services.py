@@ -1,42 +1,45 @@
-"""Every write to the repo pool.
+"""Every write to the repo pool: repositories, and the server host's own pool of slots.
+
+The slot functions here (allocate, release, warm, force release, reap) compose the bookkeeping
+(``repopool.bookkeeping``: rows, leases, fencing, database only) with the working copies
+(``workcopy.slots``: git, setup, disk, no database) on the server's own host. A remote runner host
+does the ``workcopy`` half itself and reaches the bookkeeping through the runner API.
 
 Invariants:
-- A slot changes state only through conditional UPDATEs (``WHERE state=... [AND lease_token=...]``);
-  the row count says whether we won. No git work runs inside a transaction or row lock: the state
-  change commits first, the git work follows, the outcome is recorded after.
+- No git work runs inside a transaction or row lock: the state change commits first, the git
+  work follows, the outcome is recorded after.
 - ``lease_token`` is the fencing token, new for every lease: renew and release must present it,
   so a runner whose lease expired (and was reaped, maybe re-leased) can never touch the slot.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import stat
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db import transaction
 from django.utils import timezone
 
-from common.errors import DomainError
-from common.procs import run_command, safe_env, tail_of
-from common.sandbox import SandboxPolicy
-from repopool.errors import NoSlotAvailable, RepositoryNotFound, SlotBroken, SlotNotFound, StaleLease
+from repopool import bookkeeping
+from repopool.bookkeeping import (  # noqa: F401  (the remote hosts' half, served by the runner API)
+    slot_lease,
+    slot_prepared,
+    slot_release_remote,
+    slots_reap_remote,
+)
+from repopool.errors import NoSlotAvailable, RefNotFound, RepositoryNotFound
 from repopool.models import Repository, Slot, SlotState
 from repopool.urls_policy import check_repository_url
-from workcopy import git
+from workcopy import git, slots
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEASE_SECONDS = 3600  # a renew of a lease whose length was never stored
+DEFAULT_LEASE_SECONDS = bookkeeping.DEFAULT_LEASE_SECONDS
 # What may name a repository in a filter: an id in ASCII digits or a well-formed repository name.
 REPOSITORY_REF_REGEX = r"^(?:[0-9]{1,18}|(?!\.{1,2}\Z)[A-Za-z0-9._-]{1,100})\Z"
 REPOSITORY_REF_HELP = "Give a repository id (digits 0-9) or name (letters, digits, '-', '_', '.')."
@@ -164,106 +167,39 @@ def repository_find_or_create_for_url(*, url: str, name: str = "", test_command:
     return repository_create(name=candidate, url=url, test_command=test_command)
 
 
-# --- warming and cloning ------------------------------------------------------------------------
-# A watched file is a lockfile or a requirements list; past this size only its size counts.
-SETUP_HASH_READ_MAX = 64 * 1024 * 1024
-_HASH_CHUNK = 1024 * 1024
-
-
-def _setup_hash(repository: Repository, path: Path) -> str:
-    """The setup command and the watched files. Those files were just written by hostile code
-    (the setup command itself): read in bounded chunks, up to a bounded size, regular files only
-    (never a FIFO that would block the runner)."""
-    digest = hashlib.sha256(repository.setup_command.encode())
-    for name in repository.setup_watch_files:
-        digest.update(name.encode() + b"\0")
-        try:
-            fd = os.open(path / name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                continue
-            digest.update(f"{info.st_size}\0".encode())
-            left = SETUP_HASH_READ_MAX
-            while left > 0 and (chunk := handle.read(min(_HASH_CHUNK, left))):
-                digest.update(chunk)
-                left -= len(chunk)
-    return digest.hexdigest()
-
-
-def _run_setup(repository: Repository, path: Path) -> None:
-    if not repository.setup_command.strip():
-        return
-    out = Path(settings.TMP_ROOT) / f"setup-{repository.name}-{uuid.uuid4().hex[:8]}.log"
-    try:
-        result = run_command(
-            repository.setup_command,
-            cwd=path,
-            timeout=settings.REPO_POOL_SETUP_TIMEOUT,
-            output_path=out,
-            env=safe_env(),
-            policy=SandboxPolicy(writable=path, network=repository.setup_network),
-        )
-        tail = tail_of(out, 2000)
-    finally:
-        out.unlink(missing_ok=True)
-    if result.timed_out:
-        raise SlotBroken(f"setup command timed out after {settings.REPO_POOL_SETUP_TIMEOUT}s: {tail}")
-    if not result.ok:
-        raise SlotBroken(f"setup command exited with {result.exit_code}: {tail}")
-
-
-def _prepare_new_slot(slot: Slot, repository: Repository) -> tuple[str, str]:
-    """Clone and set up; returns (commit, setup hash). Runs outside any transaction."""
-    path = Path(slot.path)
-    git.clone(repository.url, path)
-    commit = git.resolve_or_fetch(path, repository.default_branch, url=repository.url)
-    # The same state a reset leaves: detached at the commit, no local branches.
-    git.reset_clean(path, commit, list(repository.keep_paths))
-    _run_setup(repository, path)
-    return commit, _setup_hash(repository, path)
-
-
-def _mark_broken(
-    slot_id: int, error: str, *, from_states: list[str] | None = None, token: uuid.UUID | None = None
-) -> bool:
-    query = Slot.objects.filter(pk=slot_id)
-    if from_states:
-        query = query.filter(state__in=from_states)
-    if token is not None:
-        query = query.filter(lease_token=token)
-    return bool(
-        query.update(
-            state=St.BROKEN,
-            last_error=error[:10000],
-            lease_token=None,
-            lease_holder="",
-            lease_expires_at=None,
-            state_changed_at=timezone.now(),
-        )
+# --- the server host's own pool: bookkeeping + working copies ------------------------------------
+def repo_spec(repository: Repository) -> slots.RepoSpec:
+    """What a host needs to know of ``repository`` to keep working copies of it."""
+    return slots.RepoSpec(
+        name=repository.name,
+        url=repository.url,
+        default_branch=repository.default_branch,
+        keep_paths=list(repository.keep_paths),
+        setup_command=repository.setup_command,
+        setup_watch_files=list(repository.setup_watch_files),
+        setup_network=repository.setup_network,
+        setup_timeout=settings.REPO_POOL_SETUP_TIMEOUT,
     )
 
 
-def _create_slot_row(repository: Repository, *, state: str = St.CLONING, **fields) -> Slot | None:
-    """Insert a slot at the lowest free index of this host; None when the pool is full."""
-    taken = set(Slot.objects.filter(repository=repository, host=host()).values_list("index", flat=True))
-    if len(taken) >= repository.pool_size:
-        return None
-    index = next(i for i in range(repository.pool_size + len(taken) + 1) if i not in taken)
-    try:
-        with transaction.atomic():
-            return Slot.objects.create(
-                repository=repository,
-                index=index,
-                host=host(),
-                path=str(slot_path(repository, index)),
-                state=state,
-                **fields,
-            )
-    except IntegrityError:
-        return None  # another process took that index first
+def slot_seen(slot: Slot, *, pool_root: Path | None = None) -> slots.SlotSeen:
+    """What the bookkeeping says of ``slot``, for the host that prepares it (a relative path is
+    under that host's ``pool_root``)."""
+    path = Path(slot.path)
+    if not path.is_absolute():
+        path = Path(pool_root or settings.REPO_POOL_ROOT) / path
+    return slots.SlotSeen(
+        path=path,
+        commit=slot.commit,
+        base_commit=slot.base_commit,
+        setup_hash=slot.setup_hash,
+        fetched_at=slot.fetched_at.timestamp() if slot.fetched_at else None,
+        needs_reset=slot.needs_reset,
+    )
+
+
+def _message(exc: BaseException) -> str:
+    return getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
 
 
 def pool_warm(*, repository: Repository) -> list[Slot]:
@@ -276,7 +212,7 @@ def pool_warm(*, repository: Repository) -> list[Slot]:
         if Slot.objects.filter(pk=slot.pk, state=St.BROKEN).update(state=St.CLONING, state_changed_at=timezone.now()):
             to_prepare.append(slot)
     while True:
-        slot = _create_slot_row(repository)
+        slot = bookkeeping.slot_create_row(repository, host=host(), capacity=repository.pool_size)
         if slot is None:
             break
         to_prepare.append(slot)
@@ -322,62 +258,20 @@ def pool_warm_requested(*, repository_id: int | None = None) -> list[Repository]
 
 
 def _clone_into(slot: Slot, repository: Repository, *, final_state: str, **final_fields) -> bool:
+    """Make the slot's copy from scratch (no transaction open: git and setup run here)."""
     try:
-        commit, setup_hash = _prepare_new_slot(slot, repository)
+        made = slots.clone_base(repo_spec(repository), Path(slot.path))
     except Exception as exc:  # any failure of clone or setup leaves the slot broken, with why
-        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-        log.warning("slot %s broken: %s", slot.pk, message)
-        _mark_broken(slot.pk, message)
+        log.warning("slot %s broken: %s", slot.pk, _message(exc))
+        bookkeeping.slot_mark_broken_row(slot.pk, _message(exc))
         return False
-    Slot.objects.filter(pk=slot.pk).update(
-        state=final_state,
-        commit=commit,
-        base_commit=commit,
-        setup_hash=setup_hash,
-        last_error="",
-        state_changed_at=timezone.now(),
-        **final_fields,
+    bookkeeping.slot_record_clone(
+        slot.pk, commit=made.commit, setup_hash=made.setup_hash, final_state=final_state, **final_fields
     )
     return True
 
 
 # --- leasing ------------------------------------------------------------------------------------
-def _validate_lease_seconds(lease_seconds: int) -> None:
-    if not 1 <= lease_seconds <= settings.REPO_POOL_MAX_LEASE_SECONDS:
-        raise DomainError(
-            f"lease_seconds must be between 1 and {settings.REPO_POOL_MAX_LEASE_SECONDS}", field="lease_seconds"
-        )
-
-
-def _claim_free_slot(repository: Repository, holder: str, lease_seconds: int) -> Slot | None:
-    """Atomically move one free slot of this host to leased; None when there is none."""
-    now = timezone.now()
-    token = Slot.new_token()
-    with transaction.atomic():
-        candidate = (
-            Slot.objects.filter(repository=repository, host=host(), state=St.FREE)
-            .order_by("lease_count", "index")
-            .select_for_update(skip_locked=True)
-            .first()
-        )
-        if candidate is None:
-            return None
-        updated = Slot.objects.filter(pk=candidate.pk, state=St.FREE).update(
-            state=St.LEASED,
-            lease_token=token,
-            lease_holder=holder[:255],
-            leased_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            lease_seconds=lease_seconds,
-            state_changed_at=now,
-        )
-    if not updated:
-        return None
-    Slot.objects.filter(pk=candidate.pk).update(lease_count=candidate.lease_count + 1)
-    candidate.refresh_from_db()
-    return candidate
-
-
 def slot_allocate(
     *,
     repository: Repository,
@@ -389,197 +283,117 @@ def slot_allocate(
 ) -> Lease:
     """Lease a clean slot of this host checked out at ``ref`` (default branch when empty).
 
-    With ``fetch`` a branch name is fetched from origin first, so the lease starts from its latest
-    commit; a commit id already present needs no fetch (the fastest allocation).
+    The bookkeeping leases a row (``bookkeeping.slot_lease``), the copy is made ready here
+    (``workcopy.slots.prepare``: clone, reset, fetch, checkout, setup, outside any transaction),
+    and the result is recorded (``bookkeeping.slot_prepared``). With ``fetch`` a branch name is
+    fetched from origin first, so the lease starts from its latest commit; a commit id already
+    present needs no fetch (the fastest allocation).
 
     Grows the pool on demand up to ``pool_size``; waits up to ``wait_seconds`` for a slot to free
     up, then raises NoSlotAvailable. A slot found corrupted on disk is marked broken and another
     one is tried. A ref that does not exist is refused (the slot goes back to the pool).
     """
-    _validate_lease_seconds(lease_seconds)
-    if not 0 <= wait_seconds <= settings.REPO_POOL_MAX_WAIT_SECONDS:
-        raise DomainError(
-            f"wait_seconds must be between 0 and {settings.REPO_POOL_MAX_WAIT_SECONDS}", field="wait_seconds"
-        )
-    ref = ref or repository.default_branch
+    bookkeeping.validate_lease_seconds(lease_seconds)
+    bookkeeping.validate_wait_seconds(wait_seconds)
+    spec = repo_spec(repository)
     deadline = time.monotonic() + wait_seconds
-    delay = 0.05
     while True:
-        slot = _claim_free_slot(repository, holder, lease_seconds)
-        if slot is None:
-            slot = _grow_on_demand(repository, holder, lease_seconds)
-        if slot is not None:
-            try:
-                commit = _checkout_for_lease(slot, repository, ref, fetch)
-            except git.RefNotFound:
-                _release_unchanged(slot)
-                raise
-            except Exception as exc:  # the slot's copy is damaged: take it out, try another
-                message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                _mark_broken(slot.pk, message, token=slot.lease_token)
-                log.warning("slot %s broken at allocation: %s", slot.pk, message)
-                continue
-            return Lease(slot.pk, Path(slot.path), slot.lease_token, slot.lease_expires_at, commit)
-        if time.monotonic() >= deadline:
+        try:
+            slot = bookkeeping.slot_lease(
+                repository=repository, host=host(), holder=holder, lease_seconds=lease_seconds,
+                wait_seconds=max(0.0, deadline - time.monotonic()), capacity=repository.pool_size,
+            )  # fmt: skip
+        except NoSlotAvailable:
             raise NoSlotAvailable(
                 f"no slot of {repository.name} became free within {wait_seconds:g}s "
                 f"(pool size {repository.pool_size} on {host()})"
-            )
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 1.0)
-
-
-def _grow_on_demand(repository: Repository, holder: str, lease_seconds: int) -> Slot | None:
-    now = timezone.now()
-    token = Slot.new_token()
-    slot = _create_slot_row(repository, lease_holder=holder[:255], lease_token=token)
-    if slot is None:
-        return None
-    if not _clone_into(
-        slot,
-        repository,
-        final_state=St.LEASED,
-        leased_at=now,
-        lease_expires_at=timezone.now() + timedelta(seconds=lease_seconds),
-        lease_seconds=lease_seconds,
-        lease_count=1,
-    ):
-        return None
-    slot.refresh_from_db()
-    return slot
-
-
-def _checkout_for_lease(slot: Slot, repository: Repository, ref: str, fetch: bool) -> str:
-    path = Path(slot.path)
-    if not (path / ".git").is_dir():
-        raise SlotBroken(f"working copy {path} is missing")
-    # A slot that fetched moments ago is fresh enough: a busy pool does not pay a fetch per task.
-    ttl = settings.REPO_POOL_FETCH_TTL
-    refresh = fetch and (slot.fetched_at is None or (timezone.now() - slot.fetched_at).total_seconds() >= ttl)
-    commit = git.resolve_or_fetch(path, ref, url=repository.url, refresh=refresh)
-    fields: dict = {"commit": commit}
-    if refresh:
-        fields["fetched_at"] = timezone.now()
-    # After a reset HEAD is slot.commit (the reset records it), so an unchanged ref needs no checkout.
-    if commit != slot.commit:
-        git.checkout_detached(path, commit)
-    if repository.setup_watch_files and _setup_hash(repository, path) != slot.setup_hash:
-        _run_setup(repository, path)
-        fields["setup_hash"] = _setup_hash(repository, path)
-    Slot.objects.filter(pk=slot.pk).update(**fields)
-    return commit
-
-
-def _release_unchanged(slot: Slot) -> None:
-    Slot.objects.filter(pk=slot.pk, lease_token=slot.lease_token).update(
-        state=St.FREE, lease_token=None, lease_holder="", lease_expires_at=None, state_changed_at=timezone.now()
-    )
-
-
-def _get_slot(slot_id: int) -> Slot:
-    try:
-        return Slot.objects.select_related("repository").get(pk=slot_id)
-    except (Slot.DoesNotExist, ValueError, TypeError):
-        raise SlotNotFound(f"slot {slot_id} does not exist") from None
+            ) from None
+        try:
+            ready = slots.prepare(spec, slot_seen(slot), ref, fetch_ttl=settings.REPO_POOL_FETCH_TTL, fetch=fetch)
+        except RefNotFound:
+            # The copy is fine (a new one stays unrecorded: the next lease clones it again).
+            bookkeeping.slot_return_unchanged(slot_id=slot.pk, token=slot.lease_token)
+            raise
+        except Exception as exc:  # the slot's copy is damaged: take it out, try another
+            bookkeeping.slot_mark_broken_row(slot.pk, _message(exc), token=slot.lease_token)
+            log.warning("slot %s broken at allocation: %s", slot.pk, _message(exc))
+            continue
+        slot = bookkeeping.slot_prepared(
+            slot_id=slot.pk, token=slot.lease_token, commit=ready.commit, setup_hash=ready.setup_hash,
+            fetched=ready.fetched, base_commit=ready.base_commit,
+        )  # fmt: skip
+        return Lease(slot.pk, Path(slot.path), slot.lease_token, slot.lease_expires_at, ready.commit)
 
 
 def slot_renew(*, slot_id: int, lease_token: uuid.UUID | str, lease_seconds: int | None = None) -> datetime:
-    """Extend a lease (the runner's heartbeat) to now + ``lease_seconds``, by default the length the
-    lease was allocated with. Refused (StaleLease) with a wrong or stale token."""
-    if lease_seconds is not None:
-        _validate_lease_seconds(lease_seconds)
-    _get_slot(slot_id)
-    current = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=lease_token)
-    if lease_seconds is None:
-        # The length is written once per lease, with its token: read under the same token filter,
-        # it belongs to this lease (a lease from before lengths were stored keeps the old hour).
-        lease_seconds = current.values_list("lease_seconds", flat=True).first() or DEFAULT_LEASE_SECONDS
-    expires = timezone.now() + timedelta(seconds=lease_seconds)
-    if not current.update(lease_expires_at=expires):
-        raise StaleLease("lease token does not match the slot's current lease")
-    return expires
+    """Extend a lease (the runner's heartbeat); see ``bookkeeping.slot_renew``."""
+    return bookkeeping.slot_renew(slot_id=slot_id, lease_token=lease_token, lease_seconds=lease_seconds)
 
 
 def slot_release(*, slot_id: int, lease_token: uuid.UUID | str) -> Slot:
     """Reset the working copy and free the slot. Fencing: only the current token releases."""
-    slot = _get_slot(slot_id)
-    if not Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=lease_token).update(
-        state=St.RESETTING, lease_token=None, state_changed_at=timezone.now()
-    ):
-        raise StaleLease("lease token does not match the slot's current lease")
+    slot = bookkeeping.slot_release_begin(slot_id=slot_id, lease_token=lease_token)
     return _reset_and_free(slot)
 
 
 def _reset_and_free(slot: Slot) -> Slot:
     """Called with the slot in ``resetting`` (we own it by that conditional update)."""
-    repository = slot.repository
+    commit = slot.base_commit or slot.commit
     try:
-        git.reset_clean(Path(slot.path), slot.base_commit or slot.commit, list(repository.keep_paths))
+        slots.reset(repo_spec(slot.repository), Path(slot.path), commit)
     except Exception as exc:  # a reset that fails leaves the slot broken, never half-free
-        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-        _mark_broken(slot.pk, f"reset failed: {message}", from_states=[St.RESETTING])
+        message = _message(exc)
+        if not message.startswith("reset failed"):
+            message = f"reset failed: {message}"
         log.warning("slot %s broken at reset: %s", slot.pk, message)
-    else:
-        Slot.objects.filter(pk=slot.pk, state=St.RESETTING).update(
-            state=St.FREE,
-            lease_holder="",
-            lease_expires_at=None,
-            commit=slot.base_commit or slot.commit,
-            state_changed_at=timezone.now(),
-        )
-    slot.refresh_from_db()
-    return slot
+        return bookkeeping.slot_release_finish(slot_id=slot.pk, commit=commit, broken_reason=message)
+    return bookkeeping.slot_release_finish(slot_id=slot.pk, commit=commit)
 
 
 def slot_force_release(*, slot_id: int) -> Slot:
-    """Admin action: reset and free a slot whatever its lease (the holder's token goes stale)."""
-    slot = _get_slot(slot_id)
+    """Admin action: reset and free a slot whatever its lease (the holder's token goes stale).
+    A slot of a remote host is freed with ``needs_reset`` (that host resets it before use)."""
+    slot = bookkeeping.slot_get(slot_id)
+    if slot.host != host():
+        Slot.objects.filter(pk=slot_id).update(
+            state=St.FREE, lease_token=None, lease_holder="", lease_expires_at=None, needs_reset=True,
+            state_changed_at=timezone.now(),
+        )  # fmt: skip
+        return bookkeeping.slot_get(slot_id)
     Slot.objects.filter(pk=slot_id).update(state=St.RESETTING, lease_token=None, state_changed_at=timezone.now())
-    if not (Path(slot.path) / ".git").is_dir():
+    if not slots.has_copy(Path(slot.path)):
         Slot.objects.filter(pk=slot_id).update(state=St.CLONING)
         _clone_into(slot, slot.repository, final_state=St.FREE, lease_holder="", lease_expires_at=None)
-        slot.refresh_from_db()
-        return slot
+        return bookkeeping.slot_get(slot_id)
     return _reset_and_free(slot)
 
 
 def slot_mark_broken(*, slot_id: int, reason: str = "marked broken by an operator") -> Slot:
-    slot = _get_slot(slot_id)
-    _mark_broken(slot.pk, reason)
-    slot.refresh_from_db()
-    return slot
+    slot = bookkeeping.slot_get(slot_id)
+    bookkeeping.slot_mark_broken_row(slot.pk, reason)
+    return bookkeeping.slot_get(slot_id)
 
 
 def slots_reap(*, now: datetime | None = None) -> list[int]:
-    """Reset and free every slot whose lease expired; rescue slots stuck mid-operation.
-
-    A slot whose reset fails becomes broken. Returns the ids of the slots reaped.
+    """Reset and free every slot of this host whose lease expired; rescue slots stuck
+    mid-operation (a slot whose reset fails becomes broken). Expired leases on remote hosts are
+    freed with ``needs_reset`` (their host resets them). Returns the ids of the slots reaped.
     """
     now = now or timezone.now()
-    stuck_before = now - timedelta(seconds=settings.REPO_POOL_STUCK_SECONDS)
     reaped = []
-    candidates = Slot.objects.filter(host=host()).filter(
-        Q(state=St.LEASED, lease_expires_at__lt=now)
-        | Q(state__in=[St.RESETTING, St.CLONING], state_changed_at__lt=stuck_before)
-    )
-    for slot in candidates.select_related("repository"):
-        if not Slot.objects.filter(
-            pk=slot.pk, state=slot.state, lease_token=slot.lease_token, state_changed_at=slot.state_changed_at
-        ).update(state=St.RESETTING, lease_token=None, state_changed_at=timezone.now()):
-            continue  # renewed or released meanwhile
+    for slot in bookkeeping.slots_to_reap(host=host(), now=now):
         log.info("reaping slot %s (%s, holder %r)", slot.pk, slot.state, slot.lease_holder)
-        if slot.state == St.CLONING or not (Path(slot.path) / ".git").is_dir():
-            _mark_broken(slot.pk, "reaped: clone did not finish or working copy missing")
+        if slot.state == St.CLONING or not slots.has_copy(Path(slot.path)):
+            bookkeeping.slot_mark_broken_row(slot.pk, "reaped: clone did not finish or working copy missing")
             pool_warm(repository=slot.repository)
         else:
             _reset_and_free(slot)
         reaped.append(slot.pk)
-    return reaped
+    return reaped + bookkeeping.slots_reap_remote(now=now)
 
 
 def repository_delete_slots(*, repository: Repository) -> None:
     """Remove every slot of this host from disk and the database (a repository being retired)."""
     for slot in Slot.objects.filter(repository=repository, host=host()):
-        shutil.rmtree(slot.path, ignore_errors=True)
-        git.trusted_config_path(Path(slot.path)).unlink(missing_ok=True)
+        slots.remove(Path(slot.path))
         slot.delete()

@@ -442,6 +442,17 @@ def push(path: Path, remote: str, branch: str, *, base: str = "") -> None:
     _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, branch_ref)
 
 
+def bundle_create(path: Path, output: Path, branch: str, *, base: str = "") -> None:
+    """Write ``branch`` of the working copy (the commits after ``base`` when given) to ``output``
+    as a git bundle: how a runner host without push access hands its result to the server."""
+    _check_ref(branch)
+    revs = [f"refs/heads/{branch}"]
+    if base:
+        _check_ref(base)
+        revs.append(f"^{base}")
+    _slot_git(path, "bundle", "create", "--quiet", str(output), *revs)
+
+
 def content_tree(path: Path, keep_paths: list[str]) -> str:
     """The tree id of the working copy's content as ``commit_all`` would stage it (kept and
     ignored paths left out), computed in a temporary index: the slot's own index is untouched.

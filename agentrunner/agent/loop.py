@@ -58,7 +58,7 @@ class Agent:
     workspace: Workspace
     run_tests: TestRunner | None = None
     model: str | None = None
-    on_event: EventSink = lambda type, message, data: None
+    on_event: EventSink = lambda kind, message, data: None
     should_cancel: Callable[[], bool] = lambda: False
     messages: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0

@@ -83,6 +83,10 @@ def claimed_task(task, attempt) -> ClaimedTask:
 class LocalRegistry(_LocalPort):
     name = "registry"
 
+    def __init__(self, timed: Timed | None = None):
+        super().__init__(timed)
+        self._beats: dict[int, float] = {}  # attempt id -> when its row was last written
+
     def claim(self, *, runner_id, task_id, wait=0):
         from registry import services
 
@@ -109,10 +113,19 @@ class LocalRegistry(_LocalPort):
             )
 
     def heartbeat(self, *, task, slot_id=None, metrics=None):
+        from django.conf import settings
+
         from registry import services
 
-        # AttemptLost is a LeaseLost: the runner stops.
-        self._call(services.attempt_update, attempt_id=task.attempt_id, slot_id=slot_id, metrics=metrics)
+        # The runner calls this once a second for the cancel answer; the attempt's row is written
+        # when there is news (slot, metrics) or at a third of its staleness limit, as often as a
+        # lease renew: not a write per second per runner.
+        every = max(1.0, min(settings.AGENTRUNNER_LEASE_SECONDS, settings.AGENTRUNNER_ATTEMPT_STALE_SECONDS) / 3)
+        now = time.monotonic()
+        if slot_id is not None or metrics or now - self._beats.get(task.attempt_id, float("-inf")) >= every:
+            # AttemptLost is a LeaseLost: the runner stops.
+            self._call(services.attempt_update, attempt_id=task.attempt_id, slot_id=slot_id, metrics=metrics)
+            self._beats[task.attempt_id] = now
         return Heartbeat(cancel_requested=self._call(services.task_is_cancel_requested, task_id=task.id))
 
     def add_usage(self, *, task, prompt_tokens, completion_tokens, cost_usd):

@@ -39,6 +39,7 @@ from common.outcomes import (
     Outcome,
     Reason,
     RefNotFound,
+    ServiceUnavailable,
     SlotBroken,
     Status,
     agent_outcome,
@@ -634,10 +635,12 @@ def run_task(
     ports: Ports | None = None,
     progress: Callable[[dict], None] | None = None,
     llm_overrides: dict | None = None,
+    claim_wait: float = 0,
 ) -> RunSummary | None:
     """Claim a task (the one named, or the next runnable) and run it to a final state.
 
-    Returns None when nothing was runnable. Raises SandboxUnavailable, before claiming anything,
+    Returns None when nothing was runnable (within ``claim_wait`` seconds, a long poll where the
+    registry supports it). Raises SandboxUnavailable, before claiming anything,
     when repository commands may not run on this host (see common.sandbox)."""
     sandbox = sandbox_status()
     if sandbox["mode"] == "unavailable":
@@ -645,7 +648,7 @@ def run_task(
     ports = ports or Ports.from_settings()
     runner_id = runner_id or default_runner_id()
     claim_started = time.monotonic()
-    task = ports.registry.claim(runner_id=runner_id, task_id=task_id)
+    task = ports.registry.claim(runner_id=runner_id, task_id=task_id, wait=claim_wait)
     if task is None:
         return None
     try:
@@ -739,6 +742,9 @@ def run_task(
             )  # fmt: skip
     except LeaseLost as exc:
         run.log(f"result discarded: {exc}")
+        final = "lost"
+    except ServiceUnavailable as exc:  # the server stayed away past every retry: its reaper takes the attempt back
+        run.log(f"result not delivered: {exc}")
         final = "lost"
     run.summary.status = final
     run.summary.failure_reason = outcome.reason if final != "succeeded" else ""

@@ -156,9 +156,9 @@ class Ports:
 
     @classmethod
     def from_settings(cls) -> Ports:
-        """The ports this host is configured for.
+        """The ports this host is configured for: HTTP (``agentrunner.runner.http``) when
+        ``AGENTRUNNER_API_URL`` (or the per-service URLs) and ``AGENTRUNNER_RUNNER_TOKEN`` are set,
+        else the services in-process."""
+        from agentrunner.runner.http import ports_from_settings
 
-        The HTTP branch goes here: when ``AGENTRUNNER_API_URL`` (or the per-service URLs) and
-        ``AGENTRUNNER_RUNNER_TOKEN`` are set, the HTTP adapter (``agentrunner.runner.http``);
-        until it exists every runner is local."""
-        return cls.local()
+        return ports_from_settings() or cls.local()

@@ -18,7 +18,8 @@ from tests.conftest import processes_running, run_git
 from tests.llm_server import Reply, error, tool
 from tests.runner.conftest import API_KEY, fixer
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Every test runs twice: the pipeline's ports in-process, then over HTTP against the live server.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("mode")]
 
 
 def new_task(repo, **kw):
@@ -35,11 +36,21 @@ def artifact_bytes(task, kind) -> bytes:
         return fh.read()
 
 
+def slot_dir(slot) -> Path:
+    """Where the slot's copy is: a remote host's slot path is relative to that host's pool root
+    (here this process's, the runner's)."""
+    from django.conf import settings
+
+    return Path(settings.REPO_POOL_ROOT) / slot.path if not Path(slot.path).is_absolute() else Path(slot.path)
+
+
 def assert_slots_free_and_clean(repo):
-    for slot in Slot.objects.filter(repository=repo):
+    slots = list(Slot.objects.filter(repository=repo))
+    assert slots
+    for slot in slots:
         assert slot.state == "free", (slot.state, slot.last_error)
-        assert run_git(Path(slot.path), "status", "--porcelain") == ""
-        assert run_git(Path(slot.path), "for-each-ref", "refs/heads") == ""
+        assert run_git(slot_dir(slot), "status", "--porcelain") == ""
+        assert run_git(slot_dir(slot), "for-each-ref", "refs/heads") == ""
 
 
 def test_complete_workflow_multi_file(llm, sample_repo, tmp_path, settings):
@@ -175,10 +186,31 @@ def test_missing_base_ref_is_a_git_error(llm, sample_repo):
     assert_slots_free_and_clean(sample_repo)
 
 
-def test_no_slot_within_the_wait_is_transient(llm, sample_repo):
-    from repopool.services import slot_allocate
+def hold_slots(mode, repo, n):
+    """Lease all ``n`` slots of the runner's pool (this host's in-process; the remote host's over
+    HTTP); returns (slot id, token) of each."""
+    if mode == "local":
+        from repopool.services import slot_allocate
 
-    holds = [slot_allocate(repository=sample_repo, holder=f"someone-{i}") for i in range(2)]
+        return [
+            (h.slot_id, h.lease_token)
+            for h in (slot_allocate(repository=repo, holder=f"someone-{i}") for i in range(n))
+        ]
+    from agentrunner.runner.http import ApiConfig, shared_client
+
+    config = ApiConfig.from_settings()
+    held = []
+    for i in range(n):
+        reply = shared_client(config).call(
+            "POST", config.pool_url + "slots/allocate/",
+            json_body={"repository_id": repo.pk, "holder": f"someone-{i}", "lease_seconds": 600, "wait_seconds": 0},
+        ).json()  # fmt: skip
+        held.append((reply["slot"]["id"], reply["slot"]["token"]))
+    return held
+
+
+def test_no_slot_within_the_wait_is_transient(llm, sample_repo, mode):
+    holds = hold_slots(mode, sample_repo, 2)
     task = new_task(sample_repo, max_attempts=2)
     run_task(task_id=task.pk)
     task.refresh_from_db()
@@ -187,7 +219,7 @@ def test_no_slot_within_the_wait_is_transient(llm, sample_repo):
     run_task(task_id=task.pk)
     task.refresh_from_db()
     assert (task.status, task.failure_reason) == ("failed", "workspace_error")
-    assert all(Slot.objects.get(pk=h.slot_id).lease_token == h.lease_token for h in holds)
+    assert all(str(Slot.objects.get(pk=slot_id).lease_token) == str(token) for slot_id, token in holds)
 
 
 def test_llm_auth_error_is_permanent(llm, sample_repo, settings):
@@ -288,18 +320,22 @@ def test_secrets_never_reach_the_test_environment_or_artifacts(llm, sample_repo,
         assert API_KEY not in json.dumps(event.data) + event.message
 
 
-def test_artifact_store_failure_spools_then_a_retry_uploads(llm, sample_repo, settings, tmp_path):
+def test_artifact_store_failure_spools_then_a_retry_uploads(llm, sample_repo, settings, tmp_path, mode):
     llm.responder = fixer
-    broken_root = tmp_path / "not-a-folder"
-    broken_root.write_text("a file where the artifact folder should be")
     good_storage = settings.STORAGES
-    settings.STORAGES = {
-        **good_storage,
-        "artifacts": {
-            **good_storage["artifacts"],
-            "OPTIONS": {"location": str(broken_root / "x"), "allow_overwrite": True},
-        },
-    }
+    if mode == "local":  # the store's disk fails
+        broken_root = tmp_path / "not-a-folder"
+        broken_root.write_text("a file where the artifact folder should be")
+        settings.STORAGES = {
+            **good_storage,
+            "artifacts": {
+                **good_storage["artifacts"],
+                "OPTIONS": {"location": str(broken_root / "x"), "allow_overwrite": True},
+            },
+        }
+    else:  # the artifact store cannot be reached (its own URL, where nothing answers)
+        settings.ARTIFACT_STORE_URL = "http://127.0.0.1:9"
+        settings.AGENTRUNNER_API_RETRY_SECONDS = 1.0
     task = new_task(sample_repo, max_attempts=2)
     first = run_task(task_id=task.pk)
     task.refresh_from_db()
@@ -311,6 +347,7 @@ def test_artifact_store_failure_spools_then_a_retry_uploads(llm, sample_repo, se
     assert len(list(spool.iterdir())) == 4
 
     settings.STORAGES = good_storage
+    settings.ARTIFACT_STORE_URL = ""
     second = run_task(task_id=task.pk)
     task.refresh_from_db()
     assert second.status == "succeeded"

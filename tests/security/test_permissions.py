@@ -2,12 +2,14 @@
 answer. An operation added to the API without a row here fails ``test_every_operation_has_a_row``.
 
 Roles: ``anon`` (no token), ``user`` (the owner of the task and artifact in play), ``other``
-(another plain user), ``staff`` (an operator). Another user's task or artifact is a 404, never a
+(another plain user), ``staff`` (an operator), ``runner`` (a runner token: the runner API only,
+401 everywhere else), ``revoked`` (a revoked runner token: 401). Another user's task or artifact is a 404, never a
 403, so its existence is not revealed; operators' things (repositories, slots) are a 403.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +29,21 @@ from repopool.models import Slot
 
 pytestmark = pytest.mark.django_db
 
-ROLES = ("anon", "user", "other", "staff")
+ROLES = ("anon", "user", "other", "staff", "runner", "revoked")
 
 
-def codes(anon, user, other, staff):
-    return dict(zip(ROLES, (anon, user, other, staff), strict=True))
+def codes(anon, user, other, staff, runner=401, revoked=401):
+    return dict(zip(ROLES, (anon, user, other, staff, runner, revoked), strict=True))
+
+
+def runner_only(status):
+    """A runner API operation: no token 401, a user's token 403, a runner token ``status``."""
+    return codes(401, 403, 403, 403, runner=status)
 
 
 # (method, schema path) -> expected status per role. Keep in step with docs/security.md.
 TABLE: dict[tuple[str, str], dict[str, int]] = {
-    ("GET", "/api/health/"): codes(200, 200, 200, 200),
+    ("GET", "/api/health/"): codes(200, 200, 200, 200, runner=200, revoked=200),
     ("GET", "/api/tasks/"): codes(401, 200, 200, 200),
     ("POST", "/api/tasks/"): codes(401, 201, 201, 201),
     ("GET", "/api/tasks/{id}/"): codes(401, 200, 404, 200),
@@ -62,6 +69,19 @@ TABLE: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/api/artifacts/{id}/"): codes(401, 200, 404, 200),
     ("DELETE", "/api/artifacts/{id}/"): codes(401, 403, 403, 204),
     ("GET", "/api/artifacts/{id}/content/"): codes(401, 200, 404, 200),
+    ("POST", "/api/runner/v1/hosts/"): runner_only(200),
+    ("POST", "/api/runner/v1/claim/"): runner_only(200),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/heartbeat/"): runner_only(200),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/events/"): runner_only(200),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/usage/"): runner_only(200),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/artifacts/"): runner_only(201),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/artifact-links/"): runner_only(201),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/results/"): runner_only(200),
+    ("POST", "/api/runner/v1/attempts/{attempt_id}/finish/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/allocate/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/prepared/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/renew/"): runner_only(200),
+    ("POST", "/api/runner/v1/slots/{slot_id}/release/"): runner_only(200),
 }
 
 
@@ -89,6 +109,9 @@ class World:
     artifact_id: uuid.UUID
     repository_id: int
     _lease: pool.Lease | None = None
+    _attempt: tuple[int, str, uuid.UUID] | None = None
+    tmp: Path | None = None
+    _runner_slot: Slot | None = None
 
     @property
     def lease(self) -> pool.Lease:
@@ -96,6 +119,33 @@ class World:
         if self._lease is None:
             self._lease = pool.slot_allocate(repository=self.task.repository, holder="table")
         return self._lease
+
+    @property
+    def runner_slot(self) -> Slot:
+        """A slot leased on the runner token's registered host."""
+        if self._runner_slot is None:
+            from repopool.bookkeeping import slot_lease
+            from runners.models import RunnerHost, RunnerToken
+
+            RunnerHost.objects.get_or_create(
+                name="table-host", defaults={"token": RunnerToken.objects.get(name="table")}
+            )
+            self._runner_slot = slot_lease(repository=self.task.repository, host="table-host", holder="table")
+        return self._runner_slot
+
+    @property
+    def attempt(self) -> tuple[int, str, uuid.UUID]:
+        """A running attempt of a task of its own (id, lease token, artifact uploaded for it)."""
+        if self._attempt is None:
+            from runners.models import RunnerToken, RunnerUpload
+
+            own = registry.task_create(title="runner's", instructions="x", repository=self.task.repository)
+            _task, attempt = registry.task_claim(runner_id="table", task_id=own.pk)
+            artifact = artifacts.artifact_store(source=b"log", name="run.log", kind="log")
+            token = RunnerToken.objects.get(name="table")
+            RunnerUpload.objects.create(token=token, attempt=attempt, task=own, artifact=artifact)
+            self._attempt = (attempt.pk, str(attempt.lease_token), artifact.pk)
+        return self._attempt
 
 
 def _client(user=None) -> APIClient:
@@ -105,8 +155,19 @@ def _client(user=None) -> APIClient:
     return client
 
 
+def _runner_client(name: str, *, revoked: bool = False) -> APIClient:
+    from runners import services as runners
+
+    token, raw = runners.runner_token_create(name=name)
+    if revoked:
+        runners.runner_token_revoke(token_id=token.pk)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return client
+
+
 @pytest.fixture
-def world(make_repo) -> World:
+def world(make_repo, tmp_path) -> World:
     users = get_user_model().objects
     alice = users.create_user(username="alice")
     bob = users.create_user(username="bob")
@@ -118,11 +179,19 @@ def world(make_repo) -> World:
     artifact = artifacts.artifact_store(source=b"diff --git", name="x.patch", kind="patch", owner=alice)
     registry.task_link_artifact(task_id=task.pk, artifact_id=artifact.pk, role="patch")
     return World(
-        clients={"anon": _client(), "user": _client(alice), "other": _client(bob), "staff": _client(root)},
+        clients={
+            "anon": _client(),
+            "user": _client(alice),
+            "other": _client(bob),
+            "staff": _client(root),
+            "runner": _runner_client("table"),
+            "revoked": _runner_client("gone", revoked=True),
+        },  # fmt: skip
         task=task,
         failed_task=failed,
         artifact_id=artifact.pk,
         repository_id=repo.pk,
+        tmp=tmp_path,
     )
 
 
@@ -131,6 +200,8 @@ def _call(client: APIClient, method: str, path: str, w: World):
     task_path = path.replace("{id}", str(w.task.pk))
     repo_path = path.replace("{id}", str(w.repository_id))
     artifact_path = path.replace("{id}", str(w.artifact_id))
+    if path.startswith("/api/runner/v1/"):
+        return _runner_call(client, path, w)
     match method, path:
         case "POST", "/api/tasks/":
             return client.post(path, {"repository": "sample", "instructions": "fix it"}, format="json")
@@ -162,6 +233,60 @@ def _call(client: APIClient, method: str, path: str, w: World):
             return client.generic(method, artifact_path)
         case _:
             return client.generic(method, path)
+
+
+def _result_bundle(w: World) -> tuple[bytes, str, str]:
+    """A git bundle of a result branch of the runner's attempt (the task's own branch)."""
+    from registry.models import Attempt
+    from tests.conftest import run_git
+
+    work = w.tmp / f"work-{uuid.uuid4().hex[:6]}"
+    run_git(w.tmp, "clone", "-q", str(w.task.repository.url), str(work))
+    base = run_git(work, "rev-parse", "HEAD")
+    branch = f"agent/{Attempt.objects.get(pk=w.attempt[0]).task.short_id}"
+    run_git(work, "checkout", "-q", "-b", branch)
+    (work / "result.txt").write_text("done\n")
+    run_git(work, "add", "result.txt")
+    run_git(work, "commit", "-qm", "result")
+    run_git(work, "bundle", "create", "-q", str(work / "r.bundle"), f"{base}..{branch}")
+    return (work / "r.bundle").read_bytes(), branch, base
+
+
+def _runner_call(client: APIClient, path: str, w: World):
+    headers = {"HTTP_IDEMPOTENCY_KEY": uuid.uuid4().hex}
+    artifact_id = slot_token = None
+    if "{attempt_id}" in path:
+        attempt_id, lease_token, artifact_id = w.attempt
+        path = path.replace("{attempt_id}", str(attempt_id))
+        headers["HTTP_X_LEASE_TOKEN"] = lease_token
+    if "/slots/" in path:  # allocate needs the registered host too
+        path = path.replace("{slot_id}", str(w.runner_slot.pk))
+        slot_token = str(w.runner_slot.lease_token)
+    action = path.rstrip("/").rsplit("/", 1)[-1]
+    if action == "results":
+        body, branch, base = _result_bundle(w)
+        sha = hashlib.sha256(body).hexdigest()
+        return client.generic(
+            "POST", path, body, content_type="application/x-git-bundle", HTTP_X_CONTENT_SHA256=sha,
+            HTTP_X_RESULT_BRANCH=branch, HTTP_X_RESULT_BASE=base, **headers,
+        )  # fmt: skip
+    if action == "artifacts":
+        sha = hashlib.sha256(b"bytes").hexdigest()
+        return client.generic("POST", path, b"bytes", content_type="text/plain", HTTP_X_CONTENT_SHA256=sha, **headers)
+    body = {
+        "hosts": {"name": "table-host", "capacity": {"sample": 1}},
+        "claim": {"runner_id": "table"},
+        "heartbeat": {},
+        "events": {"events": [{"type": "step"}]},
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": "0.01"},
+        "artifact-links": {"artifact_id": str(artifact_id), "role": "log"},
+        "finish": {"status": "succeeded"},
+        "allocate": {"repository_id": w.repository_id, "holder": "table"},
+        "prepared": {"token": slot_token, "commit": "a" * 40},
+        "renew": {"token": slot_token},
+        "release": {"token": slot_token, "commit": ""},
+    }[action]
+    return client.post(path, body, format="json", **headers)
 
 
 @pytest.mark.parametrize("role", ROLES)

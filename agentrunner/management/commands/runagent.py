@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -11,7 +12,7 @@ from decimal import Decimal, InvalidOperation
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection  # exceptions and a handle: no query
 
 from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
@@ -141,6 +142,12 @@ class Command(BaseCommand):
             action="store_true",
             help="Hand the task to a Celery worker instead of running it here (needs CELERY_BROKER_URL).",
         )
+        parser.add_argument(
+            "--server",
+            default="",
+            help="Run as a remote runner against this server's runner API (with AGENTRUNNER_RUNNER_TOKEN); "
+            "the same as setting AGENTRUNNER_API_URL. A remote runner needs no database.",
+        )
         parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
         parser.add_argument("--quiet", action="store_true", help="No live progress.")
 
@@ -172,12 +179,22 @@ class Command(BaseCommand):
                 "--enqueue needs a broker: set CELERY_BROKER_URL (and run a worker), or drop --enqueue to run it here",
                 returncode=CONFIG_ERROR_EXIT,
             )
-        require_schema()
+        self.remote = self._remote_config()
+        if self.remote is None:
+            require_schema()
+        elif opts["repo"]:
+            raise CommandError(
+                "--repo registers a repository and creates a task in the database; a remote runner has none: "
+                "create the task through the API (POST /api/tasks/), then run it here by id or with --next",
+                returncode=CONFIG_ERROR_EXIT,
+            )
         if not opts["enqueue"]:  # a worker runs an enqueued task with its own configuration
             self._check_llm_config()
             sandbox = sandbox_status()  # refused before any task is created or claimed
             if sandbox["mode"] == "unavailable":
                 raise CommandError(sandbox["reason"], returncode=CONFIG_ERROR_EXIT)
+        if self.remote is not None and not opts["enqueue"]:
+            self._announce()
         task_id = opts["task_id"]
         if opts["repo"]:
             task_id = self._create_task()
@@ -205,9 +222,49 @@ class Command(BaseCommand):
         if summary.status != "succeeded":
             sys.exit(1)
 
+    def _remote_config(self):
+        """This host's API configuration when it runs remote (``--server`` or the settings), else
+        None. In remote mode nothing below touches the database: no schema check, no model."""
+        from agentrunner.runner.http import ApiConfig
+
+        server = self.opts["server"]
+        if server:
+            if not settings.AGENTRUNNER_RUNNER_TOKEN:
+                raise CommandError(
+                    "--server needs a runner token: set AGENTRUNNER_RUNNER_TOKEN (made on the server with "
+                    "`manage.py create_runner_token <name>`)",
+                    returncode=CONFIG_ERROR_EXIT,
+                )
+            # The ports read the settings: this process now runs remote, whichever way it was asked.
+            settings.AGENTRUNNER_API_URL = server
+        config = ApiConfig.from_settings()
+        if config is not None and "AGENTRUNNER_PUBLIC_URL" not in os.environ:
+            # Links in the summary point at the server the task lives on.
+            settings.AGENTRUNNER_PUBLIC_URL = config.registry_url.split("/api/runner/v1/")[0]
+        return config
+
+    def _announce(self) -> None:
+        """Tell the server this host is here (name, capacity) before claiming anything."""
+        from agentrunner.runner.http import announce_host
+        from common.outcomes import LeaseLost, ServiceUnavailable
+
+        try:
+            announce_host(self.remote)
+        except (ServiceUnavailable, LeaseLost, DomainError) as exc:
+            raise CommandError(
+                f"cannot register this runner host with {self.remote.registry_url}: {exc.message}",
+                returncode=CONFIG_ERROR_EXIT,
+            ) from None
+
     def _check_llm_config(self) -> None:
         """Fail at once, before anything is created or claimed, when no call could succeed."""
         from agentrunner.llm.config import TASK_CONFIG_KEYS, config_problem, from_settings
+
+        if self.remote is not None:  # the task's own provider is known only once claimed
+            problem = config_problem(from_settings())
+            if problem:
+                raise CommandError(f"no usable LLM: {problem}", returncode=CONFIG_ERROR_EXIT)
+            return
         from registry.models import Task
 
         stored: dict = {}
@@ -275,8 +332,10 @@ class Command(BaseCommand):
         worker backs off; the outage is said once); a worker that dies of anything else stops the
         loop with WORKER_DIED_EXIT once the others have finished their tasks, never exit 0."""
         from agentrunner.runner.pipeline import run_task
-        from repopool import services as pool
 
+        remote = self.remote is not None
+        # Remote: each claim waits on the server (a long poll) for a task to become runnable.
+        claim_wait = 0.0 if (not remote or self.opts["until_idle"]) else settings.AGENTRUNNER_CLAIM_WAIT_SECONDS
         failures = {"n": 0}
         lock = threading.Lock()
         stop = threading.Event()
@@ -288,12 +347,17 @@ class Command(BaseCommand):
             try:
                 while not stop.is_set():
                     try:
-                        summary = run_task(progress=None if self.opts["quiet"] else self._progress)
-                        if summary is None:
+                        summary = run_task(
+                            progress=None if self.opts["quiet"] else self._progress, claim_wait=claim_wait
+                        )
+                        if summary is None and not remote:
                             # Idle: this host does the pool warming asked for over the API or admin.
+                            from repopool import services as pool
+
                             pool.pool_warm_requested()
                     except UNAVAILABLE_ERRORS as exc:
-                        _drop_connection()
+                        if not remote:
+                            _drop_connection()
                         outage.began(exc)
                         stop.wait(backoff.next())
                         continue
@@ -302,7 +366,8 @@ class Command(BaseCommand):
                     if summary is None:
                         if self.opts["until_idle"]:
                             return
-                        stop.wait(1.0)
+                        if not remote:  # remote: the claim itself waited (a long poll)
+                            stop.wait(1.0)
                         continue
                     with lock:
                         self._print_summary(summary)
@@ -311,13 +376,15 @@ class Command(BaseCommand):
             except KeyboardInterrupt:  # the output pipe closed: this task wound down; claim nothing more
                 stop.set()
             except Exception as exc:
-                log.error("runagent worker %s died", n, exc_info=True)
+                ours = isinstance(exc, DomainError)  # says what happened (a revoked token...): no traceback
+                log.error("runagent worker %s died", n, exc_info=not ours)
                 with lock:
-                    died.append(f"worker {n} died: {type(exc).__name__}: {exc}")
+                    died.append(f"worker {n} died: {exc.message if ours else f'{type(exc).__name__}: {exc}'}")
                     self.stderr.write(f"{died[-1]}; stopping once the running tasks finish")
                 stop.set()
             finally:
-                _drop_connection(always=True)
+                if not remote:
+                    _drop_connection(always=True)
 
         threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(self.opts["concurrency"])]
         for thread in threads:

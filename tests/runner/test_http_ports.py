@@ -1,0 +1,117 @@
+"""The HTTP ports against the project's own server under gunicorn: claim (and its long poll),
+events in order, usage, heartbeat with a cancel request, artifacts streamed and linked, finish,
+and fencing: a runner whose attempt was reaped changes nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+
+from agentrunner.runner.http import ApiConfig, TokenRejected, ports_from_settings
+from common.outcomes import LeaseLost
+from registry import services as registry
+from registry.models import Attempt
+from tests.runner.conftest import use_server
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def remote(api_server, runner_token, settings):
+    use_server(settings, api_server.base_url, runner_token)
+    return ports_from_settings()
+
+
+def test_a_whole_attempt_through_the_http_ports(remote, repository, tmp_path):
+    task = registry.task_create(title="over http", instructions="fix", repository=repository)
+    claimed = remote.registry.claim(runner_id="remote:1", task_id=None)
+    assert claimed.id == task.pk and claimed.lease_token and claimed.repository_name == "sample"
+
+    remote.registry.events(
+        task=claimed, events=[{"type": "step", "message": f"event {i}", "data": {"i": i}} for i in range(3)]
+    )
+    remote.registry.add_usage(task=claimed, prompt_tokens=10, completion_tokens=5, cost_usd=Decimal("0.0000123456"))
+    assert remote.registry.heartbeat(task=claimed).cancel_requested is False
+    registry.task_cancel(task_id=task.pk)
+    assert remote.registry.heartbeat(task=claimed).cancel_requested is True
+
+    blob = tmp_path / "report.txt"
+    blob.write_bytes(b"tests passed\n" * 100_000)
+    artifact_id = remote.artifacts.store(
+        task=claimed, path=blob, name="tests.log", kind="test_report", content_type="text/plain", metadata={}
+    )
+    remote.registry.link_artifact(task=claimed, artifact_id=artifact_id, role="test_report")
+    remote.registry.flush()
+    status = remote.registry.finish(
+        task=claimed, status="cancelled", failure_reason="cancelled", message="cancelled by request", retry=False,
+        result={}, metrics={"phases": {}},
+    )  # fmt: skip
+    assert status == "cancelled"
+    task.refresh_from_db()
+    assert (task.prompt_tokens, task.completion_tokens) == (10, 5)
+    assert task.cost_usd == Decimal("0.000012")
+    messages = [e.message for e in task.events.filter(type="step").order_by("seq")]
+    assert messages == ["event 0", "event 1", "event 2"]
+    link = task.artifact_links.get(role="test_report")
+    assert link.artifact.size == blob.stat().st_size
+    assert set(remote.timed.seconds) >= {"registry", "artifacts"}
+
+
+def test_the_long_poll_claim_wakes_for_a_new_task(remote, repository):
+    found = {}
+
+    def claim():
+        started = time.monotonic()
+        found["task"] = remote.registry.claim(runner_id="remote:poll", task_id=None, wait=10)
+        found["after"] = time.monotonic() - started
+
+    thread = threading.Thread(target=claim)
+    thread.start()
+    time.sleep(1.0)
+    task = registry.task_create(title="late", instructions="x", repository=repository)
+    thread.join(timeout=20)
+    assert found["task"] is not None and found["task"].id == task.pk
+    assert 0.9 <= found["after"] < 9, found["after"]
+    assert remote.registry.claim(runner_id="remote:poll", task_id=None, wait=0) is None
+
+
+def test_a_reaped_attempt_is_fenced_and_its_late_result_discarded(remote, repository):
+    task = registry.task_create(title="fenced", instructions="x", repository=repository, max_attempts=3)
+    claimed = remote.registry.claim(runner_id="remote:1", task_id=task.pk)
+    Attempt.objects.filter(pk=claimed.attempt_id).update(heartbeat_at="2000-01-01T00:00:00Z")
+    assert registry.attempts_reap_lost(stale_after_seconds=60)
+    with pytest.raises(LeaseLost):
+        remote.registry.heartbeat(task=claimed)
+    remote.registry.events(task=claimed, events=[{"type": "late", "message": "after the reaper"}])
+    with pytest.raises(LeaseLost):
+        remote.registry.finish(
+            task=claimed, status="succeeded", failure_reason="", message="", retry=False, result={}, metrics={}
+        )
+    task.refresh_from_db()
+    assert task.status == "queued" and not task.events.filter(type="late").exists()
+
+
+def test_a_revoked_token_is_refused(remote, repository, runner_token):
+    from runners.models import RunnerToken
+    from runners.services import runner_token_revoke
+
+    registry.task_create(title="t", instructions="x", repository=repository)
+    runner_token_revoke(token_id=RunnerToken.objects.get().pk)
+    with pytest.raises(TokenRejected):
+        remote.registry.claim(runner_id="remote:1", task_id=None)
+
+
+def test_api_config_from_settings(settings):
+    settings.AGENTRUNNER_API_URL = "http://server:8000"
+    settings.AGENTRUNNER_RUNNER_TOKEN = ""
+    assert ApiConfig.from_settings() is None  # no token: not a remote runner
+    settings.AGENTRUNNER_RUNNER_TOKEN = "art_r_x"
+    settings.ARTIFACT_STORE_URL = "http://blobs:9000/"
+    config = ApiConfig.from_settings()
+    assert config.registry_url == config.pool_url == "http://server:8000/api/runner/v1/"
+    assert config.artifacts_url == "http://blobs:9000/api/runner/v1/"
+    settings.AGENTRUNNER_API_URL = ""
+    assert ApiConfig.from_settings() is None  # the registry and the pool have no URL
