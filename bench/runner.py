@@ -161,14 +161,20 @@ def both_modes(args, server, repo) -> None:
         def remote_ports() -> Ports:
             return http.ports(config, pool_root=remote_pool)
 
+        phases: dict[str, dict[str, list[float]]] = {"local": {}, "http": {}}
+
         def one(mode: str) -> float:
             task = task_create(title=f"{mode}", instructions="make add() add", repository=repo)
             ports = Ports.local() if mode == "local" else remote_ports()
             summary = run_task(task_id=task.pk, ports=ports)
             assert summary.status == "succeeded", (mode, summary.message)
-            return _overhead(summary, Attempt.objects.get(task_id=summary.task_id).metrics)
+            metrics = Attempt.objects.get(task_id=summary.task_id).metrics
+            for name, seconds in metrics["phases"].items():
+                phases[mode].setdefault(name, []).append(seconds)
+            return _overhead(summary, metrics)
 
         one("local"), one("http")  # warm-up: each mode's slot cloned and set up, not counted
+        phases = {"local": {}, "http": {}}
         samples: dict[str, list[float]] = {"local": [], "http": []}
         for n in range(args.rounds):
             for mode in ("local", "http") if n % 2 == 0 else ("http", "local"):
@@ -181,6 +187,11 @@ def both_modes(args, server, repo) -> None:
         print(f"  in-process ports: {spread(samples['local'], 1000)}")
         print(f"  HTTP ports (gunicorn -w 2, same machine): {spread(samples['http'], 1000)}")
         print(f"  ratio HTTP / in-process: {remote / local:.2f}x   (targets: < 1.5x and < 400 ms)")
+        for mode in ("local", "http"):
+            print(
+                f"  {mode} phase medians: "
+                + ", ".join(f"{k} {median(v) * 1000:.0f}" for k, v in phases[mode].items() if k != "agent")
+            )
 
         # (4) the claim rate: N remote runners claiming as fast as they can, beside N in-process ones.
         def claim_round(mode: str) -> float:

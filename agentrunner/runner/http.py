@@ -257,9 +257,10 @@ class _Pending:
 class Outbox:
     """Events and usage in the order the run made them, each delivered once, in that order.
 
-    ``add_*`` never block for long: they try to send at once unless the server was unreachable a
-    moment ago (then the item waits for a later ``flush``). Consecutive events not sent yet travel
-    in one batch (at most 500)."""
+    ``add_*`` never wait for the network: a sender thread of the outbox delivers what waits (one
+    try at a time, backing off while the server is unreachable) and ends when nothing is left.
+    Consecutive events not sent yet travel in one batch (at most 500). ``flush(block=True)`` waits
+    until everything is delivered."""
 
     MAX_BATCH = 500
 
@@ -271,6 +272,8 @@ class Outbox:
         self._sending = threading.Lock()  # one sender at a time keeps the order
         self._retry_at = 0.0
         self._backoff = 0.0
+        self._sender: threading.Thread | None = None  # set and cleared under _lock
+        self._wake = threading.Event()
         self.delivered = 0
 
     def __len__(self) -> int:
@@ -292,12 +295,35 @@ class Outbox:
                 else:
                     last = _Pending("events", attempt_id, lease_token, {"events": [event]})
                     self._items.append(last)
-        self.flush(block=False)
+            self._kick()
 
     def add_usage(self, attempt_id: int, lease_token: str, usage: dict) -> None:
         with self._lock:
             self._items.append(_Pending("usage", attempt_id, lease_token, usage))
-        self.flush(block=False)
+            self._kick()
+
+    def _kick(self) -> None:
+        """Called with ``_lock`` held, after adding: wake the sender, or start one."""
+        if self._sender is not None:
+            self._wake.set()
+            return
+        self._sender = threading.Thread(target=self._send_loop, daemon=True, name="runner-outbox")
+        self._sender.start()
+
+    def _send_loop(self) -> None:
+        # The sender ends only under _lock with nothing left, and _kick runs under _lock after an
+        # item is added: an item is never left without a sender.
+        while True:
+            self._wake.clear()
+            try:
+                self.flush(block=False)
+            except Exception:  # never dies with items left: logged, tried again
+                log.exception("delivering events and usage failed")
+            with self._lock:
+                if not self._items:
+                    self._sender = None
+                    return
+            self._wake.wait(min(1.0, max(0.05, self._retry_at - time.monotonic())))
 
     def flush(self, *, block: bool, bound: float | None = None) -> bool:
         """Send what waits, in order. True when nothing is left.

@@ -264,6 +264,14 @@ def test_a_streamed_body_is_sent_whole_again_on_retry(scripted, tmp_path):
     assert [r["body"] for r in server.requests] == [data, data]
 
 
+def wait_for_backoff(outbox: Outbox) -> None:
+    """Until the outbox's sender has met the unavailable server and backs off (for a second)."""
+    deadline = time.monotonic() + 5
+    while outbox._retry_at == 0.0:
+        assert time.monotonic() < deadline, "the outbox never tried to send"
+        time.sleep(0.01)
+
+
 def test_the_outbox_keeps_order_while_the_server_is_away_and_delivers_once_back(scripted):
     server = scripted(unavailable())
     api = client(server.url, retry_seconds=5.0)
@@ -275,6 +283,7 @@ def test_the_outbox_keeps_order_while_the_server_is_away_and_delivers_once_back(
     outbox.add_events(7, "lease", [{"type": "c", "message": "3", "data": {}}])
     assert time.monotonic() - started < 1.0, "the run is not held up while the server is away"
     assert len(outbox) >= 3
+    wait_for_backoff(outbox)
     tried = len(server.requests)
     server.replies = [OK]  # the server is back
     assert outbox.flush(block=True, bound=5.0)
@@ -298,6 +307,7 @@ def test_the_outbox_drops_an_attempt_the_server_fenced(scripted):
     outbox.add_events(9, "old", [{"type": "a", "message": "", "data": {}}])
     outbox.add_usage(9, "old", {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": "0.01"})
     assert len(outbox) == 2
+    wait_for_backoff(outbox)
     server.replies = [(409, {}, {"detail": "attempt 9 is no longer running", "code": "lease_lost"})]
     with pytest.raises(LeaseLost):
         outbox.flush(block=True, bound=1.0)
