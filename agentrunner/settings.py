@@ -64,6 +64,7 @@ MIDDLEWARE = [
     "runners.middleware.RunnerTokenConfinement",  # a runner token opens /api/runner/ only
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "agentrunner.middleware.DatabaseUnavailableMiddleware",  # a database gone away: 503, not 500
 ]
 
 ROOT_URLCONF = "agentrunner.urls"
@@ -262,6 +263,9 @@ AGENTRUNNER_INSPECTOR_DIFF_MAX = env.int("AGENTRUNNER_INSPECTOR_DIFF_MAX", defau
 # --- Runner -------------------------------------------------------------------------------------
 # A running attempt whose runner has not heartbeated for this long is lost (its task runs again).
 AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS", default=120)
+# How long a runner keeps retrying what must be recorded (an attempt's finish, a slot's release, an
+# artifact) while the database is unreachable, before it gives up and leaves it to the reaper.
+AGENTRUNNER_DB_RETRY_SECONDS = env.float("AGENTRUNNER_DB_RETRY_SECONDS", default=60)
 # The largest results bundle a remote runner may upload (POST /api/runner/v1/attempts/{id}/results/).
 AGENTRUNNER_RESULTS_BUNDLE_MAX = env.int("AGENTRUNNER_RESULTS_BUNDLE_MAX", default=1024**3)
 

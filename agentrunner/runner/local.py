@@ -9,8 +9,24 @@ from pathlib import Path
 from typing import Any
 
 from agentrunner.runner.ports import ClaimedTask, Heartbeat, Ports, SlotLease, Timed
+from common.outcomes import ServiceUnavailable
 
 CLAIM_POLL_SECONDS = 0.2  # how often a claim with ``wait`` looks again
+
+
+def _drop_broken_connection() -> None:
+    """Close this thread's database connection when it no longer works (the server restarted), so
+    the next call opens a new one. Outside a request nothing else does: a runner's threads would
+    keep failing on the dead connection after the database came back."""
+    from django.db import connection
+
+    if connection.connection is None or connection.in_atomic_block:
+        return
+    try:
+        if not connection.is_usable():
+            connection.close()
+    except Exception:  # closing a dead connection may itself fail; it is gone either way
+        connection.connection = None
 
 
 class _LocalPort:
@@ -21,10 +37,29 @@ class _LocalPort:
     def __init__(self, timed: Timed | None = None):
         self.timed = timed or Timed()
 
-    def _call(self, fn, **kwargs) -> Any:
+    def _call(self, fn, *, deliver: bool = False, **kwargs) -> Any:
+        """Call ``fn``. A database gone away drops the connection (the next call reconnects) and
+        raises ServiceUnavailable, as the HTTP adapter does for a server it cannot reach. With
+        ``deliver`` (what must be recorded: an attempt's end, a slot's release, an artifact) the
+        call is retried with backoff while the database stays away, up to
+        AGENTRUNNER_DB_RETRY_SECONDS; each such call is safe to repeat (fenced or idempotent)."""
+        from django.conf import settings
+        from django.db import InterfaceError, OperationalError
+
         started = time.monotonic()
+        give_up = started + (settings.AGENTRUNNER_DB_RETRY_SECONDS if deliver else 0)
+        delay = 0.25
         try:
-            return fn(**kwargs)
+            while True:
+                try:
+                    return fn(**kwargs)
+                except (OperationalError, InterfaceError) as exc:
+                    _drop_broken_connection()
+                    if time.monotonic() + delay > give_up:
+                        # The class name only: the message can name the database's host and user.
+                        raise ServiceUnavailable(f"database unavailable ({type(exc).__name__})") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         finally:
             self.timed.add(self.name, started)
 
@@ -107,13 +142,13 @@ class LocalRegistry(_LocalPort):
     def link_artifact(self, *, task, artifact_id, role):
         from registry import services
 
-        self._call(services.task_link_artifact, task_id=task.id, artifact_id=artifact_id, role=role)
+        self._call(services.task_link_artifact, deliver=True, task_id=task.id, artifact_id=artifact_id, role=role)
 
     def finish(self, *, task, status, failure_reason, message, retry, result, metrics):
         from registry import services
 
         finished = self._call(
-            services.task_finish, task_id=task.id, attempt_id=task.attempt_id, status=status,
+            services.task_finish, deliver=True, task_id=task.id, attempt_id=task.attempt_id, status=status,
             failure_reason=failure_reason, message=message, retry=retry, result=result, metrics=metrics,
         )  # fmt: skip
         return finished.status
@@ -143,7 +178,7 @@ class LocalPool(_LocalPort):
     def release(self, *, slot_id, token):
         from repopool import services
 
-        self._call(services.slot_release, slot_id=slot_id, lease_token=token)
+        self._call(services.slot_release, deliver=True, slot_id=slot_id, lease_token=token)
 
     def publish(self, *, task, path, branch, base):
         from django.conf import settings
@@ -173,7 +208,13 @@ class LocalArtifacts(_LocalPort):
         from artifacts import services
 
         artifact = self._call(
-            services.artifact_store, source=path, name=name, kind=kind, content_type=content_type, metadata=metadata
+            services.artifact_store,
+            deliver=True,
+            source=path,
+            name=name,
+            kind=kind,
+            content_type=content_type,
+            metadata=metadata,
         )
         return artifact.pk
 
@@ -181,7 +222,10 @@ class LocalArtifacts(_LocalPort):
 def _close_connection() -> None:
     from django.db import connection
 
-    connection.close()
+    try:
+        connection.close()
+    except Exception:  # a connection the database dropped: gone either way
+        connection.connection = None
 
 
 def local_ports() -> Ports:

@@ -651,7 +651,11 @@ def run_task(
     task = ports.registry.claim(runner_id=runner_id, task_id=task_id, wait=claim_wait)
     if task is None:
         return None
-    run = TaskRun(task, ports, runner_id, progress, llm_overrides)
+    try:
+        run = TaskRun(task, ports, runner_id, progress, llm_overrides)
+    except Exception as exc:  # this host cannot run anything (no run folder): give the task back first
+        _give_back(ports, task, f"the runner could not start the attempt: {exc.__class__.__name__}: {exc}")
+        raise
     run.phases["claim"] = time.monotonic() - claim_started
     run.log(f"claimed task {task.id} ({task.title}) attempt {task.attempt_number} as {runner_id}")
     heartbeat = HeartbeatThread(run)
@@ -756,6 +760,17 @@ def run_task(
     if interrupted:
         raise KeyboardInterrupt
     return run.summary
+
+
+def _give_back(ports: Ports, task: ClaimedTask, message: str) -> None:
+    """End a claimed attempt that never started as the runner's failure, so the task runs again."""
+    try:
+        ports.registry.finish(
+            task=task, status="failed", failure_reason="infrastructure_error", message=message, retry=True,
+            result={}, metrics={},
+        )  # fmt: skip
+    except Exception as exc:  # the reaper ends it then
+        log.warning("could not give task %s back: %s", task.id, exc.__class__.__name__)
 
 
 def _flush(run: TaskRun) -> None:

@@ -1,22 +1,87 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
 import threading
+import time
 from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
+from django.db import InterfaceError, OperationalError, connection  # exceptions and a handle: no query
 
 from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
+from common.outcomes import ServiceUnavailable
 from common.sandbox import sandbox_status
 from common.schema import require_schema
 
 CONFIG_ERROR_EXIT = 2  # the command cannot work as configured: nothing was created or claimed
+WORKER_DIED_EXIT = 4  # --loop: a worker died of an error of this host; the loop stopped
+# What a server gone away raises (the database restarting or failing over, the API unreachable):
+# --loop waits it out. ServiceUnavailable is what the ports raise for either.
+UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, ServiceUnavailable)
+
+log = logging.getLogger(__name__)
+
+
+class _Backoff:
+    """Waits between retries while the database is away: 0.5 s doubling to 10 s."""
+
+    def __init__(self, first: float = 0.5, most: float = 10.0):
+        self.first, self.most, self.wait = first, most, first
+
+    def next(self) -> float:
+        wait, self.wait = self.wait, min(self.wait * 2, self.most)
+        return wait
+
+    def reset(self) -> None:
+        self.wait = self.first
+
+
+class _Outage:
+    """The loop's view of the database, shared by its workers: an outage is said once when it
+    begins and once when it ends, not on every retry."""
+
+    def __init__(self, say):
+        self.say = say
+        self.lock = threading.Lock()
+        self.since: float | None = None
+
+    def began(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                # Ours say what is away; of a driver's, the class name only (its message can name
+                # the database's host and user).
+                what = (
+                    exc.message
+                    if isinstance(exc, ServiceUnavailable)
+                    else f"database unavailable ({type(exc).__name__})"
+                )
+                self.say(f"{what}; waiting for it, retrying with backoff")
+
+    def ended(self) -> None:
+        if self.since is None:
+            return
+        with self.lock:
+            if self.since is not None:
+                self.say(f"reachable again after {time.monotonic() - self.since:.0f} s")
+                self.since = None
+
+
+def _drop_connection(*, always: bool = False) -> None:
+    """Close this thread's connection when it is broken (or ``always``), so the next query
+    reconnects: outside a request nothing else closes a connection the server dropped."""
+    try:
+        if always or (connection.connection is not None and not connection.is_usable()):
+            connection.close()
+    except Exception:  # closing a dead connection may fail too; it is gone either way
+        connection.connection = None
 
 
 def _raise_interrupt(signum, frame):
@@ -39,7 +104,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("task_id", nargs="?", help="Run this task now, in the foreground.")
         parser.add_argument("--next", action="store_true", help="Claim and run the next runnable task.")
-        parser.add_argument("--loop", action="store_true", help="Keep claiming and running tasks.")
+        parser.add_argument(
+            "--loop",
+            action="store_true",
+            help="Keep claiming and running tasks; waits out a database outage; exits 4 when a worker dies.",
+        )
         parser.add_argument(
             "--concurrency", type=int, default=1, help="With --loop: tasks at once, each in its own slot."
         )
@@ -259,6 +328,9 @@ class Command(BaseCommand):
         )
 
     def _loop(self) -> int:
+        """Workers claim and run tasks until stopped. A database that goes away is waited out (each
+        worker backs off; the outage is said once); a worker that dies of anything else stops the
+        loop with WORKER_DIED_EXIT once the others have finished their tasks, never exit 0."""
         from agentrunner.runner.pipeline import run_task
 
         remote = self.remote is not None
@@ -267,19 +339,34 @@ class Command(BaseCommand):
         failures = {"n": 0}
         lock = threading.Lock()
         stop = threading.Event()
+        outage = _Outage(self.stderr.write)
+        died: list[str] = []
 
         def worker(n: int) -> None:
+            backoff = _Backoff()
             try:
                 while not stop.is_set():
-                    summary = run_task(progress=None if self.opts["quiet"] else self._progress, claim_wait=claim_wait)
-                    if summary is None:
-                        if self.opts["until_idle"]:
-                            return
-                        if not remote:
+                    try:
+                        summary = run_task(
+                            progress=None if self.opts["quiet"] else self._progress, claim_wait=claim_wait
+                        )
+                        if summary is None and not remote:
                             # Idle: this host does the pool warming asked for over the API or admin.
                             from repopool import services as pool
 
                             pool.pool_warm_requested()
+                    except UNAVAILABLE_ERRORS as exc:
+                        if not remote:
+                            _drop_connection()
+                        outage.began(exc)
+                        stop.wait(backoff.next())
+                        continue
+                    outage.ended()
+                    backoff.reset()
+                    if summary is None:
+                        if self.opts["until_idle"]:
+                            return
+                        if not remote:  # remote: the claim itself waited (a long poll)
                             stop.wait(1.0)
                         continue
                     with lock:
@@ -288,11 +375,16 @@ class Command(BaseCommand):
                             failures["n"] += 1
             except KeyboardInterrupt:  # the output pipe closed: this task wound down; claim nothing more
                 stop.set()
+            except Exception as exc:
+                ours = isinstance(exc, DomainError)  # says what happened (a revoked token...): no traceback
+                log.error("runagent worker %s died", n, exc_info=not ours)
+                with lock:
+                    died.append(f"worker {n} died: {exc.message if ours else f'{type(exc).__name__}: {exc}'}")
+                    self.stderr.write(f"{died[-1]}; stopping once the running tasks finish")
+                stop.set()
             finally:
                 if not remote:
-                    from django.db import connection
-
-                    connection.close()
+                    _drop_connection(always=True)
 
         threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(self.opts["concurrency"])]
         for thread in threads:
@@ -306,6 +398,8 @@ class Command(BaseCommand):
             stop.set()
             for thread in threads:
                 thread.join()
+        if died:
+            raise CommandError("; ".join(died), returncode=WORKER_DIED_EXIT)
         return failures["n"]
 
     # --- output ---------------------------------------------------------------------------------
