@@ -124,7 +124,9 @@ def _fence(*, attempt_id: int, lease_token: str) -> Attempt:
         raise LeaseLost(f"attempt {attempt_id} does not exist")
     Task.objects.select_for_update().filter(pk=task_id).values_list("pk", flat=True).get()
     attempt = Attempt.objects.select_for_update().get(pk=attempt_id)
-    if not hmac.compare_digest(str(attempt.lease_token), str(lease_token or "")):
+    # Bytes, not str: compare_digest raises TypeError on a non-ASCII str (a latin-1 header).
+    given = str(lease_token or "").encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(str(attempt.lease_token).encode(), given):
         raise LeaseLost(f"attempt {attempt_id}: the lease token is not this attempt's")
     if attempt.outcome != AttemptOutcome.RUNNING:
         raise LeaseLost(f"attempt {attempt.number} is {attempt.outcome}, not running")
