@@ -138,13 +138,15 @@ class HeartbeatView(RunnerView):
     @extend_schema(
         parameters=[LEASE_TOKEN],
         request=HeartbeatSerializer,
-        responses={200: HeartbeatReplySerializer, **errors(400, 401, 403, 409)},
+        responses={200: HeartbeatReplySerializer, **errors(400, 401, 403, 404, 409)},
         description="The attempt is alive (and, optionally, its slot and metrics). Says whether a cancel "
         "was requested; 409 lease_lost when the attempt is no longer this runner's.",
     )
     def post(self, request, attempt_id: int):
         data = _valid(HeartbeatSerializer, request.data)
-        reply = services.runner_heartbeat(attempt_id=attempt_id, lease_token=_lease_token(request), **data)
+        reply = services.runner_heartbeat(
+            token=request.auth, attempt_id=attempt_id, lease_token=_lease_token(request), **data
+        )
         return Response({"cancel_requested": reply.cancel_requested, "attempt_status": reply.attempt_status})
 
 

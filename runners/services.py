@@ -146,10 +146,14 @@ class HeartbeatReply:
 
 
 def runner_heartbeat(
-    *, attempt_id: int, lease_token: str, slot_id: int | None = None, metrics: dict | None = None
+    *, token: RunnerToken, attempt_id: int, lease_token: str, slot_id: int | None = None, metrics: dict | None = None
 ) -> HeartbeatReply:
+    """``slot_id`` must be a slot of the token's own hosts (404 otherwise, as in the slot calls):
+    a runner does not put another host's slot, or a missing one, on its attempt."""
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
+        if slot_id is not None:
+            _token_slot(token, slot_id)
         registry.attempt_update(attempt_id=attempt.pk, slot_id=slot_id, metrics=metrics)
         cancel = Task.objects.filter(pk=attempt.task_id).values_list("cancel_requested", flat=True).get()
     return HeartbeatReply(cancel_requested=cancel, attempt_status=AttemptOutcome.RUNNING)
