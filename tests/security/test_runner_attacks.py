@@ -12,6 +12,7 @@ from django.db import connection
 
 from registry import services as registry
 from registry.models import Attempt, Task, TaskEvent
+from repopool import bookkeeping as pool_bookkeeping
 from repopool.models import Slot
 from runners import services as runners
 from tests.runners.conftest import RunnerClient
@@ -127,3 +128,28 @@ def test_token_revoked_during_long_poll_claims_nothing(runner_token, repo):
     assert replies and replies[0].status_code == 401, replies and replies[0].content
     assert replies[0].json()["code"] == "token_revoked"
     assert Task.objects.get(pk=task.pk).status == "queued"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_token_revoked_during_slot_wait_leases_nothing(runner_token, repo):
+    token, raw = runner_token
+    host = RunnerClient(raw)
+    assert host.post("hosts/", {"name": "box-1", "capacity": {"sample": 1}}).status_code == 200
+    held = host.post("slots/allocate/", {"repository_id": repo.pk, "holder": "box-1:1"}).json()["slot"]
+    replies = []
+
+    def wait_for_slot():
+        try:
+            body = {"repository_id": repo.pk, "holder": "box-1:2", "wait_seconds": 4}
+            replies.append(RunnerClient(raw).post("slots/allocate/", body))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=wait_for_slot)
+    thread.start()
+    time.sleep(0.8)
+    runners.runner_token_revoke(token_id=token.pk)
+    pool_bookkeeping.slot_release_remote(slot_id=held["id"], token=held["token"], commit="")
+    thread.join(timeout=30)
+    assert replies and replies[0].status_code == 401, replies and replies[0].content
+    assert Slot.objects.get(pk=held["id"]).state == "free"
