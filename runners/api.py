@@ -125,6 +125,7 @@ class ClaimView(RunnerView):
         def claim_once():
             from registry.services import task_claim
 
+            services.runner_token_check_live(token=request.auth)
             got = task_claim(runner_id=data["runner_id"], task_id=data["task_id"])
             return None if got is None else Response(claim_reply(*got))
 
@@ -335,6 +336,7 @@ class SlotAllocateView(RunnerView):
         wait = data.pop("wait_seconds")
 
         def allocate_once():
+            services.runner_token_check_live(token=request.auth)
             grant = services.runner_slot_allocate(token=request.auth, lease_token=lease_token, **data)
             return None if grant is None else Response(slot_grant_reply(grant))
 

@@ -78,6 +78,13 @@ def runner_token_authenticate(*, raw: str) -> RunnerToken:
     return token
 
 
+def runner_token_check_live(*, token: RunnerToken) -> None:
+    """TokenRevoked if ``token`` was revoked since the request was authenticated: a long poll
+    asks again before each try, so a token revoked while it waits claims or leases nothing."""
+    if RunnerToken.objects.filter(pk=token.pk, revoked_at__isnull=False).exists():
+        raise TokenRevoked(f"The runner token {token.name!r} was revoked.")
+
+
 # --- hosts --------------------------------------------------------------------------------------
 def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], version: str) -> RunnerHost:
     """Announce a host (or again, with new capacity). A host name belongs to the first token that
