@@ -4,18 +4,24 @@ was a 500 or an overreach answers a clear 4xx and changes nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import threading
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from registry import services as registry
 from registry.models import Attempt, Task, TaskEvent
 from repopool import bookkeeping as pool_bookkeeping
 from repopool.models import Slot
 from runners import services as runners
-from tests.runners.conftest import RunnerClient
+from tests.conftest import run_git
+from tests.runners.conftest import API, RunnerClient
 
 pytestmark = pytest.mark.django_db
 
@@ -153,3 +159,57 @@ def test_token_revoked_during_slot_wait_leases_nothing(runner_token, repo):
     thread.join(timeout=30)
     assert replies and replies[0].status_code == 401, replies and replies[0].content
     assert Slot.objects.get(pk=held["id"]).state == "free"
+
+
+# --- a runner whose attempt is reaped while its results bundle streams in -----------------------
+class _ReapOnFirstRead(io.BytesIO):
+    """The request body as the server reads it; the attempt is reaped when the first bytes are
+    read (after the upload's lease check, before the bundle is imported)."""
+
+    def __init__(self, data: bytes, on_first_read):
+        super().__init__(data)
+        self.on_first_read = on_first_read
+
+    def read(self, size=-1):
+        if self.on_first_read is not None:
+            hook, self.on_first_read = self.on_first_read, None
+            hook()
+        return super().read(size)
+
+
+def test_results_of_an_attempt_reaped_mid_upload_are_not_published(runner, claimed, repo, tmp_path, settings):
+    """The lease was checked once, before the bundle streamed in: a runner reaped meanwhile (its
+    task already retried by another runner) still force-updated the task's result branch."""
+    work = tmp_path / "work"
+    run_git(tmp_path, "clone", "-q", repo.url, str(work))
+    base = run_git(work, "rev-parse", "HEAD")
+    branch = f"agent/{claimed.task_id.hex[:8]}"
+    run_git(work, "checkout", "-q", "-b", branch)
+    (work / "calc.py").write_text("stale result\n")
+    run_git(work, "commit", "-qam", "stale")
+    bundle = tmp_path / "stale.bundle"
+    run_git(work, "bundle", "create", "-q", str(bundle), f"{base}..{branch}")
+    body = bundle.read_bytes()
+
+    def reap():
+        Attempt.objects.filter(pk=claimed.attempt_id).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+        assert [a.pk for a in registry.attempts_reap_lost(stale_after_seconds=60)] == [claimed.attempt_id]
+
+    response = runner.client.request(
+        REQUEST_METHOD="POST",
+        PATH_INFO=f"{API}/attempts/{claimed.attempt_id}/results/",
+        CONTENT_TYPE="application/x-git-bundle",
+        CONTENT_LENGTH=str(len(body)),
+        HTTP_X_LEASE_TOKEN=claimed.lease,
+        HTTP_X_RESULT_BRANCH=branch,
+        HTTP_X_RESULT_BASE=base,
+        HTTP_X_CONTENT_SHA256=hashlib.sha256(body).hexdigest(),
+        HTTP_IDEMPOTENCY_KEY="stale-results",
+        **{"wsgi.input": _ReapOnFirstRead(body, reap)},
+    )
+    assert Attempt.objects.get(pk=claimed.attempt_id).outcome == "lost"
+    assert response.status_code == 409, response.content
+    assert _err(response)["code"] == "lease_lost"
+    results = Path(settings.RESULTS_ROOT) / "sample.git"
+    refs = run_git(results, "for-each-ref", "--format=%(refname)") if results.exists() else ""
+    assert f"refs/heads/{branch}" not in refs.split()
