@@ -288,14 +288,20 @@ def runner_results(
     if size > limit:
         raise ArtifactTooLarge(f"the bundle of {size} bytes exceeds the limit of {limit} bytes")
     bundle = results.spool_bundle(source, expected_sha256=sha256, expected_size=size, max_size=limit)
+    repository = task.repository
     try:
-        repository = task.repository
-        commit = results.import_bundle(
+        commit, staging = results.import_bundle(
             repository_name=repository.name, origin_url=repository.url, base_ref=task.base_ref,
             bundle=bundle, branch=branch, base=base,
         )  # fmt: skip
     finally:
         bundle.unlink(missing_ok=True)
+    try:
+        with transaction.atomic():  # fenced again: an attempt reaped during the import publishes nothing
+            _fence(attempt_id=attempt_id, lease_token=lease_token)
+            results.publish_branch(repository_name=repository.name, branch=branch, commit=commit)
+    finally:
+        results.drop_staging(repository_name=repository.name, staging=staging)
     return f"git fetch {results.results_repository(task.repository.name)} {branch}", commit
 
 
