@@ -3,12 +3,17 @@ output serializers describe the replies in the OpenAPI schema."""
 
 from __future__ import annotations
 
+import re
+
 from rest_framework import serializers
 
+from common.procs import strip_credentials
 from registry.states import FINISH_ACTIONS, FailureReason
 
 NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
 MAX_COUNT = 10**12
+# What a shell would read as more than words: separators, pipes, substitutions, redirections, quotes.
+FETCH_UNSAFE_RE = re.compile(r"[;&|`$<>(){}\\'\"\n\r\x00-\x1f\x7f]")
 NUL_MESSAGE = "NUL characters (\\u0000) are not allowed (PostgreSQL cannot store them)."
 
 
@@ -208,6 +213,14 @@ class FinishResultSerializer(serializers.Serializer):
     result_branch = serializers.CharField(max_length=255, required=False, allow_blank=True)
     result_commit = serializers.RegexField(r"^[0-9a-f]{0,64}$", required=False, allow_blank=True)
     result_fetch = serializers.CharField(max_length=2000, required=False, allow_blank=True)
+
+    def validate_result_fetch(self, value: str) -> str:
+        """Users paste this into a shell: a plain ``git fetch <remote> <branch>``, no shell
+        syntax, and no credentials (a push_url's userinfo is removed)."""
+        if value and (not value.startswith("git fetch ") or FETCH_UNSAFE_RE.search(value)):
+            raise serializers.ValidationError("must be a plain 'git fetch <remote> <branch>' (no shell syntax)")
+        return strip_credentials(value)
+
     tests_passed = serializers.BooleanField(required=False, allow_null=True)
     test_results = JSONDictField(required=False)
     summary = serializers.CharField(max_length=1_000_000, required=False, allow_blank=True)

@@ -40,6 +40,7 @@ import httpx2 as httpx
 
 from common.errors import DomainError
 from common.outcomes import GitError, LeaseLost, NoSlotAvailable, RefNotFound, ServiceUnavailable, SlotBroken
+from common.procs import strip_credentials
 
 log = logging.getLogger(__name__)
 
@@ -647,7 +648,7 @@ class HttpPool(_HttpPort):
                 git.push(path, task.push_url, branch)
             finally:
                 self.timed.add(self.name, started)
-            return f"git fetch {task.push_url} {branch}"
+            return f"git fetch {strip_credentials(task.push_url)} {branch}"  # shown to users: no token
         with tempfile.TemporaryDirectory(prefix="bundle-", dir=_tmp_root()) as scratch:
             bundle = Path(scratch) / "result.bundle"
             git.bundle_create(path, bundle, branch, base=base)
