@@ -245,3 +245,27 @@ def test_fetch_hint_must_be_a_plain_git_fetch(runner, claimed, hint):
     assert finish.status_code == 400, finish.content
     assert "result" in _err(finish)["errors"]
     assert Task.objects.get(pk=claimed.task_id).status == "running"
+
+
+# --- confinement of the runner token to /api/runner/ --------------------------------------------
+@pytest.mark.parametrize("path_info", ["/metrics", "/admin/", "/api/tasks/", "/runs/"])
+def test_runner_token_confinement_looks_at_the_routed_path(runner, path_info):
+    """The confinement compared request.path, which includes SCRIPT_NAME (set by the WSGI server,
+    and by gunicorn from a header its trusted proxies pass): a request routed to /metrics or the
+    admin with SCRIPT_NAME=/api/runner passed the check. Django routes on path_info."""
+    response = runner.client.get(path_info, SCRIPT_NAME="/api/runner")
+    assert response.status_code == 401, (response.status_code, response.content[:200])
+    assert response.json()["code"] == "runner_token_not_allowed"
+
+
+def test_runner_api_under_a_script_name_still_admits_the_runner(runner):
+    """Deployed under a prefix (SCRIPT_NAME=/agentrunner), request.path is /agentrunner/api/runner/...:
+    the confinement must not refuse the runner API itself."""
+    response = runner.client.post(
+        "/api/runner/v1/hosts/",
+        {"name": "box-1"},
+        format="json",
+        SCRIPT_NAME="/agentrunner",
+        HTTP_IDEMPOTENCY_KEY="prefixed-host",
+    )
+    assert response.status_code == 200, response.content
