@@ -269,3 +269,17 @@ def test_runner_api_under_a_script_name_still_admits_the_runner(runner):
         HTTP_IDEMPOTENCY_KEY="prefixed-host",
     )
     assert response.status_code == 200, response.content
+
+
+def test_remote_runner_sends_a_model_nul_as_replacement_not_a_refused_batch(runner, claimed):
+    """The HTTP runner batches up to 500 events in one request and drops a batch the server
+    refuses: one NUL in what the model wrote cost the whole batch. It now sends U+FFFD instead."""
+    from agentrunner.runner.http import _event
+
+    hostile = {"type": "tool_call", "message": "out\x00put", "data": {"args\x00": ["a\x00", {"b": "\x00"}], "n": 1}}
+    body = {"events": [_event({"type": "step", "message": "before"}), _event(hostile)]}
+    response = runner.post(f"attempts/{claimed.attempt_id}/events/", body, lease=claimed.lease)
+    assert response.status_code == 200, response.content
+    stored = TaskEvent.objects.get(task_id=claimed.task_id, type="tool_call")
+    assert stored.message == "out\ufffdput"
+    assert stored.data == {"args\ufffd": ["a\ufffd", {"b": "\ufffd"}], "n": 1}
