@@ -125,6 +125,7 @@ class ClaimView(RunnerView):
         def claim_once():
             from registry.services import task_claim
 
+            services.runner_token_check_live(token=request.auth)
             got = task_claim(runner_id=data["runner_id"], task_id=data["task_id"])
             return None if got is None else Response(claim_reply(*got))
 
@@ -138,13 +139,15 @@ class HeartbeatView(RunnerView):
     @extend_schema(
         parameters=[LEASE_TOKEN],
         request=HeartbeatSerializer,
-        responses={200: HeartbeatReplySerializer, **errors(400, 401, 403, 409)},
+        responses={200: HeartbeatReplySerializer, **errors(400, 401, 403, 404, 409)},
         description="The attempt is alive (and, optionally, its slot and metrics). Says whether a cancel "
         "was requested; 409 lease_lost when the attempt is no longer this runner's.",
     )
     def post(self, request, attempt_id: int):
         data = _valid(HeartbeatSerializer, request.data)
-        reply = services.runner_heartbeat(attempt_id=attempt_id, lease_token=_lease_token(request), **data)
+        reply = services.runner_heartbeat(
+            token=request.auth, attempt_id=attempt_id, lease_token=_lease_token(request), **data
+        )
         return Response({"cancel_requested": reply.cancel_requested, "attempt_status": reply.attempt_status})
 
 
@@ -333,6 +336,7 @@ class SlotAllocateView(RunnerView):
         wait = data.pop("wait_seconds")
 
         def allocate_once():
+            services.runner_token_check_live(token=request.auth)
             grant = services.runner_slot_allocate(token=request.auth, lease_token=lease_token, **data)
             return None if grant is None else Response(slot_grant_reply(grant))
 

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from workcopy import git
 
 SHA_RE = re.compile(r"\A[0-9a-f]{40}(?:[0-9a-f]{24})?\Z")
 BRANCH_SUFFIX_RE = re.compile(r"\A-[A-Za-z0-9._-]{1,64}\Z")
+STAGING_PREFIX = "refs/agentrunner/incoming/"
 FSCK = ("-c", "transfer.fsckObjects=true", "-c", "fetch.fsckObjects=true")
 
 
@@ -94,9 +96,13 @@ def _ensure_base(repo: Path, base: str, origin_url: str, base_ref: str) -> None:
     raise BundleRefused(f"the base commit {base} is not in the repository at its URL", field="X-Result-Base")
 
 
-def import_bundle(*, repository_name: str, origin_url: str, base_ref: str, bundle: Path, branch: str, base: str) -> str:
-    """Fetch ``branch`` from the bundle into the results repository; returns its commit, which
-    must descend from ``base``."""
+def import_bundle(
+    *, repository_name: str, origin_url: str, base_ref: str, bundle: Path, branch: str, base: str
+) -> tuple[str, str]:
+    """Fetch ``branch`` from the bundle into a staging ref of the results repository; returns
+    (its commit, which must descend from ``base``; the staging ref). The branch itself is set by
+    ``publish_branch`` once the attempt's lease is checked again: the import can take long, and
+    an attempt reaped meanwhile must not overwrite (or delete) the task's result branch."""
     repo = results_repository(repository_name)
     _ensure_base(repo, base, origin_url, base_ref)
     try:
@@ -108,13 +114,24 @@ def import_bundle(*, repository_name: str, origin_url: str, base_ref: str, bundl
     refs = {line.split(" ", 1)[1] for line in heads if " " in line}
     if refs != {wanted}:
         raise BundleRefused(f"the bundle must hold exactly {wanted}, not {sorted(refs)[:5]}")
+    staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     try:
         git.git(*FSCK, "fetch", "--quiet", "--force", "--no-recurse-submodules", "--", str(bundle),
-                f"+{wanted}:{wanted}", cwd=repo)  # fmt: skip
+                f"+{wanted}:{staging}", cwd=repo)  # fmt: skip
     except git.GitError as exc:
+        drop_staging(repository_name=repository_name, staging=staging)
         raise BundleRefused(f"the bundle could not be fetched: {exc.message[-500:]}") from None
-    commit = git.git("rev-parse", "--verify", f"{wanted}^{{commit}}", cwd=repo)
+    commit = git.git("rev-parse", "--verify", f"{staging}^{{commit}}", cwd=repo)
     if not _ok(repo, "merge-base", "--is-ancestor", base, commit):
-        git.git("update-ref", "-d", wanted, cwd=repo, check=False)
+        drop_staging(repository_name=repository_name, staging=staging)
         raise BundleRefused(f"{branch} does not descend from the base {base}", field="X-Result-Base")
-    return commit
+    return commit, staging
+
+
+def publish_branch(*, repository_name: str, branch: str, commit: str) -> None:
+    """Point the result branch at ``commit`` (imported by ``import_bundle``)."""
+    git.git("update-ref", f"refs/heads/{branch}", commit, cwd=results_repository(repository_name))
+
+
+def drop_staging(*, repository_name: str, staging: str) -> None:
+    git.git("update-ref", "-d", staging, cwd=results_repository(repository_name), check=False)

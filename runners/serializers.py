@@ -3,12 +3,45 @@ output serializers describe the replies in the OpenAPI schema."""
 
 from __future__ import annotations
 
+import re
+
 from rest_framework import serializers
 
+from common.procs import strip_credentials
 from registry.states import FINISH_ACTIONS, FailureReason
 
 NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
 MAX_COUNT = 10**12
+# What a shell would read as more than words: separators, pipes, substitutions, redirections, quotes.
+FETCH_UNSAFE_RE = re.compile(r"[;&|`$<>(){}\\'\"\n\r\x00-\x1f\x7f]")
+NUL_MESSAGE = "NUL characters (\\u0000) are not allowed (PostgreSQL cannot store them)."
+
+
+def _has_nul(value) -> bool:
+    """Whether a JSON value holds a NUL character in any string or key, at any depth."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class JSONDictField(serializers.DictField):
+    """A free-form JSON object a runner relays (event data, metrics, test results): what a model
+    wrote may hold a NUL, which jsonb refuses; 400 here rather than a DataError (500) at the write."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if _has_nul(value):
+            raise serializers.ValidationError(NUL_MESSAGE)
+        return value
 
 
 class HostSerializer(serializers.Serializer):
@@ -24,6 +57,8 @@ class HostSerializer(serializers.Serializer):
     def validate_capacity(self, value):
         if len(value) > 1000:
             raise serializers.ValidationError("At most 1000 repositories.")
+        if _has_nul(value):
+            raise serializers.ValidationError(NUL_MESSAGE)
         if any(len(name) > 100 for name in value):
             raise serializers.ValidationError("Repository names have at most 100 characters.")
         return value
@@ -114,7 +149,7 @@ def claim_reply(task, attempt) -> dict:
 
 class HeartbeatSerializer(serializers.Serializer):
     slot_id = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1)
-    metrics = serializers.DictField(required=False, allow_null=True, default=None)
+    metrics = JSONDictField(required=False, allow_null=True, default=None)
 
 
 class HeartbeatReplySerializer(serializers.Serializer):
@@ -129,7 +164,7 @@ REGISTRY_EVENT_TYPES = frozenset({"status", "claimed", "created", "dependencies"
 class EventSerializer(serializers.Serializer):
     type = serializers.RegexField(r"^[A-Za-z0-9_.:-]{1,64}$", help_text="Event type, e.g. tool_call.")
     message = serializers.CharField(required=False, allow_blank=True, default="", max_length=100_000)
-    data = serializers.DictField(required=False, default=dict)
+    data = JSONDictField(required=False, default=dict)
 
     def validate_type(self, value):
         if value in REGISTRY_EVENT_TYPES:
@@ -178,8 +213,16 @@ class FinishResultSerializer(serializers.Serializer):
     result_branch = serializers.CharField(max_length=255, required=False, allow_blank=True)
     result_commit = serializers.RegexField(r"^[0-9a-f]{0,64}$", required=False, allow_blank=True)
     result_fetch = serializers.CharField(max_length=2000, required=False, allow_blank=True)
+
+    def validate_result_fetch(self, value: str) -> str:
+        """Users paste this into a shell: a plain ``git fetch <remote> <branch>``, no shell
+        syntax, and no credentials (a push_url's userinfo is removed)."""
+        if value and (not value.startswith("git fetch ") or FETCH_UNSAFE_RE.search(value)):
+            raise serializers.ValidationError("must be a plain 'git fetch <remote> <branch>' (no shell syntax)")
+        return strip_credentials(value)
+
     tests_passed = serializers.BooleanField(required=False, allow_null=True)
-    test_results = serializers.DictField(required=False)
+    test_results = JSONDictField(required=False)
     summary = serializers.CharField(max_length=1_000_000, required=False, allow_blank=True)
 
 
@@ -191,7 +234,7 @@ class FinishSerializer(serializers.Serializer):
     message = serializers.CharField(required=False, allow_blank=True, default="", max_length=100_000)
     retry = serializers.BooleanField(required=False, default=False)
     result = FinishResultSerializer(required=False, default=dict)
-    metrics = serializers.DictField(required=False, default=dict)
+    metrics = JSONDictField(required=False, default=dict)
 
 
 class FinishReplySerializer(serializers.Serializer):

@@ -78,6 +78,13 @@ def runner_token_authenticate(*, raw: str) -> RunnerToken:
     return token
 
 
+def runner_token_check_live(*, token: RunnerToken) -> None:
+    """TokenRevoked if ``token`` was revoked since the request was authenticated: a long poll
+    asks again before each try, so a token revoked while it waits claims or leases nothing."""
+    if RunnerToken.objects.filter(pk=token.pk, revoked_at__isnull=False).exists():
+        raise TokenRevoked(f"The runner token {token.name!r} was revoked.")
+
+
 # --- hosts --------------------------------------------------------------------------------------
 def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], version: str) -> RunnerHost:
     """Announce a host (or again, with new capacity). A host name belongs to the first token that
@@ -124,7 +131,9 @@ def _fence(*, attempt_id: int, lease_token: str) -> Attempt:
         raise LeaseLost(f"attempt {attempt_id} does not exist")
     Task.objects.select_for_update().filter(pk=task_id).values_list("pk", flat=True).get()
     attempt = Attempt.objects.select_for_update().get(pk=attempt_id)
-    if not hmac.compare_digest(str(attempt.lease_token), str(lease_token or "")):
+    # Bytes, not str: compare_digest raises TypeError on a non-ASCII str (a latin-1 header).
+    given = str(lease_token or "").encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(str(attempt.lease_token).encode(), given):
         raise LeaseLost(f"attempt {attempt_id}: the lease token is not this attempt's")
     if attempt.outcome != AttemptOutcome.RUNNING:
         raise LeaseLost(f"attempt {attempt.number} is {attempt.outcome}, not running")
@@ -144,10 +153,14 @@ class HeartbeatReply:
 
 
 def runner_heartbeat(
-    *, attempt_id: int, lease_token: str, slot_id: int | None = None, metrics: dict | None = None
+    *, token: RunnerToken, attempt_id: int, lease_token: str, slot_id: int | None = None, metrics: dict | None = None
 ) -> HeartbeatReply:
+    """``slot_id`` must be a slot of the token's own hosts (404 otherwise, as in the slot calls):
+    a runner does not put another host's slot, or a missing one, on its attempt."""
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
+        if slot_id is not None:
+            _token_slot(token, slot_id)
         registry.attempt_update(attempt_id=attempt.pk, slot_id=slot_id, metrics=metrics)
         cancel = Task.objects.filter(pk=attempt.task_id).values_list("cancel_requested", flat=True).get()
     return HeartbeatReply(cancel_requested=cancel, attempt_status=AttemptOutcome.RUNNING)
@@ -275,14 +288,20 @@ def runner_results(
     if size > limit:
         raise ArtifactTooLarge(f"the bundle of {size} bytes exceeds the limit of {limit} bytes")
     bundle = results.spool_bundle(source, expected_sha256=sha256, expected_size=size, max_size=limit)
+    repository = task.repository
     try:
-        repository = task.repository
-        commit = results.import_bundle(
+        commit, staging = results.import_bundle(
             repository_name=repository.name, origin_url=repository.url, base_ref=task.base_ref,
             bundle=bundle, branch=branch, base=base,
         )  # fmt: skip
     finally:
         bundle.unlink(missing_ok=True)
+    try:
+        with transaction.atomic():  # fenced again: an attempt reaped during the import publishes nothing
+            _fence(attempt_id=attempt_id, lease_token=lease_token)
+            results.publish_branch(repository_name=repository.name, branch=branch, commit=commit)
+    finally:
+        results.drop_staging(repository_name=repository.name, staging=staging)
     return f"git fetch {results.results_repository(task.repository.name)} {branch}", commit
 
 

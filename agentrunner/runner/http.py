@@ -40,6 +40,7 @@ import httpx2 as httpx
 
 from common.errors import DomainError
 from common.outcomes import GitError, LeaseLost, NoSlotAvailable, RefNotFound, ServiceUnavailable, SlotBroken
+from common.procs import strip_credentials
 
 log = logging.getLogger(__name__)
 
@@ -518,9 +519,22 @@ class HttpRegistry(_HttpPort):
         return response.json()["status"]
 
 
+def _no_nul(value: Any) -> Any:
+    """``value`` with every NUL character (in strings and keys, at any depth) replaced by U+FFFD:
+    the server refuses a NUL (jsonb cannot hold one) and a refused batch of events is dropped
+    whole, so one NUL in what the model wrote would cost up to 500 events."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_no_nul(key): _no_nul(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nul(item) for item in value]
+    return value
+
+
 def _event(event: dict) -> dict:
     kind = event.get("type") or event.get("kind") or ""
-    return {"type": kind, "message": event.get("message", ""), "data": event.get("data") or {}}
+    return {"type": kind, "message": _no_nul(event.get("message", "")), "data": _no_nul(event.get("data") or {})}
 
 
 @dataclass
@@ -647,7 +661,7 @@ class HttpPool(_HttpPort):
                 git.push(path, task.push_url, branch)
             finally:
                 self.timed.add(self.name, started)
-            return f"git fetch {task.push_url} {branch}"
+            return f"git fetch {strip_credentials(task.push_url)} {branch}"  # shown to users: no token
         with tempfile.TemporaryDirectory(prefix="bundle-", dir=_tmp_root()) as scratch:
             bundle = Path(scratch) / "result.bundle"
             git.bundle_create(path, bundle, branch, base=base)

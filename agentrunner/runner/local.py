@@ -10,6 +10,7 @@ from typing import Any
 
 from agentrunner.runner.ports import ClaimedTask, Heartbeat, Ports, SlotLease, Timed
 from common.outcomes import ServiceUnavailable
+from common.procs import strip_credentials
 
 CLAIM_POLL_SECONDS = 0.2  # how often a claim with ``wait`` looks again
 
@@ -198,7 +199,7 @@ class LocalPool(_LocalPort):
                 git.push(path, remote, branch, base=base)
         finally:
             self.timed.add(self.name, started)
-        return f"git fetch {remote} {branch}"
+        return f"git fetch {strip_credentials(remote)} {branch}"  # the hint is shown: no token in it
 
 
 class LocalArtifacts(_LocalPort):
