@@ -445,8 +445,8 @@ class TaskRun:
                         kind=kind,
                         content_type=content_type,
                         metadata={"task": str(self.task.id), "attempt": self.task.attempt_number},
+                        role=kind,  # stored and linked in one step (one HTTP call)
                     )
-                    self.ports.registry.link_artifact(task=self.task, artifact_id=artifact_id, role=kind)
                     self.summary.artifacts[kind] = str(artifact_id)
                 except Exception as exc:
                     ok = False
@@ -607,8 +607,8 @@ def flush_spool(ports: Ports, task: ClaimedTask) -> list[str]:
                     "attempt": manifest["attempt"],
                     "spooled": True,
                 },
+                role=manifest["kind"],  # linked to the attempt that spooled it (metadata "attempt")
             )
-            ports.registry.link_artifact(task=task, artifact_id=artifact_id, role=manifest["kind"])
             ports.registry.events(
                 task=task,
                 events=[{

@@ -119,8 +119,11 @@ class PoolPort(Protocol):
 
 class ArtifactsPort(Protocol):
     def store(
-        self, *, task: ClaimedTask, path: Path, name: str, kind: str, content_type: str, metadata: dict
-    ) -> uuid.UUID: ...
+        self, *, task: ClaimedTask, path: Path, name: str, kind: str, content_type: str, metadata: dict, role: str = ""
+    ) -> uuid.UUID:
+        ...
+        # with ``role``: also linked to the task under it, in the same step (over HTTP: one call);
+        # the attempt is the one ``metadata["attempt"]`` names (a spooled artifact keeps its origin)
 
 
 @dataclass
