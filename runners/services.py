@@ -135,9 +135,24 @@ def _fence(*, attempt_id: int, lease_token: str) -> Attempt:
 
 
 def attempt_check_lease(*, attempt_id: int, lease_token: str) -> Attempt:
-    """The fence alone, in a short transaction of its own (before slow I/O such as an upload)."""
-    with transaction.atomic():
-        return _fence(attempt_id=attempt_id, lease_token=lease_token)
+    """Is the attempt running under ``lease_token``? One read, no lock: the early refusal before
+    slow I/O such as an upload (the bytes of a lost attempt are not read). Not the fence itself:
+    the effect's own transaction fences again (``_fence``) and that answer is the one that counts."""
+    attempt = Attempt.objects.filter(pk=attempt_id).first()
+    if attempt is None:
+        raise LeaseLost(f"attempt {attempt_id} does not exist")
+    if not hmac.compare_digest(str(attempt.lease_token), str(lease_token or "")):
+        raise LeaseLost(f"attempt {attempt_id}: the lease token is not this attempt's")
+    if attempt.outcome != AttemptOutcome.RUNNING:
+        raise LeaseLost(f"attempt {attempt.number} is {attempt.outcome}, not running")
+    return attempt
+
+
+def heartbeat_write_every() -> timedelta:
+    """How old an attempt's heartbeat_at may get before a heartbeat writes it again: a third of
+    the staleness limit (and of the lease), at least a second."""
+    limit = min(settings.AGENTRUNNER_LEASE_SECONDS, settings.AGENTRUNNER_ATTEMPT_STALE_SECONDS)
+    return timedelta(seconds=max(1.0, limit / 3))
 
 
 @dataclass(frozen=True)
@@ -149,9 +164,14 @@ class HeartbeatReply:
 def runner_heartbeat(
     *, attempt_id: int, lease_token: str, slot_id: int | None = None, metrics: dict | None = None
 ) -> HeartbeatReply:
+    """The attempt is alive. A runner beats once a second (the answer carries a cancel request);
+    the row is written when there is news (slot, metrics) or when the last write is older than
+    ``heartbeat_write_every()``, as the in-process port does: not a write per second per runner."""
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
-        registry.attempt_update(attempt_id=attempt.pk, slot_id=slot_id, metrics=metrics)
+        stale = attempt.heartbeat_at is None or timezone.now() - attempt.heartbeat_at >= heartbeat_write_every()
+        if slot_id is not None or metrics or stale:
+            registry.attempt_update(attempt_id=attempt.pk, slot_id=slot_id, metrics=metrics)
         cancel = Task.objects.filter(pk=attempt.task_id).values_list("cancel_requested", flat=True).get()
     return HeartbeatReply(cancel_requested=cancel, attempt_status=AttemptOutcome.RUNNING)
 
