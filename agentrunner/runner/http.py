@@ -683,6 +683,9 @@ def _fetch_ttl() -> float:
 
 class HttpArtifacts(_HttpPort):
     name = "artifacts"
+    # An attempt's artifacts are uploaded side by side (the client is thread-safe): each upload is
+    # a round trip that mostly waits on the server.
+    parallel_uploads = 4
 
     def store(self, *, task, path, name, kind, content_type, metadata, role=""):
         path = Path(path)
