@@ -34,7 +34,7 @@ ADDR ?= 127.0.0.1:8000
 serve: $(VENV)/.installed  ## gunicorn on $(ADDR); static files collected for WhiteNoise
 	$(PY) manage.py migrate --noinput -v 0
 	$(PY) manage.py collectstatic --noinput -v 0
-	$(VENV)/bin/gunicorn agentrunner.wsgi -w 2 -b $(ADDR) --timeout 600
+	$(VENV)/bin/gunicorn agentrunner.wsgi -k gthread -w 2 --threads 8 -b $(ADDR) --timeout 600
 
 # Side-by-side measurements with their floors (about 20 minutes). They need a PostgreSQL server where
 # the user may create databases (BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/postgres)

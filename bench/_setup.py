@@ -77,7 +77,8 @@ def _admin(sql: str) -> None:
 def pg_database(label: str, *, template: str | None = None) -> str:
     """Create a database of our own (empty, or a copy of the database at URL ``template``, which
     must have no open connection) and return its URL; it is dropped at exit."""
-    name = f"{os.environ.get('BENCH_DB_PREFIX', 'ar_bench_')}{label}_{os.getpid()}"
+    # BENCH_DB_PREFIX / BENCH_DB_TAG (e.g. "rp_") keep one person's scratch databases apart on a shared server.
+    name = f"{os.environ.get('BENCH_DB_PREFIX', 'ar_bench_')}{os.environ.get('BENCH_DB_TAG', '')}{label}_{os.getpid()}"
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     copy = f' TEMPLATE "{urlsplit(template).path.lstrip("/")}"' if template else ""
     _admin(f'CREATE DATABASE "{name}"{copy}')
@@ -115,18 +116,28 @@ def django_in_tempdir(prefix: str, *, database: str = "postgres") -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port: from BENCH_PORTS ("18800-18899") when set (a shared machine), else any."""
+    low, _, high = os.environ.get("BENCH_PORTS", "").partition("-")
+    candidates = range(int(low), int(high) + 1) if low and high else [0]
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in BENCH_PORTS={os.environ['BENCH_PORTS']}")
 
 
 @contextlib.contextmanager
-def gunicorn(*, workers: int = 4, env: dict[str, str] | None = None) -> Iterator[int]:
-    """gunicorn on a free port with the current settings environment (plus ``env``); yields the port."""
+def gunicorn(*, workers: int = 4, threads: int = 0, env: dict[str, str] | None = None) -> Iterator[int]:
+    """gunicorn on a free port with the current settings environment (plus ``env``); yields the port.
+    ``threads``: the gthread worker class with that many threads a worker (as ``make serve``), else sync."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "agentrunner.wsgi", "-w", str(workers), "-b", f"127.0.0.1:{port}"]
+        + (["-k", "gthread", "--threads", str(threads)] if threads else [])
         + ["--timeout", "600", "--log-level", "warning"],
         cwd=ROOT,
         env=full_env,

@@ -20,6 +20,7 @@ in-process overhead and under 400 ms a task.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import sys
 import threading
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the two modes")
     parser.add_argument("--claim-tasks", type=int, default=320)
     parser.add_argument("--claimers", type=int, default=16)
+    parser.add_argument("--claim-rounds", type=int, default=3)
     parser.add_argument("--only-modes", action="store_true", help="only (3) and (4)")
     args = parser.parse_args()
 
@@ -150,7 +152,9 @@ def both_modes(args, server, repo) -> None:
     Task.objects.exclude(status__in=("succeeded", "failed", "cancelled")).update(status="succeeded")
     _token, raw = runner_token_create(name="bench-remote")
     remote_pool = temp_dir("bench-runner-remote-pool-")
-    with gunicorn(workers=2) as port:
+    # As `make serve`: 2 gthread workers of 8 threads (a long poll holds a thread, not a worker); a
+    # second server with the former 2 sync workers for the claim rate beside it.
+    with gunicorn(workers=2, threads=8) as port, gunicorn(workers=2) as sync_port:
         base = f"http://127.0.0.1:{port}"
         config = http.ApiConfig(
             registry_url=http.api_root(base), pool_url=http.api_root(base), artifacts_url=http.api_root(base),
@@ -185,7 +189,7 @@ def both_modes(args, server, repo) -> None:
             "wall - LLM - tests), ms, median (p25-p75):"
         )
         print(f"  in-process ports: {spread(samples['local'], 1000)}")
-        print(f"  HTTP ports (gunicorn -w 2, same machine): {spread(samples['http'], 1000)}")
+        print(f"  HTTP ports (gunicorn -k gthread -w 2 --threads 8, same machine): {spread(samples['http'], 1000)}")
         print(f"  ratio HTTP / in-process: {remote / local:.2f}x   (targets: < 1.5x and < 400 ms)")
         for mode in ("local", "http"):
             print(
@@ -203,8 +207,13 @@ def both_modes(args, server, repo) -> None:
             def claimer(index: int) -> None:
                 from django.db import connection
 
-                api = http.ApiClient(config) if mode == "http" else None
-                registry = http.HttpRegistry(api, config.registry_url) if api else None
+                api = None
+                if mode == "http":
+                    api = http.ApiClient(config)
+                elif mode == "http-sync":
+                    sync_root = http.api_root(f"http://127.0.0.1:{sync_port}")
+                    api = http.ApiClient(dataclasses.replace(config, registry_url=sync_root))
+                registry = http.HttpRegistry(api, api.config.registry_url) if api else None
                 barrier.wait()
                 try:
                     while True:
@@ -232,13 +241,19 @@ def both_modes(args, server, repo) -> None:
             Task.objects.filter(status="running").update(status="succeeded")
             return sum(counts) / elapsed
 
-        rates: dict[str, list[float]] = {"local": [], "http": []}
-        for n in range(2):
-            for mode in ("http", "local") if n % 2 == 0 else ("local", "http"):
+        rates: dict[str, list[float]] = {"local": [], "http": [], "http-sync": []}
+        order = ("http", "local", "http-sync")
+        for n in range(args.claim_rounds):
+            for mode in order if n % 2 == 0 else order[::-1]:
                 rates[mode].append(claim_round(mode))
-        print(f"claims per second, {args.claimers} claimers over {args.claim_tasks} queued tasks (2 rounds each):")
-        print(f"  remote runners (POST /api/runner/v1/claim/): {spread(rates['http'])}")
+        print(
+            f"claims per second, {args.claimers} claimers over {args.claim_tasks} queued tasks "
+            f"({args.claim_rounds} interleaved rounds each):"
+        )
+        print(f"  remote runners, gthread 2x8 (POST /api/runner/v1/claim/): {spread(rates['http'])}")
+        print(f"  remote runners, sync -w 2: {spread(rates['http-sync'])}")
         print(f"  in-process (task_claim): {spread(rates['local'])}")
+        print(f"  ratio remote (gthread) / in-process: {median(rates['http']) / median(rates['local']):.2f}")
 
 
 if __name__ == "__main__":

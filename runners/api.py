@@ -5,6 +5,9 @@ calls carry ``X-Lease-Token``; a wrong token or an attempt no longer running is 
 
 from __future__ import annotations
 
+import json
+import re
+
 from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -82,6 +85,25 @@ def _length_required() -> Response:
         {"detail": "An upload needs a Content-Length header.", "code": "length_required"},
         status=status.HTTP_411_LENGTH_REQUIRED,
     )
+
+
+ROLE_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
+METADATA_MAX = 2048
+
+
+def _artifact_metadata(raw: str) -> dict | None:
+    """The runner's X-Artifact-Metadata: a small JSON object, else 400 naming the header."""
+    if not raw:
+        return None
+    if len(raw) > METADATA_MAX:
+        raise DomainError(f"X-Artifact-Metadata exceeds {METADATA_MAX} bytes.", field="X-Artifact-Metadata")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise DomainError("X-Artifact-Metadata is not valid JSON.", field="X-Artifact-Metadata") from None
+    if not isinstance(value, dict):
+        raise DomainError("X-Artifact-Metadata must be a JSON object.", field="X-Artifact-Metadata")
+    return value
 
 
 def _lease_token(request) -> str:
@@ -199,11 +221,29 @@ class ArtifactUploadView(RunnerView):
             OpenApiParameter("X-Content-SHA256", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True),
             OpenApiParameter("X-Artifact-Name", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False),
             OpenApiParameter("X-Artifact-Kind", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False),
+            OpenApiParameter(
+                "X-Artifact-Role",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                required=False,
+                description="Also link the artifact to the task under this role, in the same transaction "
+                "(instead of a separate artifact-links/ call). Up to 64 characters [A-Za-z0-9_.:-].",
+            ),
+            OpenApiParameter(
+                "X-Artifact-Metadata",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                required=False,
+                description="A JSON object (at most 2,048 bytes). `attempt`: the attempt the artifact belongs to "
+                "(a spooled artifact of an earlier attempt), which must be one of this task's attempts (else "
+                "400); `spooled`, `recovered` are kept; other keys are ignored.",
+            ),
         ],
         request={"application/octet-stream": OpenApiTypes.BINARY},
         responses={201: UploadReplySerializer, **errors(400, 401, 403, 409, 411, 413, 422, 503, 507)},
         description="Upload an artifact of the attempt as the raw body (streamed; its own Content-Type); "
-        "X-Content-SHA256 is checked. Link it to the task with artifact-links/.",
+        "X-Content-SHA256 is checked. With X-Artifact-Role it is linked to the task in the same call; "
+        "otherwise link it with artifact-links/.",
     )
     def post(self, request, attempt_id: int):
         sha256 = request.headers.get("X-Content-SHA256", "").strip()
@@ -217,8 +257,17 @@ class ArtifactUploadView(RunnerView):
         name = request.headers.get("X-Artifact-Name", "") or "artifact"
         kind = request.headers.get("X-Artifact-Kind", "") or "other"
         content_type = (request.META.get("CONTENT_TYPE") or "").split(";")[0].strip()
+        role = request.headers.get("X-Artifact-Role", "").strip()
+        if not ROLE_RE.match(role):
+            raise DomainError(
+                "X-Artifact-Role must be up to 64 characters of [A-Za-z0-9_.:-].", field="X-Artifact-Role"
+            )
+        raw_metadata = request.headers.get("X-Artifact-Metadata", "").strip()
+        metadata = _artifact_metadata(raw_metadata)
         lease_token = _lease_token(request)
-        idem = idempotency.from_request(request, body=False, extra=[sha256, name, kind, content_type, str(length)])
+        idem = idempotency.from_request(
+            request, body=False, extra=[sha256, name, kind, content_type, str(length), role, raw_metadata]
+        )
 
         def effect():
             artifact = services.runner_upload(
@@ -231,6 +280,8 @@ class ArtifactUploadView(RunnerView):
                 content_type=content_type,
                 expected_sha256=sha256,
                 expected_size=length,
+                metadata=metadata,
+                role=role,
             )
             body = {"id": artifact.pk, "sha256": artifact.sha256, "size": artifact.size}
             return Response({**body, "name": artifact.name, "kind": artifact.kind}, status=201)

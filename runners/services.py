@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from common.errors import DomainError
 from registry import services as registry
 from registry.models import Attempt, AttemptOutcome, Task
 from runners.errors import (
@@ -41,6 +42,8 @@ TOKEN_PREFIX = "art_r_"
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 CLAIM_MAX_WAIT = 30.0
 CLAIM_POLL_INTERVAL = 0.25
+# What a runner's X-Artifact-Metadata may add to an artifact's metadata (beyond the origin attempt).
+RUNNER_METADATA_KEYS = ("spooled", "recovered")
 
 
 def _hash(raw: str) -> str:
@@ -141,9 +144,24 @@ def _fence(*, attempt_id: int, lease_token: str) -> Attempt:
 
 
 def attempt_check_lease(*, attempt_id: int, lease_token: str) -> Attempt:
-    """The fence alone, in a short transaction of its own (before slow I/O such as an upload)."""
-    with transaction.atomic():
-        return _fence(attempt_id=attempt_id, lease_token=lease_token)
+    """Is the attempt running under ``lease_token``? One read, no lock: the early refusal before
+    slow I/O such as an upload (the bytes of a lost attempt are not read). Not the fence itself:
+    the effect's own transaction fences again (``_fence``) and that answer is the one that counts."""
+    attempt = Attempt.objects.filter(pk=attempt_id).first()
+    if attempt is None:
+        raise LeaseLost(f"attempt {attempt_id} does not exist")
+    if not hmac.compare_digest(str(attempt.lease_token), str(lease_token or "")):
+        raise LeaseLost(f"attempt {attempt_id}: the lease token is not this attempt's")
+    if attempt.outcome != AttemptOutcome.RUNNING:
+        raise LeaseLost(f"attempt {attempt.number} is {attempt.outcome}, not running")
+    return attempt
+
+
+def heartbeat_write_every() -> timedelta:
+    """How old an attempt's heartbeat_at may get before a heartbeat writes it again: a third of
+    the staleness limit (and of the lease), at least a second."""
+    limit = min(settings.AGENTRUNNER_LEASE_SECONDS, settings.AGENTRUNNER_ATTEMPT_STALE_SECONDS)
+    return timedelta(seconds=max(1.0, limit / 3))
 
 
 @dataclass(frozen=True)
@@ -155,13 +173,18 @@ class HeartbeatReply:
 def runner_heartbeat(
     *, token: RunnerToken, attempt_id: int, lease_token: str, slot_id: int | None = None, metrics: dict | None = None
 ) -> HeartbeatReply:
-    """``slot_id`` must be a slot of the token's own hosts (404 otherwise, as in the slot calls):
-    a runner does not put another host's slot, or a missing one, on its attempt."""
+    """The attempt is alive. ``slot_id`` must be a slot of the token's own hosts (404 otherwise, as
+    in the slot calls): a runner does not put another host's slot, or a missing one, on its attempt.
+    A runner beats once a second (the answer carries a cancel request); the row is written when
+    there is news (slot, metrics) or when the last write is older than ``heartbeat_write_every()``,
+    as the in-process port does: not a write per second per runner."""
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
         if slot_id is not None:
             _token_slot(token, slot_id)
-        registry.attempt_update(attempt_id=attempt.pk, slot_id=slot_id, metrics=metrics)
+        stale = attempt.heartbeat_at is None or timezone.now() - attempt.heartbeat_at >= heartbeat_write_every()
+        if slot_id is not None or metrics or stale:
+            registry.attempt_update(attempt_id=attempt.pk, slot_id=slot_id, metrics=metrics)
         cancel = Task.objects.filter(pk=attempt.task_id).values_list("cancel_requested", flat=True).get()
     return HeartbeatReply(cancel_requested=cancel, attempt_status=AttemptOutcome.RUNNING)
 
@@ -183,6 +206,21 @@ def runner_add_usage(
         )
 
 
+def upload_origin_attempt(*, attempt: Attempt, metadata: dict[str, Any] | None) -> int:
+    """The attempt an upload belongs to: the one the runner names in its metadata (a spooled
+    artifact re-uploaded by a later attempt keeps the attempt that made it) when that is one of
+    this task's attempts; the uploading attempt when none is named. Any other number is refused:
+    a runner cannot file an artifact under another task's attempt or one that never was."""
+    named = (metadata or {}).get("attempt")
+    if named is None:
+        return attempt.number
+    if isinstance(named, bool) or not isinstance(named, int):
+        raise DomainError("attempt must be an integer attempt number.", field="X-Artifact-Metadata")
+    if named != attempt.number and not Attempt.objects.filter(task_id=attempt.task_id, number=named).exists():
+        raise DomainError(f"attempt {named} is not an attempt of this task.", field="X-Artifact-Metadata")
+    return named
+
+
 def runner_upload(
     *,
     token: RunnerToken,
@@ -194,26 +232,43 @@ def runner_upload(
     content_type: str,
     expected_sha256: str,
     expected_size: int | None,
+    metadata: dict[str, Any] | None = None,
+    role: str = "",
 ):
-    """Store an artifact for the attempt. The fence is checked before the bytes are read (no lock
-    held while they stream) and again in the transaction that records the artifact: an attempt
-    lost meanwhile gets 409, no row is created and the bytes stay unreferenced (``artifacts_gc``)."""
+    """Store an artifact for the attempt and, with ``role``, link it to the task in the same
+    transaction (one call instead of upload + artifact-links/). The fence is checked before the
+    bytes are read (no lock held while they stream) and again in the transaction that records the
+    artifact: an attempt lost meanwhile gets 409, no row is created and the bytes stay unreferenced
+    (``artifacts_gc``). ``metadata`` (the runner's ``X-Artifact-Metadata``) may name the origin
+    attempt of a spooled artifact (see ``upload_origin_attempt``); the server's own keys win."""
     from artifacts import services as artifacts
 
     attempt = attempt_check_lease(attempt_id=attempt_id, lease_token=lease_token)
+    origin = upload_origin_attempt(attempt=attempt, metadata=metadata)
 
     def record_upload(artifact) -> None:  # runs in the transaction that creates the artifact row
         fenced = _fence(attempt_id=attempt_id, lease_token=lease_token)
         RunnerUpload.objects.get_or_create(
             task_id=fenced.task_id, artifact=artifact, defaults={"attempt": fenced, "token": token}
         )
+        if role:
+            registry.task_artifact_link(
+                task_id=fenced.task_id, artifact_id=artifact.pk, role=role, attempt_number=origin
+            )
 
+    extra = {k: v for k, v in (metadata or {}).items() if k in RUNNER_METADATA_KEYS}
     return artifacts.artifact_store(
         source=source,
         name=name,
         kind=kind,
         content_type=content_type,
-        metadata={"task": str(attempt.task_id), "attempt": attempt.number, "runner_token": token.name},
+        metadata={
+            **extra,
+            "task": str(attempt.task_id),
+            "attempt": origin,
+            "uploaded_by_attempt": attempt.number,
+            "runner_token": token.name,
+        },
         expected_sha256=expected_sha256,
         expected_size=expected_size,
         on_stored=record_upload,
@@ -221,18 +276,24 @@ def runner_upload(
 
 
 def runner_link_artifact(*, attempt_id: int, lease_token: str, artifact_id: uuid.UUID, role: str) -> None:
-    """Link an artifact this attempt's task uploaded through the runner API (and only such one)."""
+    """Link an artifact this attempt's task uploaded through the runner API (and only such one),
+    under the attempt it was uploaded for (its metadata, checked at upload: a spooled artifact of
+    an earlier attempt keeps that attempt)."""
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
         upload = RunnerUpload.objects.filter(task_id=attempt.task_id, artifact_id=artifact_id).first()
         if upload is None:
             raise UploadNotFromTask(f"artifact {artifact_id} was not uploaded for this task")
-        registry.task_artifact_link(
-            task_id=attempt.task_id,
-            artifact_id=artifact_id,
-            role=role,
-            attempt_number=Attempt.objects.filter(pk=upload.attempt_id).values_list("number", flat=True).get(),
+        from artifacts.models import Artifact
+
+        named = (Artifact.objects.filter(pk=artifact_id).values_list("metadata", flat=True).first() or {}).get(
+            "attempt"
         )
+        number = Attempt.objects.filter(pk=upload.attempt_id).values_list("number", flat=True).get()
+        if isinstance(named, int) and not isinstance(named, bool):
+            if Attempt.objects.filter(task_id=attempt.task_id, number=named).exists():
+                number = named
+        registry.task_artifact_link(task_id=attempt.task_id, artifact_id=artifact_id, role=role, attempt_number=number)
 
 
 def runner_finish(

@@ -205,8 +205,9 @@ class LocalPool(_LocalPort):
 class LocalArtifacts(_LocalPort):
     name = "artifacts"
 
-    def store(self, *, task, path, name, kind, content_type, metadata):
+    def store(self, *, task, path, name, kind, content_type, metadata, role=""):
         from artifacts import services
+        from registry import services as registry
 
         artifact = self._call(
             services.artifact_store,
@@ -217,6 +218,8 @@ class LocalArtifacts(_LocalPort):
             content_type=content_type,
             metadata=metadata,
         )
+        if role:  # linked under the attempt its metadata names (task_link_artifact checks it is the task's)
+            self._call(registry.task_link_artifact, task_id=task.id, artifact_id=artifact.pk, role=role)
         return artifact.pk
 
 

@@ -20,6 +20,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,33 +432,55 @@ class TaskRun:
             (self.log.path, "log", f"run-attempt{self.task.attempt_number}.log", "text/plain"),
         ]
         ok = True
+        files = [f for f in files if f[0] is not None and f[0].exists()]
         with self.phase("artifacts"):
-            for path, kind, name, content_type in files:
-                if path is None or not path.exists():
+            if any(kind == "log" for _, kind, _, _ in files):
+                self.log("storing artifacts")
+
+            def store(path: Path, kind: str, name: str, content_type: str) -> uuid.UUID:
+                return self.ports.artifacts.store(
+                    task=self.task,
+                    path=path,
+                    name=name,
+                    kind=kind,
+                    content_type=content_type,
+                    metadata={"task": str(self.task.id), "attempt": self.task.attempt_number},
+                    role=kind,  # stored and linked in one step (one HTTP call)
+                )
+
+            # Over HTTP the uploads go out side by side (each is a round trip, mostly waiting);
+            # in-process one after the other on the run's own database connection.
+            parallel = getattr(self.ports.artifacts, "parallel_uploads", 1)
+            if parallel > 1 and len(files) > 1:
+                with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="upload") as pool:
+                    futures = [pool.submit(store, *f) for f in files]
+                    outcomes = []
+                    for future in futures:
+                        try:
+                            outcomes.append(future.result())
+                        except Exception as exc:
+                            outcomes.append(exc)
+            else:
+                outcomes = []
+                for f in files:
+                    try:
+                        outcomes.append(store(*f))
+                    except Exception as exc:
+                        outcomes.append(exc)
+            for (path, kind, name, content_type), outcome in zip(files, outcomes, strict=True):
+                if not isinstance(outcome, Exception):
+                    self.summary.artifacts[kind] = str(outcome)
                     continue
-                if kind == "log":
-                    self.log("storing artifacts")
-                try:
-                    artifact_id = self.ports.artifacts.store(
-                        task=self.task,
-                        path=path,
-                        name=name,
-                        kind=kind,
-                        content_type=content_type,
-                        metadata={"task": str(self.task.id), "attempt": self.task.attempt_number},
-                    )
-                    self.ports.registry.link_artifact(task=self.task, artifact_id=artifact_id, role=kind)
-                    self.summary.artifacts[kind] = str(artifact_id)
-                except Exception as exc:
-                    ok = False
-                    spooled = spool_artifact(self.task.id, self.task.attempt_number, path, name, kind, content_type)
-                    self.summary.spooled.append(kind)
-                    self.log(f"could not store {kind} ({type(exc).__name__}: {exc}); kept in the spool at {spooled}")
-                    self.event(
-                        "artifact_spooled",
-                        f"{kind} could not be stored; kept at {spooled} for a later upload",
-                        {"kind": kind, "path": str(spooled)},
-                    )
+                ok = False
+                exc = outcome
+                spooled = spool_artifact(self.task.id, self.task.attempt_number, path, name, kind, content_type)
+                self.summary.spooled.append(kind)
+                self.log(f"could not store {kind} ({type(exc).__name__}: {exc}); kept in the spool at {spooled}")
+                self.event(
+                    "artifact_spooled",
+                    f"{kind} could not be stored; kept at {spooled} for a later upload",
+                    {"kind": kind, "path": str(spooled)},
+                )
         return ok
 
 
@@ -607,8 +630,8 @@ def flush_spool(ports: Ports, task: ClaimedTask) -> list[str]:
                     "attempt": manifest["attempt"],
                     "spooled": True,
                 },
+                role=manifest["kind"],  # linked to the attempt that spooled it (metadata "attempt")
             )
-            ports.registry.link_artifact(task=task, artifact_id=artifact_id, role=manifest["kind"])
             ports.registry.events(
                 task=task,
                 events=[{

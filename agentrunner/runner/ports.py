@@ -10,6 +10,7 @@ classes from either adapter.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -119,8 +120,11 @@ class PoolPort(Protocol):
 
 class ArtifactsPort(Protocol):
     def store(
-        self, *, task: ClaimedTask, path: Path, name: str, kind: str, content_type: str, metadata: dict
-    ) -> uuid.UUID: ...
+        self, *, task: ClaimedTask, path: Path, name: str, kind: str, content_type: str, metadata: dict, role: str = ""
+    ) -> uuid.UUID:
+        ...
+        # with ``role``: also linked to the task under it, in the same step (over HTTP: one call);
+        # the attempt is the one ``metadata["attempt"]`` names (a spooled artifact keeps its origin)
 
 
 @dataclass
@@ -128,9 +132,12 @@ class Timed:
     """Seconds spent in each port, for the attempt's metrics."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, name: str, started: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+    def add(self, name: str, started: float) -> None:  # from several threads (heartbeat, uploads)
+        elapsed = time.monotonic() - started
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
 
 
 def _nothing() -> None:

@@ -115,3 +115,20 @@ def test_api_config_from_settings(settings):
     assert config.artifacts_url == "http://blobs:9000/api/runner/v1/"
     settings.AGENTRUNNER_API_URL = ""
     assert ApiConfig.from_settings() is None  # the registry and the pool have no URL
+
+
+def test_store_with_a_role_links_in_one_request(remote, repository, tmp_path):
+    registry.task_create(title="one call", instructions="fix", repository=repository)
+    claimed = remote.registry.claim(runner_id="remote:1", task_id=None)
+    blob = tmp_path / "patch.diff"
+    blob.write_bytes(b"--- a\n+++ b\n")
+    api = remote.artifacts.api
+    before = api.calls
+    artifact_id = remote.artifacts.store(
+        task=claimed, path=blob, name="x.patch", kind="patch", content_type="text/x-diff",
+        metadata={"task": str(claimed.id), "attempt": claimed.attempt_number}, role="patch",
+    )  # fmt: skip
+    assert api.calls - before == 1  # the upload, nothing else
+    link = Attempt.objects.get(pk=claimed.attempt_id).task.artifact_links.get(role="patch")
+    assert link.artifact_id == artifact_id and link.attempt_number == 1
+    assert remote.artifacts.parallel_uploads > 1  # the pipeline sends an attempt's uploads side by side

@@ -352,10 +352,9 @@ def test_artifact_store_failure_spools_then_a_retry_uploads(llm, sample_repo, se
     task.refresh_from_db()
     assert second.status == "succeeded"
     roles = sorted((link.role, link.attempt_number) for link in task.artifact_links.all())
-    # In-process the spooled ones keep the attempt they were made by. Over HTTP the server links an
-    # upload to the attempt that uploaded it (the runner sends the origin in X-Artifact-Metadata,
-    # which the server does not read yet): both sets arrive, both under attempt 2.
-    attempts = (1, 2) if mode == "local" else (2, 2)
+    # The spooled ones keep the attempt they were made by, in both modes (over HTTP the runner names
+    # it in X-Artifact-Metadata and the upload links it in the same call).
+    attempts = (1, 2)
     assert roles == sorted([(k, n) for k in ("patch", "test_report", "transcript", "log") for n in attempts])
     assert not spool.exists()
 

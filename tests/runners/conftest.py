@@ -33,8 +33,10 @@ class RunnerClient:
         return self.client.post(f"{API}/{path}", body if body is not None else {}, format="json", **extra)
 
     def upload(self, attempt_id: int, content: bytes, *, lease: str, key: str | None = "", sha256: str | None = None,
-               name: str = "run.log", kind: str = "log", content_type: str = "text/plain"):  # fmt: skip
+               name: str = "run.log", kind: str = "log", content_type: str = "text/plain",
+               headers: dict[str, str] | None = None):  # fmt: skip
         extra = {
+            **{f"HTTP_{name.upper().replace('-', '_')}": value for name, value in (headers or {}).items()},
             "HTTP_X_LEASE_TOKEN": lease,
             "HTTP_X_CONTENT_SHA256": sha256 if sha256 is not None else hashlib.sha256(content).hexdigest(),
             "HTTP_X_ARTIFACT_NAME": name,

@@ -1,5 +1,5 @@
-"""The runner API served by gunicorn as deployed (sync workers): a long-poll claim holds one
-worker while the other answers, and wakes when a task is created; a streamed upload and the
+"""The runner API served by gunicorn as deployed (``make serve``: gthread workers): a long-poll
+claim holds one thread while the others answer, and wakes when a task is created; a streamed upload and the
 finish go through; a replayed finish changes nothing."""
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def gunicorn(tmp_path, require_postgres):
     env["DATABASE_URL"] = f"postgres://{settings['USER']}@{settings['HOST']}:{settings['PORT']}/{settings['NAME']}"
     port = _port()
     process = subprocess.Popen(
-        [str(VENV_BIN / "gunicorn"), "agentrunner.wsgi", "-w", "2", "-b", f"127.0.0.1:{port}", "--timeout", "60"],
+        [str(VENV_BIN / "gunicorn"), "agentrunner.wsgi", "-k", "gthread", "-w", "2", "--threads", "8"]
+        + ["-b", f"127.0.0.1:{port}", "--timeout", "60"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
