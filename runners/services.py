@@ -95,7 +95,9 @@ def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], ve
     from repopool.bookkeeping import server_host
 
     if name == server_host():
-        raise HostTaken(f"host {name!r} is the server's own pool")
+        raise HostTaken(
+            f"host {name!r} is the server's own pool: give this runner host a name of its own (AGENTRUNNER_HOST)"
+        )
     now = timezone.now()
     with transaction.atomic():
         host, created = RunnerHost.objects.select_for_update().get_or_create(
