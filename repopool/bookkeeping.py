@@ -137,7 +137,7 @@ def slot_record_clone(slot_id: int, *, commit: str, setup_hash: str, final_state
 _SLOT_FIELDS = [f.attname for f in Slot._meta.concrete_fields]
 _q = connection.ops.quote_name
 _CLAIM_IN_TURN_SQL = f"""
-WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(%(turnstile)s) AS open),
+WITH gate AS MATERIALIZED (SELECT {{gate}}(%(turnstile)s) AS open),
 pick AS (
     SELECT id FROM {_q(Slot._meta.db_table)}
     WHERE repository_id = %(repository)s AND host = %(host)s AND state = 'free' AND (SELECT open FROM gate)
@@ -155,24 +155,29 @@ leased AS (
 )
 SELECT (SELECT open FROM gate), leased.* FROM (SELECT) AS one LEFT JOIN leased ON true
 """
+# A newcomer tries the turnstile shared: claimers never shut each other out, only a waiter (who
+# holds it exclusive, or is queued for it) does. The head of the line tries it exclusive: its own
+# session lock, so that try succeeds even while others queue behind it (a shared one would not).
+_CLAIM_AS_NEWCOMER_SQL = _CLAIM_IN_TURN_SQL.format(gate="pg_try_advisory_xact_lock_shared")
+_CLAIM_AS_HEAD_SQL = _CLAIM_IN_TURN_SQL.format(gate="pg_try_advisory_xact_lock")
 
 
 def _claim_free_in_turn(repository: Repository, host: str, holder: str, lease_seconds: int) -> tuple[Slot | None, bool]:
     """PostgreSQL, one statement: through the pool's turnstile (``repopool.waiting``), move one
     free slot of ``host`` to leased. Returns (the slot or None, whether the turnstile was open):
-    closed means somebody waits (or claims right now) and this caller must get in line.
+    closed means somebody waits in line, and this caller must get in line behind them.
 
-    The turnstile is a transaction-level try of the line's advisory lock: held only for this
-    statement (or the caller's transaction), granted again to the head of the line, which holds
-    it at session level."""
+    The try is transaction-level: held for this statement only (or the caller's transaction, the
+    runner API's, which commits the lease with its idempotency record)."""
     now = timezone.now()
+    key = turnstile_key(repository.pk, host)
     params = {
-        "turnstile": turnstile_key(repository.pk, host), "repository": repository.pk, "host": host,
+        "turnstile": key, "repository": repository.pk, "host": host,
         "token": Slot.new_token(), "holder": holder[:255], "now": now,
         "expires": now + timedelta(seconds=lease_seconds), "lease_seconds": lease_seconds,
     }  # fmt: skip
     with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_IN_TURN_SQL, params)
+        cursor.execute(_CLAIM_AS_HEAD_SQL if waiting.at_head_of_line(key) else _CLAIM_AS_NEWCOMER_SQL, params)
         is_open, *values = cursor.fetchone()
     if values[0] is None:
         return None, bool(is_open)

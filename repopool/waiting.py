@@ -1,18 +1,20 @@
 """Waiting for a slot: first come, first served, woken by the release instead of polling.
 
-On PostgreSQL every (repository, host) pool has a turnstile, a session-level advisory lock
+On PostgreSQL every (repository, host) pool has a turnstile, an advisory lock
 (``turnstile_key``):
 
-- An allocation first tries in one statement (``bookkeeping``): ``pg_try_advisory_xact_lock`` on
-  the turnstile and, only when it is open, the claim of a free slot. Uncontended that is the whole
-  cost: one round trip, the lock gone with the statement.
-- When the turnstile is closed (somebody is waiting, or claiming at this instant), or no slot is
-  free and the pool is at its capacity, the allocator gets in line: ``pg_advisory_lock`` with a
+- An allocation first tries in one statement (``bookkeeping``): ``pg_try_advisory_xact_lock_shared``
+  on the turnstile and, only when that succeeds, the claim of a free slot. Uncontended that is the
+  whole cost, one round trip, the lock gone with the statement. Shared: allocators that find slots
+  never shut each other out (no convoy while the pool has room).
+- When the try fails (somebody waits in line), or no slot is free and the pool is at its capacity,
+  the allocator gets in line: ``pg_advisory_lock`` (exclusive, session-level) with a
   ``lock_timeout`` of its remaining wait, and ``LISTEN`` on the repository's channel, in one round
-  trip. PostgreSQL queues a contended lock's requests and grants them in arrival order, so the
-  line is FIFO, and a newcomer cannot barge past it: its one-statement try finds the turnstile
-  closed and it queues behind.
-- The head of the line (the lock's holder) tries to claim, then sleeps on its connection's
+  trip. PostgreSQL grants a contended lock in the order it was asked for, and refuses a new shared
+  try while an exclusive request is queued: the line is FIFO, and a newcomer cannot barge past it,
+  it queues behind.
+- The head of the line (the lock's holder) tries to claim (its try of the turnstile is exclusive:
+  its own lock, granted again), then sleeps on its connection's
   notifications (``psycopg``'s ``notifies``) until a slot of its host is freed: a trigger
   (migration ``0008``) runs ``pg_notify('repopool_slot_freed_<repository id>', host)`` in the
   transaction that moves a slot to ``free`` or ``broken`` (a remote host leases a broken slot
@@ -60,6 +62,7 @@ POLL_MAX_DELAY = 1.0
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 
 _freed = threading.Condition()
+_heads = threading.local()  # the turnstiles this thread (and its connection) holds as head of a line
 
 
 def in_turn() -> bool:
@@ -73,6 +76,11 @@ def turnstile_key(repository_id: int, host: str) -> int:
     a line)."""
     digest = hashlib.blake2b(f"repopool-slot-turnstile:{repository_id}:{host}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def at_head_of_line(key: int) -> bool:
+    """Does this thread's connection hold turnstile ``key`` as the head of its line?"""
+    return key in getattr(_heads, "keys", ())
 
 
 def channel(repository_id: int) -> str:
@@ -128,6 +136,7 @@ def _wait_in_line(repository_id: int, host: str, deadline: float, attempt: Calla
     key, listen_on = turnstile_key(repository_id, host), channel(repository_id)
     if not _get_in_line(key, listen_on, deadline):
         return None
+    _heads.keys = {*getattr(_heads, "keys", ()), key}
     try:
         while True:
             got = attempt()
@@ -138,6 +147,7 @@ def _wait_in_line(repository_id: int, host: str, deadline: float, attempt: Calla
                 return None
             _sleep_until_freed(listen_on, host, min(RECHECK_SECONDS, remaining))
     finally:
+        _heads.keys = getattr(_heads, "keys", set()) - {key}
         _leave_line(key, listen_on)
 
 
