@@ -134,24 +134,28 @@ def slot_record_clone(slot_id: int, *, commit: str, setup_hash: str, final_state
 
 
 # --- leases --------------------------------------------------------------------------------------
+# PostgreSQL: the hot statements (a claim, a remote release) in one round trip each, the row back
+# with RETURNING (the ORM has no UPDATE ... RETURNING).
 _SLOT_FIELDS = [f.attname for f in Slot._meta.concrete_fields]
 _q = connection.ops.quote_name
+_SLOT_TABLE = _q(Slot._meta.db_table)
+_RETURNING = ", ".join(_q(Slot._meta.get_field(name).column) for name in _SLOT_FIELDS)
 _CLAIM_IN_TURN_SQL = f"""
 WITH gate AS MATERIALIZED (SELECT {{gate}}(%(turnstile)s) AS open),
 pick AS (
-    SELECT id FROM {_q(Slot._meta.db_table)}
+    SELECT id FROM {_SLOT_TABLE}
     WHERE repository_id = %(repository)s AND host = %(host)s AND state = 'free' AND (SELECT open FROM gate)
     ORDER BY lease_count, {_q("index")}
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ),
 leased AS (
-    UPDATE {_q(Slot._meta.db_table)} s
+    UPDATE {_SLOT_TABLE} s
     SET state = 'leased', lease_token = %(token)s, lease_holder = %(holder)s, leased_at = %(now)s,
         lease_expires_at = %(expires)s, lease_seconds = %(lease_seconds)s, lease_count = s.lease_count + 1,
         state_changed_at = %(now)s
     FROM pick WHERE s.id = pick.id AND s.state = 'free'
-    RETURNING {", ".join(f"s.{_q(Slot._meta.get_field(name).column)}" for name in _SLOT_FIELDS)}
+    RETURNING {", ".join(f"s.{column}" for column in _RETURNING.split(", "))}
 )
 SELECT (SELECT open FROM gate), leased.* FROM (SELECT) AS one LEFT JOIN leased ON true
 """
@@ -184,6 +188,15 @@ def _claim_free_in_turn(repository: Repository, host: str, holder: str, lease_se
     slot = Slot.from_db(connection.alias, _SLOT_FIELDS, values)
     slot.repository = repository
     return slot, True
+
+
+_RELEASE_FREE_SQL = f"""
+UPDATE {_SLOT_TABLE}
+SET state = 'free', lease_token = NULL, lease_holder = '', lease_expires_at = NULL, needs_reset = false,
+    state_changed_at = %(now)s, {_q("commit")} = COALESCE(NULLIF(%(commit)s, ''), {_q("commit")})
+WHERE id = %(id)s AND state = 'leased' AND lease_token = %(token)s
+RETURNING {_RETURNING}
+"""
 
 
 def _claim_free(repository: Repository, host: str, holder: str, lease_seconds: int) -> Slot | None:
@@ -371,28 +384,38 @@ def slot_release_finish(*, slot_id: int, commit: str, broken_reason: str = "") -
 
 def slot_release_remote(*, slot_id: int, token: uuid.UUID | str, commit: str, broken_reason: str = "") -> Slot:
     """A host reset its copy after a lease (or could not): leased -> free at ``commit``, or ->
-    broken with ``broken_reason``. Fenced by ``token`` (StaleLease)."""
-    now = timezone.now()
+    broken with ``broken_reason``. Fenced by ``token``: StaleLease, or SlotNotFound when there is
+    no such slot."""
     try:
-        held = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token)
+        slot_id = int(slot_id)
+        token = uuid.UUID(str(token))
     except (ValueError, TypeError):
-        raise SlotNotFound(f"slot {slot_id} does not exist") from None
+        slot_get(slot_id)  # SlotNotFound, unless only the token is malformed: it fences nothing
+        raise StaleLease("lease token does not match the slot's current lease") from None
+    now = timezone.now()
+    slot = None
     if broken_reason:
-        done = held.update(
+        done = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token).update(
             state=St.BROKEN, last_error=broken_reason[:10000], lease_token=None, lease_holder="",
             lease_expires_at=None, state_changed_at=now,
         )  # fmt: skip
+    elif connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_RELEASE_FREE_SQL, {"now": now, "commit": commit or "", "id": slot_id, "token": token})
+            row = cursor.fetchone()
+        slot = Slot.from_db(connection.alias, _SLOT_FIELDS, row) if row else None
+        done = slot is not None
     else:
         fields = {"commit": commit} if commit else {}
-        done = held.update(
+        done = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token).update(
             state=St.FREE, lease_token=None, lease_holder="", lease_expires_at=None, needs_reset=False,
             state_changed_at=now, **fields,
         )  # fmt: skip
-    slot = slot_get(slot_id)  # SlotNotFound first, then StaleLease, as before the update
     if not done:
+        slot_get(slot_id)  # SlotNotFound before StaleLease
         raise StaleLease("lease token does not match the slot's current lease")
     slots_freed()
-    return slot
+    return slot or slot_get(slot_id)
 
 
 # --- reaping -------------------------------------------------------------------------------------
