@@ -141,7 +141,7 @@ _q = connection.ops.quote_name
 _SLOT_TABLE = _q(Slot._meta.db_table)
 _RETURNING = ", ".join(_q(Slot._meta.get_field(name).column) for name in _SLOT_FIELDS)
 _CLAIM_IN_TURN_SQL = f"""
-WITH gate AS MATERIALIZED (SELECT {{gate}}(%(turnstile)s) AS open),
+WITH gate AS MATERIALIZED (SELECT {{gate}} AS open),
 pick AS (
     SELECT id FROM {_SLOT_TABLE}
     WHERE repository_id = %(repository)s AND host = %(host)s AND state = 'free' AND (SELECT open FROM gate)
@@ -157,13 +157,18 @@ leased AS (
     FROM pick WHERE s.id = pick.id AND s.state = 'free'
     RETURNING {", ".join(f"s.{column}" for column in _RETURNING.split(", "))}
 )
-SELECT (SELECT open FROM gate), leased.* FROM (SELECT) AS one LEFT JOIN leased ON true
+SELECT (SELECT open FROM gate), {{left_line}} AS left_line, leased.* FROM (SELECT) AS one LEFT JOIN leased ON true
 """
 # A newcomer tries the turnstile shared: claimers never shut each other out, only a waiter (who
-# holds it exclusive, or is queued for it) does. The head of the line tries it exclusive: its own
-# session lock, so that try succeeds even while others queue behind it (a shared one would not).
-_CLAIM_AS_NEWCOMER_SQL = _CLAIM_IN_TURN_SQL.format(gate="pg_try_advisory_xact_lock_shared")
-_CLAIM_AS_HEAD_SQL = _CLAIM_IN_TURN_SQL.format(gate="pg_try_advisory_xact_lock")
+# holds it exclusive, or is queued for it) does. The head of the line holds it already (its session
+# lock) and, once it has a slot, leaves the line in the same statement: the next waiter may claim
+# while this claim's commit is still being flushed.
+_CLAIM_AS_NEWCOMER_SQL = _CLAIM_IN_TURN_SQL.format(
+    gate="pg_try_advisory_xact_lock_shared(%(turnstile)s)", left_line="false"
+)
+_CLAIM_AS_HEAD_SQL = _CLAIM_IN_TURN_SQL.format(
+    gate="true", left_line="leased.id IS NOT NULL AND pg_advisory_unlock(%(turnstile)s)"
+)
 
 
 def _claim_free_in_turn(repository: Repository, host: str, holder: str, lease_seconds: int) -> tuple[Slot | None, bool]:
@@ -171,8 +176,8 @@ def _claim_free_in_turn(repository: Repository, host: str, holder: str, lease_se
     free slot of ``host`` to leased. Returns (the slot or None, whether the turnstile was open):
     closed means somebody waits in line, and this caller must get in line behind them.
 
-    The try is transaction-level: held for this statement only (or the caller's transaction, the
-    runner API's, which commits the lease with its idempotency record)."""
+    A newcomer's try is transaction-level: held for this statement only (or the caller's
+    transaction, the runner API's, which commits the lease with its idempotency record)."""
     now = timezone.now()
     key = turnstile_key(repository.pk, host)
     params = {
@@ -182,7 +187,9 @@ def _claim_free_in_turn(repository: Repository, host: str, holder: str, lease_se
     }  # fmt: skip
     with connection.cursor() as cursor:
         cursor.execute(_CLAIM_AS_HEAD_SQL if waiting.at_head_of_line(key) else _CLAIM_AS_NEWCOMER_SQL, params)
-        is_open, *values = cursor.fetchone()
+        is_open, left_line, *values = cursor.fetchone()
+    if left_line:
+        waiting.left_line(key)
     if values[0] is None:
         return None, bool(is_open)
     slot = Slot.from_db(connection.alias, _SLOT_FIELDS, values)

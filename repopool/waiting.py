@@ -13,8 +13,7 @@ On PostgreSQL every (repository, host) pool has a turnstile, an advisory lock
   trip. PostgreSQL grants a contended lock in the order it was asked for, and refuses a new shared
   try while an exclusive request is queued: the line is FIFO, and a newcomer cannot barge past it,
   it queues behind.
-- The head of the line (the lock's holder) tries to claim (its try of the turnstile is exclusive:
-  its own lock, granted again), then sleeps on its connection's
+- The head of the line (the lock's holder) tries to claim, then sleeps on its connection's
   notifications (``psycopg``'s ``notifies``) until a slot of its host is freed: a trigger
   (migration ``0008``) runs ``pg_notify('repopool_slot_freed_<repository id>', host)`` in the
   transaction that moves a slot to ``free`` or ``broken`` (a remote host leases a broken slot
@@ -22,8 +21,10 @@ On PostgreSQL every (repository, host) pool has a turnstile, an advisory lock
   change (release, return unchanged, reaping, force release, warm, the admin). It looks again at
   least every ``RECHECK_SECONDS`` anyway: a lease may expire without anybody reaping it yet, a
   host's capacity may grow.
-- Served or timed out, it leaves the line in ``finally``: ``pg_advisory_unlock`` and ``UNLISTEN``
-  in one round trip, the notifications already received dropped. If that fails the connection is
+- Served, it leaves the line in the claim's own statement (``pg_advisory_unlock`` once the slot
+  is its own), so the next waiter's turn does not wait for that commit's flush; then, in
+  ``finally`` (served, timed out or failed), ``UNLISTEN`` (and the unlock if still held) in one
+  round trip, the notifications already received dropped. If that fails the connection is
   closed: the server releases a session's locks and listens with the session, so nothing is left
   behind on a connection Django hands out again.
 
@@ -80,7 +81,18 @@ def turnstile_key(repository_id: int, host: str) -> int:
 
 def at_head_of_line(key: int) -> bool:
     """Does this thread's connection hold turnstile ``key`` as the head of its line?"""
-    return key in getattr(_heads, "keys", ())
+    return key in _held()
+
+
+def left_line(key: int) -> None:
+    """The claim that served the head of the line released turnstile ``key`` itself."""
+    _held().discard(key)
+
+
+def _held() -> set[int]:
+    if not hasattr(_heads, "keys"):
+        _heads.keys = set()
+    return _heads.keys
 
 
 def channel(repository_id: int) -> str:
@@ -136,19 +148,20 @@ def _wait_in_line(repository_id: int, host: str, deadline: float, attempt: Calla
     key, listen_on = turnstile_key(repository_id, host), channel(repository_id)
     if not _get_in_line(key, listen_on, deadline):
         return None
-    _heads.keys = {*getattr(_heads, "keys", ()), key}
+    _held().add(key)
     try:
         while True:
             got = attempt()
-            if got is not None:
-                return got
+            if got is not None or key not in _held():
+                return got  # (a claim leaves the line only with a slot)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             _sleep_until_freed(listen_on, host, min(RECHECK_SECONDS, remaining))
     finally:
-        _heads.keys = getattr(_heads, "keys", set()) - {key}
-        _leave_line(key, listen_on)
+        still_held = key in _held()
+        _held().discard(key)
+        _leave_line(key if still_held else None, listen_on)
 
 
 def _get_in_line(key: int, listen_on: str, deadline: float) -> bool:
@@ -188,12 +201,13 @@ def _sleep_until_freed(listen_on: str, host: str, timeout: float) -> None:
                 return
 
 
-def _leave_line(key: int, listen_on: str) -> None:
-    """Unlock and unlisten; if that fails, end the session (never raise: a slot just leased must
-    reach its caller)."""
+def _leave_line(key: int | None, listen_on: str) -> None:
+    """Unlock (unless the claim did) and unlisten; if that fails, end the session (never raise: a
+    slot just leased must reach its caller)."""
     try:
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT pg_advisory_unlock({int(key)}); UNLISTEN {listen_on}")
+            unlock = f"SELECT pg_advisory_unlock({int(key)}); " if key is not None else ""
+            cursor.execute(f"{unlock}UNLISTEN {listen_on}")
         for _ in connection.connection.notifies(timeout=0):
             pass  # what arrived before UNLISTEN: not for whoever uses this connection next
     except Exception as exc:

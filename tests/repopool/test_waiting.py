@@ -18,7 +18,8 @@ from repopool import bookkeeping, services, waiting
 from repopool.errors import NoSlotAvailable
 from repopool.models import Slot
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("require_postgres")]
+pytestmark = pytest.mark.django_db(transaction=True)
+postgres_only = pytest.mark.usefixtures("require_postgres")
 
 HOST = "runner-q"
 
@@ -80,7 +81,7 @@ class Waiter(threading.Thread):
             with CaptureQueriesContext(connection) as queries:
                 self.slot = lease(self.repo, self.name, self.wait)
             self.served_at = time.monotonic()
-            self.claims = sum("pg_try_advisory_xact_lock" in q["sql"] for q in queries.captured_queries)
+            self.claims = sum("WITH gate AS" in q["sql"] for q in queries.captured_queries)
             if self.then:
                 self.then(self.slot)
         except BaseException as exc:
@@ -89,6 +90,7 @@ class Waiter(threading.Thread):
             connection.close()
 
 
+@postgres_only
 def test_waiters_are_served_in_arrival_order(repo):
     held = lease(repo, "holder")
     served: list[str] = []
@@ -117,6 +119,7 @@ def test_waiters_are_served_in_arrival_order(repo):
     assert line_of(repo) == (0, 0)
 
 
+@postgres_only
 def test_a_release_wakes_the_head_of_the_line_without_polling(repo, monkeypatch):
     monkeypatch.setattr(waiting, "RECHECK_SECONDS", 30.0)  # only a notification can wake it in time
     held = lease(repo, "holder")
@@ -133,6 +136,7 @@ def test_a_release_wakes_the_head_of_the_line_without_polling(repo, monkeypatch)
     assert waiter.claims == 3
 
 
+@postgres_only
 def test_a_newcomer_cannot_pass_a_session_in_line(repo):
     held = lease(repo, "holder")
     release(held)  # free now
@@ -147,6 +151,7 @@ def test_a_newcomer_cannot_pass_a_session_in_line(repo):
     assert lease(repo, "newcomer").pk == held.pk
 
 
+@postgres_only
 def test_a_wait_that_runs_out_leaves_no_lock_and_no_listen(repo):
     held = lease(repo, "holder")
     started = time.monotonic()
@@ -169,6 +174,7 @@ def test_a_wait_that_runs_out_leaves_no_lock_and_no_listen(repo):
     assert head.error is None and head.slot.pk == held.pk
 
 
+@postgres_only
 def test_an_error_in_line_still_leaves_the_line(repo):
     lease(repo, "holder")
     calls = []
@@ -184,6 +190,7 @@ def test_an_error_in_line_still_leaves_the_line(repo):
     assert left_on_this_connection() == ([], 0) and line_of(repo) == (0, 0)
 
 
+@postgres_only
 def test_every_way_a_slot_comes_free_notifies_its_line(repo):
     """The trigger: release, return unchanged, reaping, force release and delete all notify."""
     key_channel = waiting.channel(repo.pk)
@@ -213,8 +220,8 @@ def test_every_way_a_slot_comes_free_notifies_its_line(repo):
 
 
 def test_without_the_line_pollers_are_still_woken_in_process(repo, monkeypatch):
-    """The fallback (SQLite, or a caller inside a transaction): a release in this process wakes the
-    poller at once, even when its backoff has grown to a second."""
+    """The fallback (SQLite, or a caller inside a transaction; on PostgreSQL forced here): a release
+    in this process wakes the poller at once, even when its backoff has grown to a second."""
     monkeypatch.setattr(waiting, "MODE", "poll")
     held = lease(repo, "holder")
     waiter = Waiter(repo, "poller")
