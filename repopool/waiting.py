@@ -173,8 +173,10 @@ def _get_in_line(key: int, listen_on: str, deadline: float) -> bool:
         with connection.cursor() as cursor:
             # Literals only (an int and a name made of digits): several statements in one call
             # must go without parameters.
+            # lock_timeout bounds the wait; a server-wide statement_timeout must not cut it short.
             cursor.execute(
-                f"SELECT set_config('lock_timeout', '{timeout_ms}', true); "
+                f"SELECT set_config('lock_timeout', '{timeout_ms}', true), "
+                f"set_config('statement_timeout', '0', true); "
                 f"SELECT pg_advisory_lock({int(key)}); LISTEN {listen_on}"
             )
     except OperationalError as exc:
@@ -195,10 +197,11 @@ def _sleep_until_freed(listen_on: str, host: str, timeout: float) -> None:
     connection.ensure_connection()
     raw = connection.connection
     end = time.monotonic() + timeout
-    while (left := end - time.monotonic()) > 0:
-        for note in raw.notifies(timeout=left, stop_after=1):
-            if note.channel == listen_on and note.payload == host:
-                return
+    with connection.wrap_database_errors:  # a connection lost meanwhile: Django's error, as elsewhere
+        while (left := end - time.monotonic()) > 0:
+            for note in raw.notifies(timeout=left, stop_after=1):
+                if note.channel == listen_on and note.payload == host:
+                    return
 
 
 def _leave_line(key: int | None, listen_on: str) -> None:

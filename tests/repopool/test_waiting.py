@@ -175,6 +175,26 @@ def test_a_wait_that_runs_out_leaves_no_lock_and_no_listen(repo):
 
 
 @postgres_only
+def test_a_statement_timeout_shorter_than_the_wait_does_not_cut_it(repo):
+    lease(repo, "holder")
+    head = Waiter(repo, "head", wait=1.5)
+    head.start()
+    until(lambda: line_of(repo) == (1, 0))
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '100ms'")  # as a server might set it for everybody
+    try:
+        started = time.monotonic()
+        with pytest.raises(NoSlotAvailable):
+            lease(repo, "queued", wait=0.5)  # queued for the turnstile longer than the timeout
+        assert time.monotonic() - started >= 0.5
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET statement_timeout")
+    head.join(timeout=30)
+    assert isinstance(head.error, NoSlotAvailable)
+
+
+@postgres_only
 def test_an_error_in_line_still_leaves_the_line(repo):
     lease(repo, "holder")
     calls = []
