@@ -5,7 +5,7 @@ On PostgreSQL every (repository, host) pool has a turnstile, an advisory lock
 
 - An allocation first tries in one statement (``bookkeeping``): ``pg_try_advisory_xact_lock_shared``
   on the turnstile and, only when that succeeds, the claim of a free slot. Uncontended that is the
-  whole cost, one round trip, the lock gone with the statement. Shared: allocators that find slots
+  whole cost, one round trip, the lock gone with the statement (or with the caller's transaction). Shared: allocators that find slots
   never shut each other out (no convoy while the pool has room).
 - When the try fails (somebody waits in line), or no slot is free and the pool is at its capacity,
   the allocator gets in line: ``pg_advisory_lock`` (exclusive, session-level) with a
@@ -14,8 +14,8 @@ On PostgreSQL every (repository, host) pool has a turnstile, an advisory lock
   try while an exclusive request is queued: the line is FIFO, and a newcomer cannot barge past it,
   it queues behind.
 - The head of the line (the lock's holder) tries to claim, then sleeps on its connection's
-  notifications (``psycopg``'s ``notifies``) until a slot of its host is freed: a trigger
-  (migration ``0008``) runs ``pg_notify('repopool_slot_freed_<repository id>', host)`` in the
+  notifications (``psycopg``'s ``notifies``) until a slot of its host is freed: a trigger (migration
+  ``0008``) runs ``pg_notify('repopool_slot_freed_<repository id>', host)`` in the
   transaction that moves a slot to ``free`` or ``broken`` (a remote host leases a broken slot
   again) or deletes one, so the notification is delivered at commit, whichever code path made the
   change (release, return unchanged, reaping, force release, warm, the admin). It looks again at
@@ -31,9 +31,10 @@ On PostgreSQL every (repository, host) pool has a turnstile, an advisory lock
 Limits: the line needs a session of its own for as long as the wait lasts, so it does not work
 through a pooler in transaction mode (pgbouncer ``pool_mode = transaction``): session locks and
 LISTEN would land on whichever server connection the next statement gets. Use session pooling or
-direct connections (README, deployment). Inside a transaction a caller cannot wait in line (a
+direct connections (README, "Serving the API"). Inside a transaction a caller cannot wait in line (a
 notification is delivered only between transactions, and a blocked lock request would hold the
-transaction's row locks): there it falls back to polling, as on SQLite.
+transaction's row locks): there it falls back to polling, as on SQLite, and its tries still
+respect the line (while somebody waits, it gets nothing).
 
 SQLite (a laptop, one process): no turnstile; waiters poll with a backoff up to a second and are
 woken at once by a release in the same process (a ``threading.Condition``).
@@ -171,9 +172,9 @@ def _get_in_line(key: int, listen_on: str, deadline: float) -> bool:
     timeout_ms = max(1, int((deadline - time.monotonic()) * 1000))
     try:
         with connection.cursor() as cursor:
-            # Literals only (an int and a name made of digits): several statements in one call
-            # must go without parameters.
-            # lock_timeout bounds the wait; a server-wide statement_timeout must not cut it short.
+            # Literals only (an int and a name made of digits): several statements in one call go
+            # without parameters. lock_timeout bounds the wait; a server-wide statement_timeout
+            # must not cut it shorter.
             cursor.execute(
                 f"SELECT set_config('lock_timeout', '{timeout_ms}', true), "
                 f"set_config('statement_timeout', '0', true); "
