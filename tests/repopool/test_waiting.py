@@ -137,6 +137,43 @@ def test_a_release_wakes_the_head_of_the_line_without_polling(repo, monkeypatch)
 
 
 @postgres_only
+def test_a_busy_line_never_hands_one_slot_to_two(make_repo):
+    repo = services.repository_create(name="busy-line", url=str(make_repo()), pool_size=3)
+    holders: dict[int, str] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    done = [0]
+
+    def worker(name: str) -> None:
+        try:
+            for _ in range(15):
+                slot = lease(repo, name, wait=30)
+                with lock:
+                    assert slot.pk not in holders, f"slot {slot.pk} held by {holders.get(slot.pk)} and {name}"
+                    holders[slot.pk] = name
+                time.sleep(0.002)
+                with lock:
+                    del holders[slot.pk]
+                release(slot)
+                with lock:
+                    done[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors[:3]
+    assert done[0] == 12 * 15
+    assert line_of(repo) == (0, 0)
+    assert set(Slot.objects.filter(repository=repo).values_list("state", flat=True)) == {"free"}
+
+
+@postgres_only
 def test_a_newcomer_cannot_pass_a_session_in_line(repo):
     held = lease(repo, "holder")
     release(held)  # free now
