@@ -205,6 +205,32 @@ def pgbench_path() -> str | None:
     return found if isinstance(found, str) else (found[-1] if found else None)
 
 
+# --- forked workers -------------------------------------------------------------------------------
+def in_processes(target, n: int, seconds: float, *args, each: list[tuple] | None = None) -> tuple[float, list]:
+    """Run ``target(barrier, seconds, *args, *each[i], out)`` in ``n`` forked processes started
+    together, each with a database connection of its own; returns (elapsed from the start to the
+    last result, their results in arrival order)."""
+    import multiprocessing
+
+    from django.db import connections
+
+    connections.close_all()  # a forked child must open its own connection
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(n + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=target, args=(barrier, seconds, *args, *(each[i] if each else ()), out)) for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    started = time.perf_counter()
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    elapsed = time.perf_counter() - started
+    for p in procs:
+        p.join()
+    return elapsed, results
+
+
 # --- an HTTP load driver --------------------------------------------------------------------------
 def http_load(
     port: int,

@@ -19,9 +19,6 @@ interleaved (A B A B ..., ``--rounds`` rounds), as the median over rounds with t
   largest size. Floor: pgbench running the very statement ``task_claim`` sends (one CTE: pick with
   SKIP LOCKED, update, insert attempt and event), as many clients. Rates are claims made / time,
   counted in the table (a client that finds the queue empty does not count).
-- Slots: ``slot_allocate`` (default branch, fetch as the runner does) + ``slot_release`` in 16
-  processes over 16 slots of a small repository. Floor: 16 processes each running the git work
-  alone (reset --hard + clean -ffdx) on its own clone.
 
 Everything lives in scratch databases and a temp folder, dropped at exit. The client is Python
 threads (wrk is not needed); on a 2-core machine it competes with the server, so the API figures
@@ -43,7 +40,6 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from _setup import (
-    GIT_ENV,
     django_in_tempdir,
     git,
     gunicorn,
@@ -117,36 +113,6 @@ def _event_worker(barrier, seconds: float, task_id: str, batch: int, out) -> Non
 
 def _event_data(n: int) -> dict:
     return {"n": n, "tool": "write_file", "path": f"src/module_{n % 20}.py"}
-
-
-def _slot_worker(barrier, seconds: float, repository_id: int, out) -> None:
-    from repopool.models import Repository
-    from repopool.services import slot_allocate, slot_release
-
-    repository = Repository.objects.get(pk=repository_id)
-    barrier.wait()
-    stop = time.perf_counter() + seconds
-    latencies = []
-    while time.perf_counter() < stop:
-        start = time.perf_counter()
-        lease = slot_allocate(repository=repository, holder="bench", wait_seconds=60)
-        (lease.path / "scratch.txt").write_text("agent output\n")
-        slot_release(slot_id=lease.slot_id, lease_token=lease.lease_token)
-        latencies.append(time.perf_counter() - start)
-    out.put(latencies)
-
-
-def _git_worker(barrier, seconds: float, path: str, out) -> None:
-    barrier.wait()
-    stop = time.perf_counter() + seconds
-    latencies = []
-    while time.perf_counter() < stop:
-        start = time.perf_counter()
-        (Path(path) / "scratch.txt").write_text("agent output\n")
-        subprocess.run(["git", "reset", "-q", "--hard"], cwd=path, env=GIT_ENV, check=True)
-        subprocess.run(["git", "clean", "-ffdxq"], cwd=path, env=GIT_ENV, check=True)
-        latencies.append(time.perf_counter() - start)
-    out.put(latencies)
 
 
 def in_processes(target, n: int, seconds: float, *args, each: list[tuple] | None = None) -> tuple[float, list]:
@@ -258,7 +224,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="1000,100000,1000000", help="task counts for the list pages")
-    parser.add_argument("--skip-slots", action="store_true")
     args = parser.parse_args()
     rounds, seconds, clients = args.rounds, args.seconds, args.clients
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -271,10 +236,9 @@ def main() -> None:
     from registry import services
     from registry.models import Attempt, Task, TaskEvent
     from registry.services import event_append, task_create
-    from repopool.services import pool_warm, repository_create
+    from repopool.services import repository_create
 
-    # A small real repository for tasks and slots (the lease machinery is what is measured here;
-    # bench/pool.py measures a large one).
+    # A small real repository for the tasks (bench/pool.py measures the slots).
     origin = data / "origin"
     origin.mkdir()
     for i in range(20):
@@ -465,48 +429,6 @@ def main() -> None:
             f"  {n} claimer(s): {spread(claims[n], fmt='{:.0f}')} claims/s   floor (its statement in pgbench, {n} "
             f"clients) {spread(claim_floor[n], fmt='{:.0f}')} claims/s   ratio {ratio:.3f}"
         )
-    if args.skip_slots:
-        return
-
-    # --- slots ------------------------------------------------------------------------------------
-    pool_warm(repository=repo)
-    clones = []
-    for i in range(16):
-        path = data / f"floor{i}"
-        git(data, "clone", "-q", str(origin), str(path))
-        clones.append(str(path))
-    slot_rates, slot_lat, git_rates, git_lat = [], [], [], []
-    for _ in range(rounds):
-        elapsed, lat = in_processes(_slot_worker, 16, seconds, repo.pk)
-        flat = [x for bucket in lat for x in bucket]
-        slot_rates.append(len(flat) / elapsed)
-        slot_lat += flat
-        # The floor: each process on its own clone (a list per process, handed out by index).
-        from django.db import connections
-
-        connections.close_all()
-        ctx = multiprocessing.get_context("fork")
-        barrier, out = ctx.Barrier(17), ctx.Queue()
-        procs = [ctx.Process(target=_git_worker, args=(barrier, seconds, clones[i], out)) for i in range(16)]
-        for p in procs:
-            p.start()
-        barrier.wait()
-        started = time.perf_counter()
-        flat = [x for _ in procs for x in out.get(timeout=seconds + 120)]
-        git_rates.append(len(flat) / (time.perf_counter() - started))
-        git_lat += flat
-        for p in procs:
-            p.join()
-    print(f"slots: allocate (default branch, fetch) + release, 16 processes over 16 slots, {rounds} rounds:")
-    print(
-        f"  pool      {spread(slot_rates)} cycles/s   p50 {percentile(slot_lat, 0.5) * 1000:.0f} ms"
-        f"   p99 {percentile(slot_lat, 0.99) * 1000:.0f} ms"
-    )
-    print(
-        f"  git floor {spread(git_rates)} cycles/s   p50 {percentile(git_lat, 0.5) * 1000:.0f} ms"
-        f"   p99 {percentile(git_lat, 0.99) * 1000:.0f} ms   (reset --hard + clean -ffdx, own clone each)"
-    )
-    print(f"  ratio {median(slot_rates) / median(git_rates):.3f} of the floor's throughput")
 
 
 if __name__ == "__main__":

@@ -11,22 +11,25 @@ Invariants:
 - A host leases only its own slots (``host``), and grows its pool up to its capacity.
 - The server cannot reset a remote host's disk: a remote lease that expired becomes ``free`` with
   ``needs_reset`` set, and the host resets the copy before its next use.
+- Waiters are served first come, first served, woken by the release (``repopool.waiting``): on
+  PostgreSQL a claim goes through the pool's turnstile, so nobody takes a slot past a waiter.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from common.errors import DomainError
+from repopool import waiting
 from repopool.errors import NoSlotAvailable, SlotNotFound, StaleLease
 from repopool.models import Repository, Slot, SlotState
+from repopool.waiting import slots_freed, turnstile_key, wait_in_turn
 
 St = SlotState
 DEFAULT_LEASE_SECONDS = 3600  # a renew of a lease whose length was never stored
@@ -100,16 +103,17 @@ def slot_mark_broken_row(
         query = query.filter(state__in=from_states)
     if token is not None:
         query = query.filter(lease_token=token)
-    return bool(
-        query.update(
-            state=St.BROKEN,
-            last_error=error[:10000],
-            lease_token=None,
-            lease_holder="",
-            lease_expires_at=None,
-            state_changed_at=timezone.now(),
-        )
+    done = query.update(
+        state=St.BROKEN,
+        last_error=error[:10000],
+        lease_token=None,
+        lease_holder="",
+        lease_expires_at=None,
+        state_changed_at=timezone.now(),
     )
+    if done:
+        slots_freed()  # a remote host's waiter may lease it to make it again
+    return bool(done)
 
 
 def slot_record_clone(slot_id: int, *, commit: str, setup_hash: str, final_state: str, **fields) -> None:
@@ -125,9 +129,83 @@ def slot_record_clone(slot_id: int, *, commit: str, setup_hash: str, final_state
         state_changed_at=timezone.now(),
         **fields,
     )
+    if final_state == St.FREE:
+        slots_freed()
 
 
 # --- leases --------------------------------------------------------------------------------------
+# PostgreSQL: the hot statements (a claim, a remote release) in one round trip each, the row back
+# with RETURNING (the ORM has no UPDATE ... RETURNING).
+_SLOT_FIELDS = [f.attname for f in Slot._meta.concrete_fields]
+_q = connection.ops.quote_name
+_SLOT_TABLE = _q(Slot._meta.db_table)
+_RETURNING = ", ".join(_q(Slot._meta.get_field(name).column) for name in _SLOT_FIELDS)
+_CLAIM_IN_TURN_SQL = f"""
+WITH gate AS MATERIALIZED (SELECT {{gate}} AS open),
+pick AS (
+    SELECT id FROM {_SLOT_TABLE}
+    WHERE repository_id = %(repository)s AND host = %(host)s AND state = 'free' AND (SELECT open FROM gate)
+    ORDER BY lease_count, {_q("index")}
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+),
+leased AS (
+    UPDATE {_SLOT_TABLE} s
+    SET state = 'leased', lease_token = %(token)s, lease_holder = %(holder)s, leased_at = %(now)s,
+        lease_expires_at = %(expires)s, lease_seconds = %(lease_seconds)s, lease_count = s.lease_count + 1,
+        state_changed_at = %(now)s
+    FROM pick WHERE s.id = pick.id AND s.state = 'free'
+    RETURNING {", ".join(f"s.{column}" for column in _RETURNING.split(", "))}
+)
+SELECT (SELECT open FROM gate), {{left_line}} AS left_line, leased.* FROM (SELECT) AS one LEFT JOIN leased ON true
+"""
+# A newcomer tries the turnstile shared: claimers never shut each other out, only a waiter (who
+# holds it exclusive, or is queued for it) does. The head of the line holds it already (its session
+# lock) and, once it has a slot, leaves the line in the same statement: the next waiter may claim
+# while this claim's commit is still being flushed.
+_CLAIM_AS_NEWCOMER_SQL = _CLAIM_IN_TURN_SQL.format(
+    gate="pg_try_advisory_xact_lock_shared(%(turnstile)s)", left_line="false"
+)
+_CLAIM_AS_HEAD_SQL = _CLAIM_IN_TURN_SQL.format(
+    gate="true", left_line="leased.id IS NOT NULL AND pg_advisory_unlock(%(turnstile)s)"
+)
+
+
+def _claim_free_in_turn(repository: Repository, host: str, holder: str, lease_seconds: int) -> tuple[Slot | None, bool]:
+    """PostgreSQL, one statement: through the pool's turnstile (``repopool.waiting``), move one
+    free slot of ``host`` to leased. Returns (the slot or None, whether the turnstile was open):
+    closed means somebody waits in line, and this caller must get in line behind them.
+
+    A newcomer's try is transaction-level: held for this statement only (or the caller's
+    transaction, the runner API's, which commits the lease with its idempotency record)."""
+    now = timezone.now()
+    key = turnstile_key(repository.pk, host)
+    params = {
+        "turnstile": key, "repository": repository.pk, "host": host,
+        "token": Slot.new_token(), "holder": holder[:255], "now": now,
+        "expires": now + timedelta(seconds=lease_seconds), "lease_seconds": lease_seconds,
+    }  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_AS_HEAD_SQL if waiting.at_head_of_line(key) else _CLAIM_AS_NEWCOMER_SQL, params)
+        is_open, left_line, *values = cursor.fetchone()
+    if left_line:
+        waiting.left_line(key)
+    if values[0] is None:
+        return None, bool(is_open)
+    slot = Slot.from_db(connection.alias, _SLOT_FIELDS, values)
+    slot.repository = repository
+    return slot, True
+
+
+_RELEASE_FREE_SQL = f"""
+UPDATE {_SLOT_TABLE}
+SET state = 'free', lease_token = NULL, lease_holder = '', lease_expires_at = NULL, needs_reset = false,
+    state_changed_at = %(now)s, {_q("commit")} = COALESCE(NULLIF(%(commit)s, ''), {_q("commit")})
+WHERE id = %(id)s AND state = 'leased' AND lease_token = %(token)s
+RETURNING {_RETURNING}
+"""
+
+
 def _claim_free(repository: Repository, host: str, holder: str, lease_seconds: int) -> Slot | None:
     """Atomically move one free slot of ``host`` to leased; None when there is none."""
     now = timezone.now()
@@ -192,6 +270,23 @@ def _reclaim_broken(repository: Repository, host: str, holder: str, lease_second
     return candidate
 
 
+def _lease_once(repository: Repository, host: str, holder: str, lease_seconds: int, capacity: int) -> Slot | None:
+    """One try, never waiting: a free slot, else a new row below ``capacity``, else (a remote
+    host) a broken one. Through the turnstile, a closed one means None (get in line)."""
+    if waiting.in_turn():
+        slot, is_open = _claim_free_in_turn(repository, host, holder, lease_seconds)
+        if slot is not None or not is_open:
+            return slot
+    else:
+        slot = _claim_free(repository, host, holder, lease_seconds)
+        if slot is not None:
+            return slot
+    slot = _grow(repository, host, holder, lease_seconds, capacity)
+    if slot is None and host != server_host():
+        slot = _reclaim_broken(repository, host, holder, lease_seconds)
+    return slot
+
+
 def slot_lease(
     *,
     repository: Repository,
@@ -205,27 +300,23 @@ def slot_lease(
     while the host's pool is below ``capacity`` (default: the repository's pool_size), else (a
     remote host) a broken one to be made again; waits up to ``wait_seconds``, then NoSlotAvailable.
 
+    Waiters are served in arrival order and woken by a release (``repopool.waiting``); a caller
+    with ``wait_seconds=0`` does not get in line: when others wait, there is no slot for it.
+
     The returned row says what the holder must do before use: ``commit`` empty, clone;
     ``needs_reset``, reset first. The holder reports the result with ``slot_prepared``."""
     validate_lease_seconds(lease_seconds)
     validate_wait_seconds(wait_seconds)
     capacity = capacity or repository.pool_size
-    deadline = time.monotonic() + wait_seconds
-    delay = 0.05
-    while True:
-        slot = _claim_free(repository, host, holder, lease_seconds) or _grow(
-            repository, host, holder, lease_seconds, capacity
+    slot = wait_in_turn(
+        repository_id=repository.pk, host=host, wait_seconds=wait_seconds,
+        attempt=lambda: _lease_once(repository, host, holder, lease_seconds, capacity),
+    )  # fmt: skip
+    if slot is None:
+        raise NoSlotAvailable(
+            f"no slot of {repository.name} became free within {wait_seconds:g}s (pool size {capacity} on {host})"
         )
-        if slot is None and host != server_host():
-            slot = _reclaim_broken(repository, host, holder, lease_seconds)
-        if slot is not None:
-            return slot
-        if time.monotonic() >= deadline:
-            raise NoSlotAvailable(
-                f"no slot of {repository.name} became free within {wait_seconds:g}s (pool size {capacity} on {host})"
-            )
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 1.0)
+    return slot
 
 
 def slot_prepared(
@@ -250,9 +341,10 @@ def slot_prepared(
 
 def slot_return_unchanged(*, slot_id: int, token: uuid.UUID | str) -> None:
     """Give back a lease whose copy was not touched (the ref did not exist)."""
-    Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token).update(
+    if Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token).update(
         state=St.FREE, lease_token=None, lease_holder="", lease_expires_at=None, state_changed_at=timezone.now()
-    )
+    ):
+        slots_freed()
 
 
 def slot_renew(*, slot_id: int, lease_token: uuid.UUID | str, lease_seconds: int | None = None) -> datetime:
@@ -289,34 +381,48 @@ def slot_release_finish(*, slot_id: int, commit: str, broken_reason: str = "") -
     Called by whoever moved the slot to resetting (that conditional update is the ownership)."""
     if broken_reason:
         slot_mark_broken_row(slot_id, broken_reason, from_states=[St.RESETTING])
-    else:
-        Slot.objects.filter(pk=slot_id, state=St.RESETTING).update(
-            state=St.FREE, lease_holder="", lease_expires_at=None, commit=commit, needs_reset=False,
-            state_changed_at=timezone.now(),
-        )  # fmt: skip
+    elif Slot.objects.filter(pk=slot_id, state=St.RESETTING).update(
+        state=St.FREE, lease_holder="", lease_expires_at=None, commit=commit, needs_reset=False,
+        state_changed_at=timezone.now(),
+    ):  # fmt: skip
+        slots_freed()
     return slot_get(slot_id)
 
 
 def slot_release_remote(*, slot_id: int, token: uuid.UUID | str, commit: str, broken_reason: str = "") -> Slot:
     """A host reset its copy after a lease (or could not): leased -> free at ``commit``, or ->
-    broken with ``broken_reason``. Fenced by ``token`` (StaleLease)."""
-    slot_get(slot_id)
+    broken with ``broken_reason``. Fenced by ``token``: StaleLease, or SlotNotFound when there is
+    no such slot."""
+    try:
+        slot_id = int(slot_id)
+        token = uuid.UUID(str(token))
+    except (ValueError, TypeError):
+        slot_get(slot_id)  # SlotNotFound, unless only the token is malformed: it fences nothing
+        raise StaleLease("lease token does not match the slot's current lease") from None
     now = timezone.now()
-    held = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token)
+    slot = None
     if broken_reason:
-        done = held.update(
+        done = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token).update(
             state=St.BROKEN, last_error=broken_reason[:10000], lease_token=None, lease_holder="",
             lease_expires_at=None, state_changed_at=now,
         )  # fmt: skip
+    elif connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_RELEASE_FREE_SQL, {"now": now, "commit": commit or "", "id": slot_id, "token": token})
+            row = cursor.fetchone()
+        slot = Slot.from_db(connection.alias, _SLOT_FIELDS, row) if row else None
+        done = slot is not None
     else:
         fields = {"commit": commit} if commit else {}
-        done = held.update(
+        done = Slot.objects.filter(pk=slot_id, state=St.LEASED, lease_token=token).update(
             state=St.FREE, lease_token=None, lease_holder="", lease_expires_at=None, needs_reset=False,
             state_changed_at=now, **fields,
         )  # fmt: skip
     if not done:
+        slot_get(slot_id)  # SlotNotFound before StaleLease
         raise StaleLease("lease token does not match the slot's current lease")
-    return slot_get(slot_id)
+    slots_freed()
+    return slot or slot_get(slot_id)
 
 
 # --- reaping -------------------------------------------------------------------------------------
@@ -360,4 +466,6 @@ def slots_reap_remote(*, now: datetime | None = None) -> list[int]:
             **fields,
         ):  # fmt: skip
             reaped.append(slot.pk)
+    if reaped:
+        slots_freed()
     return reaped

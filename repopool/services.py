@@ -359,6 +359,7 @@ def slot_force_release(*, slot_id: int) -> Slot:
             state=St.FREE, lease_token=None, lease_holder="", lease_expires_at=None, needs_reset=True,
             state_changed_at=timezone.now(),
         )  # fmt: skip
+        bookkeeping.slots_freed()
         return bookkeeping.slot_get(slot_id)
     Slot.objects.filter(pk=slot_id).update(state=St.RESETTING, lease_token=None, state_changed_at=timezone.now())
     if not slots.has_copy(Path(slot.path)):

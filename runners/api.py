@@ -392,7 +392,11 @@ class SlotAllocateView(RunnerView):
             return None if grant is None else Response(slot_grant_reply(grant))
 
         return services.runner_slot_allocate_wait(
-            wait_seconds=wait, allocate_once=lambda: idempotency.respond(idem, allocate_once)
+            token=request.auth,
+            repository_id=data["repository_id"],
+            host=data["host"],
+            wait_seconds=wait,
+            allocate_once=lambda: idempotency.respond(idem, allocate_once),
         )
 
 

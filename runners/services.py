@@ -117,7 +117,7 @@ def runner_claim_wait(*, claim_once, wait: float) -> Any:
     """Call ``claim_once()`` (one short transaction each) until it returns something or ``wait``
     seconds (capped at CLAIM_MAX_WAIT) have passed. No transaction is held while sleeping. Note:
     under gunicorn's sync workers a waiting call occupies a worker for up to ``wait`` seconds.
-    Slot allocation waits the same way."""
+    (Slot allocation waits in repopool's line instead: ``runner_slot_allocate_wait``.)"""
     deadline = time.monotonic() + min(max(wait, 0.0), CLAIM_MAX_WAIT)
     while True:
         got = claim_once()
@@ -437,10 +437,18 @@ def runner_slot_allocate(
     return SlotGrant(slot=slot, spec=pool.repo_spec(repository))
 
 
-def runner_slot_allocate_wait(*, wait_seconds: float, allocate_once) -> Any:
+def runner_slot_allocate_wait(
+    *, token: RunnerToken, repository_id: int, host: str = "", wait_seconds: float, allocate_once
+) -> Any:
     """``allocate_once()`` until it grants a slot or ``wait_seconds`` (at most 30) pass; then
-    503 no_slot with Retry-After."""
-    grant = runner_claim_wait(claim_once=allocate_once, wait=wait_seconds)
+    503 no_slot with Retry-After. Waiting is repopool's line for the host's pool: first come,
+    first served, woken by a release (no transaction held while waiting)."""
+    from repopool.bookkeeping import wait_in_turn
+
+    grant = wait_in_turn(
+        repository_id=repository_id, host=_token_host(token, host).name,
+        wait_seconds=min(max(wait_seconds, 0.0), CLAIM_MAX_WAIT), attempt=allocate_once,
+    )  # fmt: skip
     if grant is None:
         raise NoSlot(f"no slot of this host became free within {wait_seconds:g}s")
     return grant

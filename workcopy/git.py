@@ -271,9 +271,13 @@ def fetch(path: Path, url: str, ref: str | None = None) -> None:
     if ref:
         _check_ref(ref)
         refspec = ref if _looks_like_sha(ref) else f"+{ref}:refs/remotes/origin/{ref}"
-    else:
-        refspec = "+refs/heads/*:refs/remotes/origin/*"
-    _slot_git(path, "fetch", "--quiet", "--prune", "--no-recurse-submodules", "--", url, refspec)
+        # No --prune for one ref: git (2.39) then deletes the very ref it fetched when it was
+        # already up to date (and origin/HEAD), so the next resolve missed it and fetched again.
+        _slot_git(path, "fetch", "--quiet", "--no-recurse-submodules", "--", url, refspec)
+        return
+    _slot_git(
+        path, "fetch", "--quiet", "--prune", "--no-recurse-submodules", "--", url, "+refs/heads/*:refs/remotes/origin/*"
+    )
 
 
 def _looks_like_sha(ref: str) -> bool:

@@ -3,6 +3,7 @@ made by ``workcopy.slots`` under a pool root of the (simulated) runner host's ow
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from django.utils import timezone
 
 from repopool import bookkeeping, services
-from repopool.errors import NoSlotAvailable, StaleLease
+from repopool.errors import NoSlotAvailable, SlotNotFound, StaleLease
 from repopool.models import Slot
 from tests.conftest import run_git, write_files
 from workcopy import slots
@@ -118,3 +119,19 @@ def test_the_in_process_pool_keeps_its_slots_on_the_server_host(repository):
     row = Slot.objects.get(pk=lease_.slot_id)
     assert row.host == bookkeeping.server_host() and Path(row.path).is_absolute()
     assert row.commit == row.base_commit and row.fetched_at is not None and not row.needs_reset
+
+
+def test_a_remote_release_is_fenced_and_keeps_the_commit_when_it_names_none(repository):
+    slot = lease(repository)
+    Slot.objects.filter(pk=slot.pk).update(commit="a" * 40)
+    with pytest.raises(SlotNotFound):
+        bookkeeping.slot_release_remote(slot_id=slot.pk + 1000, token=slot.lease_token, commit="")
+    with pytest.raises(SlotNotFound):
+        bookkeeping.slot_release_remote(slot_id="nope", token=slot.lease_token, commit="")
+    for wrong in (uuid.uuid4(), "not-a-uuid", None):
+        with pytest.raises(StaleLease):
+            bookkeeping.slot_release_remote(slot_id=slot.pk, token=wrong, commit="")
+    assert Slot.objects.get(pk=slot.pk).state == "leased"
+    freed = bookkeeping.slot_release_remote(slot_id=slot.pk, token=str(slot.lease_token), commit="")
+    assert (freed.state, freed.commit, freed.lease_token, freed.lease_holder) == ("free", "a" * 40, None, "")
+    assert Slot.objects.get(pk=slot.pk).state == "free"

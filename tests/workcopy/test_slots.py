@@ -12,7 +12,7 @@ import pytest
 
 from common.outcomes import RefNotFound, SlotBroken
 from tests.conftest import run_git, write_files
-from workcopy import config, slots
+from workcopy import config, git, slots
 
 
 @pytest.fixture
@@ -46,6 +46,17 @@ def test_prepare_clones_then_reuses_then_follows_the_ref(spec, tmp_path):
     assert (path / "calc.py").read_text() == "newer\n"
     with pytest.raises(RefNotFound):
         slots.prepare(spec, seen, "no-such-branch", fetch_ttl=0)
+
+
+def test_fetching_a_branch_that_did_not_move_keeps_it(spec):
+    """One fetch a refresh: the fetched ref is there afterwards (git's --prune with a single refspec
+    deleted it when it was up to date, and every allocation fetched twice)."""
+    path = slots.slot_dir("sample", 0)
+    made = slots.prepare(spec, slots.SlotSeen(path=path), "", fetch_ttl=0)
+    slots.reset(spec, path, made.commit)
+    git.fetch(path, spec.url, "main")
+    assert run_git(path, "for-each-ref", "--format=%(objectname)", "refs/remotes/origin/main") == made.commit
+    assert git.resolve(path, "main") == made.commit
 
 
 def test_needs_reset_cleans_what_a_dead_holder_left(spec):
