@@ -4,6 +4,7 @@ and fencing: a runner whose attempt was reaped changes nothing."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from decimal import Decimal
@@ -132,3 +133,78 @@ def test_store_with_a_role_links_in_one_request(remote, repository, tmp_path):
     link = Attempt.objects.get(pk=claimed.attempt_id).task.artifact_links.get(role="patch")
     assert link.artifact_id == artifact_id and link.attempt_number == 1
     assert remote.artifacts.parallel_uploads > 1  # the pipeline sends an attempt's uploads side by side
+
+
+# --- event batches and the server's JSON body cap (AGENTRUNNER_MAX_JSON_BODY, 1 MiB) ---------------
+def _claim(remote, repository):
+    registry.task_create(title="events", instructions="x", repository=repository)
+    return remote.registry.claim(runner_id="remote:events", task_id=None)
+
+
+def _stored(claimed, type_: str = "step"):
+    task = Attempt.objects.get(pk=claimed.attempt_id).task
+    return list(task.events.filter(type=type_).order_by("seq"))
+
+
+def test_events_larger_than_one_request_together_arrive_whole_and_in_order(remote, repository):
+    """300 events of ~5 KB are 1.5 MB: more than one request may carry. Each batch stays under the cap."""
+    claimed = _claim(remote, repository)
+    events = [
+        {"type": "step", "message": f"event {i} " + "m" * 900, "data": {"i": i, "out": ["o" * 900] * 4}}
+        for i in range(300)
+    ]
+    before = remote.registry.api.calls
+    remote.registry.events(task=claimed, events=events)
+    remote.registry.flush()
+    stored = _stored(claimed)
+    assert [e.data["i"] for e in stored] == list(range(300))
+    assert stored[7].message == events[7]["message"] and stored[7].data == events[7]["data"]
+    assert remote.registry.api.calls - before >= 2
+
+
+def test_one_event_larger_than_the_cap_is_cut_not_the_batch_dropped(remote, repository):
+    claimed = _claim(remote, repository)
+    huge = {"type": "step", "message": "huge", "data": {"i": 1, "a": ["x" * 1000] * 1000, "b": ["y" * 1000] * 1000}}
+    events = [{"type": "step", "message": "before", "data": {"i": 0}}, huge, {"type": "step", "data": {"i": 2}}]
+    remote.registry.events(task=claimed, events=events)
+    remote.registry.flush()
+    stored = _stored(claimed)
+    assert [e.data["i"] for e in stored] == [0, 1, 2]
+    assert stored[1].message == "huge" and "_truncated" in stored[1].data
+    assert len(json.dumps(stored[1].data)) < 1024 * 1024
+
+
+def test_a_413_splits_the_batch_and_sends_it_again(remote, repository):
+    """A runner that thinks the cap is larger than the server's learns it from the 413."""
+    claimed = _claim(remote, repository)
+    remote.registry.outbox.max_batch_bytes = 64 * 1024 * 1024
+    events = [{"type": "step", "message": f"{i}", "data": {"i": i, "out": ["o" * 900] * 5}} for i in range(400)]
+    remote.registry.events(task=claimed, events=events)
+    remote.registry.flush()
+    assert [e.data["i"] for e in _stored(claimed)] == list(range(400))
+    assert remote.registry.outbox.max_batch_bytes <= 1024 * 1024
+
+
+def test_one_refused_event_costs_only_itself(remote, repository):
+    """The server refuses an event the registry writes itself ('status'): its neighbours still arrive."""
+    claimed = _claim(remote, repository)
+    events = [{"type": "step", "data": {"i": i}} for i in range(6)]
+    events[3] = {"type": "status", "message": "forged", "data": {"i": 3}}
+    remote.registry.events(task=claimed, events=events)
+    remote.registry.flush()
+    assert [e.data["i"] for e in _stored(claimed)] == [0, 1, 2, 4, 5]
+    task = Attempt.objects.get(pk=claimed.attempt_id).task
+    assert not task.events.filter(type="status", message="forged").exists()
+
+
+def test_nan_and_lone_surrogates_do_not_stop_the_outbox(remote, repository):
+    claimed = _claim(remote, repository)
+    events = [
+        {"type": "step", "message": "bad \ud800 text", "data": {"i": 0, "x": float("nan"), "k\x00": "\udfff"}},
+        {"type": "step", "data": {"i": 1}},
+    ]
+    remote.registry.events(task=claimed, events=events)
+    remote.registry.flush()
+    stored = _stored(claimed)
+    assert [e.data["i"] for e in stored] == [0, 1]
+    assert stored[0].message == "bad \ufffd text" and stored[0].data["x"] is None
