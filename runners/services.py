@@ -27,6 +27,7 @@ from common.errors import DomainError
 from registry import services as registry
 from registry.models import Attempt, AttemptOutcome, Task
 from runners.errors import (
+    HostLimitReached,
     HostNotRegistered,
     HostTaken,
     LeaseLost,
@@ -51,14 +52,27 @@ def _hash(raw: str) -> str:
 
 
 # --- tokens -------------------------------------------------------------------------------------
-def runner_token_create(*, name: str, created_by: Any = None) -> tuple[RunnerToken, str]:
+def runner_token_create(*, name: str, created_by: Any = None, max_hosts: int | None = None) -> tuple[RunnerToken, str]:
     """A new token named ``name``; returns the row and the token itself, which is never stored
-    (only its sha256) and so can be shown this once only."""
+    (only its sha256) and so can be shown this once only. ``max_hosts``: how many host names it
+    may register (None: AGENTRUNNER_RUNNER_MAX_HOSTS)."""
+    if max_hosts is not None and max_hosts < 1:
+        raise DomainError("max_hosts must be at least 1", field="max_hosts")
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = RunnerToken.objects.create(
-        name=name, token_hash=_hash(raw), prefix=raw[: len(TOKEN_PREFIX) + 6], created_by=created_by
-    )
+        name=name, token_hash=_hash(raw), prefix=raw[: len(TOKEN_PREFIX) + 6], created_by=created_by,
+        max_hosts=max_hosts,
+    )  # fmt: skip
     return token, raw
+
+
+def runner_token_set_max_hosts(*, token_id: int, max_hosts: int | None) -> RunnerToken:
+    """Change how many host names the token may register (None: AGENTRUNNER_RUNNER_MAX_HOSTS).
+    Lowering it unbinds nothing: hosts already registered keep working; new names are refused."""
+    if max_hosts is not None and max_hosts < 1:
+        raise DomainError("max_hosts must be at least 1", field="max_hosts")
+    RunnerToken.objects.filter(pk=token_id).update(max_hosts=max_hosts)
+    return RunnerToken.objects.get(pk=token_id)
 
 
 def runner_token_revoke(*, token_id: int) -> RunnerToken:
@@ -91,7 +105,10 @@ def runner_token_check_live(*, token: RunnerToken) -> None:
 # --- hosts --------------------------------------------------------------------------------------
 def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], version: str) -> RunnerHost:
     """Announce a host (or again, with new capacity). A host name belongs to the first token that
-    registered it: another token gets 409 host_taken, so one runner cannot lease another's slots."""
+    registered it: another token gets 409 host_taken, so one runner cannot lease another's slots.
+    A token registers at most ``host_limit`` names (409 host_limit_reached for one more): a leaked
+    token cannot bind every name a fleet will use. The count is taken with the token's row locked,
+    so concurrent registrations cannot pass it together."""
     from repopool.bookkeeping import server_host
 
     if name == server_host():
@@ -100,6 +117,17 @@ def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], ve
         )
     now = timezone.now()
     with transaction.atomic():
+        locked = RunnerToken.objects.select_for_update().get(pk=token.pk)
+        if not RunnerHost.objects.filter(name=name).exists():
+            registered = RunnerHost.objects.filter(token=locked).count()
+            if registered >= locked.host_limit:
+                raise HostLimitReached(
+                    f"runner token {locked.name!r} has registered {registered} host(s), its limit of "
+                    f"{locked.host_limit}: host {name!r} is refused. Run it under one of the names already "
+                    "registered (AGENTRUNNER_HOST; list_runner_tokens shows them), give it a token of its own "
+                    "(create_runner_token <name> --max-hosts N), or raise this token's max hosts in the admin "
+                    "(default AGENTRUNNER_RUNNER_MAX_HOSTS)"
+                )
         host, created = RunnerHost.objects.select_for_update().get_or_create(
             name=name, defaults={"token": token, "capacity": capacity, "version": version, "last_seen_at": now}
         )
