@@ -24,6 +24,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from common.errors import DomainError
+from common.refs import result_branch_problem
 from registry import services as registry
 from registry.models import Attempt, AttemptOutcome, Task
 from runners.errors import (
@@ -339,6 +340,10 @@ def runner_finish(
 ) -> Task:
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
+        branch = result.get("result_branch") or ""
+        if branch and (problem := result_branch_problem(branch, attempt.task_id.hex[:8])):
+            # Another task's branch, or main, is not this attempt's result to claim.
+            raise DomainError(f"result_branch: {problem}", field="result")
         return registry.task_finish(
             task_id=attempt.task_id,
             attempt_id=attempt.pk,
@@ -370,9 +375,8 @@ def runner_results(
 
     attempt = attempt_check_lease(attempt_id=attempt_id, lease_token=lease_token)
     task = Task.objects.select_related("repository").get(pk=attempt.task_id)
-    own = f"agent/{task.short_id}"
-    if branch != own and not (branch.startswith(f"{own}-") and results.BRANCH_SUFFIX_RE.match(branch[len(own) :])):
-        raise DomainError(f"the result branch must be {own!r} (this task's)", field="X-Result-Branch")
+    if problem := result_branch_problem(branch, task.short_id):
+        raise DomainError(f"the result branch {problem}", field="X-Result-Branch")
     if not results.SHA_RE.match(base):
         raise DomainError("the base must be a full commit id (40 or 64 hexadecimal digits)", field="X-Result-Base")
     limit = settings.AGENTRUNNER_RESULTS_BUNDLE_MAX
