@@ -40,7 +40,15 @@ import httpx2 as httpx
 
 from common.errors import DomainError
 from common.events import fit_event, json_safe
-from common.outcomes import GitError, LeaseLost, NoSlotAvailable, RefNotFound, ServiceUnavailable, SlotBroken
+from common.outcomes import (
+    GitError,
+    LeaseLost,
+    NoSlotAvailable,
+    RefNotFound,
+    ServiceUnavailable,
+    SlotBroken,
+    TokenRejected,
+)
 from common.procs import strip_credentials
 
 log = logging.getLogger(__name__)
@@ -60,11 +68,6 @@ class ApiError(DomainError):
         super().__init__(message, code=code or "api_error")
         self.status = status
         self.errors = errors or {}
-
-
-class TokenRejected(LeaseLost):
-    """401: the runner token is unknown or revoked. The runner may do nothing more: like a lost
-    lease, the attempt stops and its result is not recorded by us."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from common.outcomes import (
     ServiceUnavailable,
     SlotBroken,
     Status,
+    TokenRejected,
     agent_outcome,
     outcome_for,
 )
@@ -138,8 +139,11 @@ class HeartbeatThread(threading.Thread):
                         )
                         last_renew = time.monotonic()
                 except LeaseLost as exc:
-                    run.log(f"lease lost ({exc}); stopping")
+                    run.log(
+                        f"{'runner token refused' if isinstance(exc, TokenRejected) else 'lease lost'} ({exc}); stopping"
+                    )
                     run.lease_lost = True
+                    run.lost_because = exc
                     run.cancel.set()
                     return
                 except Exception as exc:
@@ -166,6 +170,7 @@ class TaskRun:
         self.cancel = threading.Event()
         self.lease: SlotLease | None = None
         self.lease_lost = False
+        self.lost_because: LeaseLost | None = None  # what the heartbeat was told
         self.started = time.monotonic()
         self.deadline = self.started + task.timeout_seconds
         self.phases: dict[str, float] = {}
@@ -387,6 +392,8 @@ class TaskRun:
 
     def _cancelled(self) -> Outcome:
         if self.lease_lost:
+            if isinstance(self.lost_because, TokenRejected):  # revoked: say so, not "lease lost"
+                return outcome_for(self.lost_because)
             return outcome_for(LeaseLost("the slot lease was lost (the runner stalled)"))
         return agent_outcome("cancelled", "cancelled by request")
 
@@ -766,6 +773,8 @@ def run_task(
     except LeaseLost as exc:
         run.log(f"result discarded: {exc}")
         final = "lost"
+        if isinstance(exc, TokenRejected) and "runner token" not in outcome_message:
+            outcome_message = f"result discarded: {exc.message}"
     except ServiceUnavailable as exc:  # the server stayed away past every retry: its reaper takes the attempt back
         run.log(f"result not delivered: {exc}")
         final = "lost"

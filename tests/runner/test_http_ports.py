@@ -208,3 +208,28 @@ def test_nan_and_lone_surrogates_do_not_stop_the_outbox(remote, repository):
     stored = _stored(claimed)
     assert [e.data["i"] for e in stored] == [0, 1]
     assert stored[0].message == "bad \ufffd text" and stored[0].data["x"] is None
+
+
+def test_a_token_revoked_mid_run_is_what_the_summary_says(remote, llm, sample_repo):
+    """The run stopped at its next heartbeat and said "lease lost": the cause was the revocation."""
+    from django.db import connection
+
+    from agentrunner.runner.pipeline import run_task
+    from runners.models import RunnerToken
+    from runners.services import runner_token_revoke
+    from tests.llm_server import Reply, tool
+
+    def respond(request):
+        if len(llm.requests) == 1:
+            try:
+                runner_token_revoke(token_id=RunnerToken.objects.get().pk)
+            finally:
+                connection.close()
+        return Reply(body=tool("list_files"), delay=1.5)
+
+    llm.responder = respond
+    task = registry.task_create(title="revoked", instructions="make add() add", repository=sample_repo)
+    summary = run_task(task_id=task.pk)
+    assert summary.status == "lost", summary
+    assert "revoked" in summary.message and "lease was lost" not in summary.message, summary.message
+    assert "runner token" in summary.message
