@@ -18,6 +18,7 @@ copy here (``workcopy.slots``), and resets it here before it gives the row back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -623,8 +624,10 @@ class HttpPool(_HttpPort):
         """Lease a row of this host's pool on the server, make the copy ready here, record it there."""
         from agentrunner.runner.ports import SlotLease
         from workcopy import slots
+        from workcopy.layout import remote_slot_path
 
         wait_seconds = max(0.0, min(float(wait_seconds), 30.0))
+        host = self.api.config.host
         response = self._post(
             "slots/allocate/",
             {
@@ -633,6 +636,7 @@ class HttpPool(_HttpPort):
                 "lease_seconds": lease_seconds,
                 "wait_seconds": wait_seconds,
                 "attempt_id": task.attempt_id,
+                **({"host": host} if host else {}),
             },
             lease_token=task.lease_token,  # the slot is recorded on the attempt: fenced by it
             read_timeout=self.api.config.read_timeout + wait_seconds,
@@ -640,8 +644,14 @@ class HttpPool(_HttpPort):
         data = response.json()
         slot, spec = data["slot"], slots.spec_from_dict(data["repository"])
         slot_id, token = int(slot["id"]), uuid.UUID(str(slot["token"]))
-        # Where the copy lives is this host's business: its pool root, the in-process layout.
-        seen = slots.seen_from_dict({**slot, "path": f"{spec.name}/{int(slot['index'])}"}, pool_root=self._root())
+        # Where the copy lives is this host's business: under its pool root, in a folder named after
+        # the host (an in-process runner sharing the data folder keeps <repository>/<index>).
+        path = remote_slot_path(host or "default", spec.name, int(slot["index"]))
+        seen = slots.seen_from_dict({**slot, "path": path}, pool_root=self._root())
+        if seen.commit and not seen.path.exists():
+            # Not on this disk (a data folder wiped, or kept under the layout before the host's
+            # folder): cloned again, rather than the slot reported broken.
+            seen = dataclasses.replace(seen, commit="", needs_reset=False)
         started = time.monotonic()
         try:
             prepared = slots.prepare(spec, seen, ref, fetch_ttl=_fetch_ttl())

@@ -233,3 +233,47 @@ def test_a_token_revoked_mid_run_is_what_the_summary_says(remote, llm, sample_re
     assert summary.status == "lost", summary
     assert "revoked" in summary.message and "lease was lost" not in summary.message, summary.message
     assert "runner token" in summary.message
+
+
+def test_an_in_process_runner_and_a_remote_one_sharing_a_data_folder_keep_apart(remote, repository, settings):
+    """Both put slot 0 of the repository at pool/sample/0: the remote runner reset and re-used the
+    in-process runner's working copy under its feet."""
+    import socket
+    from pathlib import Path
+
+    from repopool import services as pool
+    from repopool.models import Slot
+
+    settings.AGENTRUNNER_HOST = socket.gethostname()  # in-process: the server's own pool, as on the server
+    local = pool.slot_allocate(repository=repository, holder="server", lease_seconds=60)
+    claimed = _claim(remote, repository)
+    lease = remote.pool.allocate(task=claimed, holder="remote", lease_seconds=60, wait_seconds=0, ref="")
+    try:
+        mine, theirs = Path(local.path).resolve(), Path(lease.path).resolve()
+        assert mine != theirs and not mine.is_relative_to(theirs) and not theirs.is_relative_to(mine)
+        assert "test-host" in theirs.parts[-3] and (theirs / ".git").is_dir() and (mine / ".git").is_dir()
+        # The server's row says where the host keeps it (relative to that host's pool root).
+        row = Slot.objects.get(pk=lease.slot_id)
+        assert row.host == "test-host" and Path(row.path).parts[0] == theirs.parts[-3]
+    finally:
+        remote.pool.release(slot_id=lease.slot_id, token=lease.token)
+        pool.slot_release(slot_id=local.slot_id, lease_token=local.lease_token)
+
+
+def test_a_copy_missing_from_the_runners_disk_is_cloned_again(remote, repository):
+    """A wiped data folder, or copies kept under the layout before the host's folder: the slot's
+    row says it was prepared, the disk has nothing; the host clones it again instead of breaking it."""
+    import shutil
+
+    from repopool.models import Slot
+
+    claimed = _claim(remote, repository)
+    first = remote.pool.allocate(task=claimed, holder="remote", lease_seconds=60, wait_seconds=0, ref="")
+    remote.pool.release(slot_id=first.slot_id, token=first.token)
+    shutil.rmtree(first.path)
+    again = remote.pool.allocate(task=claimed, holder="remote", lease_seconds=60, wait_seconds=0, ref="")
+    try:
+        assert again.slot_id == first.slot_id and (again.path / "calc.py").exists()
+        assert again.commit == first.commit and Slot.objects.get(pk=again.slot_id).state == "leased"
+    finally:
+        remote.pool.release(slot_id=again.slot_id, token=again.token)

@@ -92,7 +92,7 @@ def test_a_remote_runagent_completes_a_task_without_a_database(
     assert not (runner_data / "db.sqlite3").exists()
     assert not (runner_data / "test-db.sqlite3").exists()
     # The runner's own data folder holds only the runner's parts; the server's stay on the server.
-    assert (runner_data / "pool" / "sample").is_dir()
+    assert (runner_data / "pool" / "@remote-host-1" / "sample").is_dir()
     assert not (runner_data / "artifacts").exists() and not (runner_data / "results").exists()
 
 
