@@ -42,7 +42,7 @@ def test_allocate_prepare_renew_release_on_the_host(host, repo, tmp_path):
     assert first.status_code == 200, first.content
     answer = first.json()
     slot = answer["slot"]
-    assert slot["path"] == "sample/0" and slot["commit"] == "" and slot["needs_reset"] is False
+    assert slot["path"] == "@box-1/sample/0" and slot["commit"] == "" and slot["needs_reset"] is False
     assert answer["repository"]["name"] == "sample" and answer["repository"]["url"] == repo.url
     assert Slot.objects.get(pk=slot["id"]).host == "box-1"
 
