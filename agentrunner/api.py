@@ -7,7 +7,7 @@ import logging
 from django.conf import settings
 from django.db import connection
 from drf_spectacular.utils import extend_schema, inline_serializer
-from rest_framework import serializers, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -44,31 +44,37 @@ def _check_storage() -> str:
 HEALTH_CHECKS = {"database": _check_database, "broker": _check_broker, "storage": _check_storage}
 
 
-class HealthView(APIView):
-    authentication_classes: list = []
-    permission_classes = [AllowAny]
-
-    @extend_schema(
-        auth=[],
-        responses={
-            200: inline_serializer(
-                "Health",
-                {
-                    "status": serializers.CharField(),
-                    "checks": serializers.DictField(),
-                    "sandbox": serializers.DictField(),
-                },
+def _health_body(name: str):
+    return inline_serializer(
+        name,
+        {
+            "status": serializers.CharField(help_text="ok, or failing (then the answer is 503)."),
+            "checks": serializers.DictField(
+                help_text="database, broker, storage: ok or failing; staff also see why (an exception's class "
+                "name, or that the broker is not configured)."
             ),
-            503: inline_serializer(
-                "HealthFailing",
-                {
-                    "status": serializers.CharField(),
-                    "checks": serializers.DictField(),
-                    "sandbox": serializers.DictField(),
-                },
+            "sandbox": serializers.DictField(
+                help_text="status: ok (bubblewrap), degraded (commands run unsandboxed, allowed here) or failing "
+                "(commands refused); staff also see mode, reason and limits."
             ),
         },
     )
+
+
+class HealthView(APIView):
+    """Public: a load balancer or monitor asks without a token and learns ok / degraded / failing.
+    What a failing check or the sandbox says (a path on the host, the exception's class) is for
+    staff only. A credential that does not authenticate is ignored here, never a 401."""
+
+    permission_classes = [AllowAny]
+
+    def perform_authentication(self, request) -> None:
+        try:
+            request.user  # noqa: B018 (authenticates)
+        except exceptions.AuthenticationFailed:
+            pass  # an unknown or revoked token (a runner's included) sees what anyone sees
+
+    @extend_schema(responses={200: _health_body("Health"), 503: _health_body("HealthFailing")})
     def get(self, request):
         checks: dict[str, str] = {}
         healthy = True
@@ -85,7 +91,17 @@ class HealthView(APIView):
         sandbox = sandbox_status()
         if sandbox["mode"] == "unavailable":
             healthy = False
+        flag = SANDBOX_FLAGS.get(sandbox["mode"], "ok")
+        if getattr(request.user, "is_staff", False):
+            sandbox = {"status": flag, **sandbox}
+        else:
+            checks = {name: "failing" if value.startswith("failing") else "ok" for name, value in checks.items()}
+            sandbox = {"status": flag}
         return Response(
             {"status": "ok" if healthy else "failing", "checks": checks, "sandbox": sandbox},
             status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
         )
+
+
+# What anyone may learn of the sandbox: commands boxed, run unboxed (allowed here), or refused.
+SANDBOX_FLAGS = {"none": "degraded", "unavailable": "failing"}

@@ -268,6 +268,9 @@ AGENTRUNNER_ATTEMPT_STALE_SECONDS = env.int("AGENTRUNNER_ATTEMPT_STALE_SECONDS",
 AGENTRUNNER_DB_RETRY_SECONDS = env.float("AGENTRUNNER_DB_RETRY_SECONDS", default=60)
 # The largest results bundle a remote runner may upload (POST /api/runner/v1/attempts/{id}/results/).
 AGENTRUNNER_RESULTS_BUNDLE_MAX = env.int("AGENTRUNNER_RESULTS_BUNDLE_MAX", default=1024**3)
+# How many host names one runner token may register (first come, first bound); a token's own
+# max_hosts (create_runner_token --max-hosts, the admin) overrides it.
+AGENTRUNNER_RUNNER_MAX_HOSTS = env.int("AGENTRUNNER_RUNNER_MAX_HOSTS", default=8)
 
 # --- Sandbox ------------------------------------------------------------------------------------
 # Every setup and test command runs under bubblewrap (see docs/security.md, "The sandbox").

@@ -35,12 +35,16 @@ def _terminated(signum, frame) -> None:
 def run_agent_task(task_id: str) -> str:
     """Run one task. A redelivered message for a task that is no longer queued does nothing:
     the attempt count in the database, not the broker, bounds how often a task runs."""
+    from agentrunner.llm.config import LLMNotConfigured
     from agentrunner.runner.pipeline import run_task
 
     # Set per task: the pool installs its own handlers after the process starts.
     previous = signal.signal(signal.SIGTERM, _terminated) if _pool_process["yes"] else None
     try:
         summary = run_task(task_id=task_id)
+    except LLMNotConfigured as exc:  # this worker has no model for it: given back, said loudly
+        log.warning("%s", exc.message)
+        return "not_configured"
     except DomainError as exc:  # not queued any more (claimed elsewhere, cancelled, finished)
         log.info("task %s not run: %s", task_id, exc.message)
         return "skipped"

@@ -83,6 +83,14 @@ class LeaseLost(RunnerError, ConflictError):
     code = "lease_lost"
 
 
+class TokenRejected(LeaseLost):
+    """The server refused the runner token (401: unknown or revoked). The runner may do nothing
+    more: like a lost lease, the attempt stops and its result is not recorded; the run says this
+    cause, not a lost lease."""
+
+    code = "token_rejected"
+
+
 class NoSlotAvailable(RunnerError, UnavailableError):
     code = "no_slot_available"
 

@@ -31,6 +31,9 @@ from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from common.errors import DomainError
+from common.events import EVENT_ITEMS_MAX, EVENT_MESSAGE_MAX, EVENT_STRING_MAX  # noqa: F401 (tests read them here)
+from common.events import bounded as _bounded
+from common.events import cut as _cut
 from registry.errors import AttemptLost, DependencyCycle, InvalidTransition, TaskNotFound
 from registry.models import Attempt, AttemptOutcome, Task, TaskArtifact, TaskEvent
 from registry.signals import task_queued
@@ -51,30 +54,9 @@ S = TaskStatus
 A = Action
 
 
-# --- events -------------------------------------------------------------------------------------
-# Events carry what the model and the repository's commands chose (a tool call's path, the model
-# name a server answered with, an error text): every string is cut, so a run's events stay small.
-EVENT_MESSAGE_MAX = 2000
-EVENT_STRING_MAX = 1000
-EVENT_ITEMS_MAX = 1000
+# --- events ---------------------------------------------------------------------------------------
+# Every string an event carries is cut (common.events: the bounds the remote runner applies too).
 EVENT_BATCH_MAX = 1000  # events in one event_append_batch call
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
-
-
-def _bounded(value: Any, depth: int = 0) -> Any:
-    if isinstance(value, str):
-        return _cut(value, EVENT_STRING_MAX)
-    if depth > 5 and isinstance(value, (dict, list, tuple)):
-        return "…"
-    if isinstance(value, dict):
-        items = list(value.items())[:EVENT_ITEMS_MAX]
-        return {_cut(str(k), 100): _bounded(v, depth + 1) for k, v in items}
-    if isinstance(value, (list, tuple)):
-        return [_bounded(v, depth + 1) for v in value[:EVENT_ITEMS_MAX]]
-    return value
 
 
 def _event_row(event: dict[str, Any]) -> tuple[str, str, Any]:

@@ -42,12 +42,14 @@ def server_host() -> str:
 
 def slot_path_for(repository: Repository, host: str, index: int) -> str:
     """The path stored for a slot: absolute on the server's host; on a remote host relative to
-    that host's pool root (``<repository name>/<index>``), which only the host knows."""
+    that host's pool root (``@<host>/<repository name>/<index>``, see ``workcopy.layout``)."""
     from pathlib import Path
+
+    from workcopy.layout import remote_slot_path
 
     if host == server_host():
         return str(Path(settings.REPO_POOL_ROOT) / repository.name / str(index))
-    return f"{repository.name}/{index}"
+    return remote_slot_path(host, repository.name, index)
 
 
 def validate_lease_seconds(lease_seconds: int) -> None:

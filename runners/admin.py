@@ -18,15 +18,19 @@ def revoke_tokens(modeladmin, request, queryset):
 
 @admin.register(RunnerToken)
 class RunnerTokenAdmin(admin.ModelAdmin):
-    list_display = ["name", "prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
+    list_display = ["name", "prefix", "created_by", "created_at", "last_used_at", "revoked_at", "max_hosts"]
     list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix"]
-    fields = ["name", "prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
-    readonly_fields = fields
+    # Only the host limit may change here (empty: AGENTRUNNER_RUNNER_MAX_HOSTS); the rest is history.
+    fields = ["name", "prefix", "created_by", "created_at", "last_used_at", "revoked_at", "max_hosts"]
+    readonly_fields = ["name", "prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
     actions = [revoke_tokens]
 
     def has_add_permission(self, request) -> bool:
         return False  # `manage.py create_runner_token <name>`: the token is printed once, never stored
+
+    def save_model(self, request, obj, form, change) -> None:
+        services.runner_token_set_max_hosts(token_id=obj.pk, max_hosts=obj.max_hosts)
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False  # revoke instead: the hosts and records it made stay attributable

@@ -119,7 +119,8 @@ class HostsView(RunnerView):
         request=HostSerializer,
         responses={200: HostReplySerializer, **errors(400, 401, 403, 409, 422)},
         description="Announce this runner host and its capacity per repository. A host name is bound to "
-        "the first token that registers it.",
+        "the first token that registers it (409 host_taken for another); a token registers at most its "
+        "max hosts (AGENTRUNNER_RUNNER_MAX_HOSTS unless set on the token): 409 host_limit_reached beyond.",
     )
     def post(self, request):
         idem = idempotency.from_request(request)
@@ -178,7 +179,9 @@ class EventsView(RunnerView):
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=EventsSerializer,
         responses={200: EventsReplySerializer, **errors(400, 401, 403, 409, 413, 422)},
-        description="Append 1-500 events to the attempt's task, in order.",
+        description="Append 1-500 events to the attempt's task, in order (the body within "
+        "AGENTRUNNER_MAX_JSON_BODY, else 413; each event is stored bounded: message 2,000 characters, "
+        "strings in data 1,000, lists and objects 1,000 entries).",
     )
     def post(self, request, attempt_id: int):
         idem = idempotency.from_request(request)
@@ -355,7 +358,9 @@ class FinishView(RunnerView):
         parameters=[IDEMPOTENCY_KEY, LEASE_TOKEN],
         request=FinishSerializer,
         responses={200: FinishReplySerializer, **errors(400, 401, 403, 409, 422)},
-        description="End the attempt with its outcome and result; answers the task's status.",
+        description="End the attempt with its outcome and result; answers the task's status. A "
+        "`result.result_branch` must be the task's own (agent/<short id>, optionally -<suffix>) and a "
+        "valid git branch name, else 400 on `result`.",
     )
     def post(self, request, attempt_id: int):
         idem = idempotency.from_request(request)

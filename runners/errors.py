@@ -23,6 +23,13 @@ class HostTaken(ConflictError):
     field = "name"
 
 
+class HostLimitReached(ConflictError):
+    """The token has registered as many host names as it may: a new name is refused."""
+
+    code = "host_limit_reached"
+    field = "name"
+
+
 class IdempotencyKeyMissing(DomainError):
     code = "idempotency_key_required"
     field = "Idempotency-Key"

@@ -4,6 +4,7 @@ registered, and the idempotency records that make a retried request harmless."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 
 
@@ -20,12 +21,22 @@ class RunnerToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    max_hosts = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="How many host names this token may register; empty: AGENTRUNNER_RUNNER_MAX_HOSTS.",
+    )
 
     class Meta:
         ordering = ["name"]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…{', revoked' if self.revoked_at else ''})"
+
+    @property
+    def host_limit(self) -> int:
+        return self.max_hosts or settings.AGENTRUNNER_RUNNER_MAX_HOSTS
 
     @property
     def is_revoked(self) -> bool:

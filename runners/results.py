@@ -26,7 +26,6 @@ from common.errors import DomainError
 from workcopy import git
 
 SHA_RE = re.compile(r"\A[0-9a-f]{40}(?:[0-9a-f]{24})?\Z")
-BRANCH_SUFFIX_RE = re.compile(r"\A-[A-Za-z0-9._-]{1,64}\Z")
 STAGING_PREFIX = "refs/agentrunner/incoming/"
 FSCK = ("-c", "transfer.fsckObjects=true", "-c", "fetch.fsckObjects=true")
 

@@ -8,6 +8,7 @@ import re
 from rest_framework import serializers
 
 from common.procs import strip_credentials
+from common.refs import result_branch_problem
 from registry.states import FINISH_ACTIONS, FailureReason
 
 NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
@@ -210,9 +211,20 @@ class LinkReplySerializer(serializers.Serializer):
 
 
 class FinishResultSerializer(serializers.Serializer):
-    result_branch = serializers.CharField(max_length=255, required=False, allow_blank=True)
+    result_branch = serializers.CharField(
+        max_length=255, required=False, allow_blank=True, trim_whitespace=False,
+        help_text="The task's result branch, agent/<task short id> (optionally with a '-suffix').",
+    )  # fmt: skip
     result_commit = serializers.RegexField(r"^[0-9a-f]{0,64}$", required=False, allow_blank=True)
     result_fetch = serializers.CharField(max_length=2000, required=False, allow_blank=True)
+
+    def validate_result_branch(self, value: str) -> str:
+        """A ref users fetch and the run page shows: a valid git branch of ours, under agent/ (the
+        service checks it is this task's own)."""
+        problem = result_branch_problem(value) if value else None
+        if problem:
+            raise serializers.ValidationError(f"not a result branch: {problem}")
+        return value
 
     def validate_result_fetch(self, value: str) -> str:
         """Users paste this into a shell: a plain ``git fetch <remote> <branch>``, no shell

@@ -24,9 +24,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from common.errors import DomainError
+from common.refs import result_branch_problem
 from registry import services as registry
 from registry.models import Attempt, AttemptOutcome, Task
 from runners.errors import (
+    HostLimitReached,
     HostNotRegistered,
     HostTaken,
     LeaseLost,
@@ -51,14 +53,27 @@ def _hash(raw: str) -> str:
 
 
 # --- tokens -------------------------------------------------------------------------------------
-def runner_token_create(*, name: str, created_by: Any = None) -> tuple[RunnerToken, str]:
+def runner_token_create(*, name: str, created_by: Any = None, max_hosts: int | None = None) -> tuple[RunnerToken, str]:
     """A new token named ``name``; returns the row and the token itself, which is never stored
-    (only its sha256) and so can be shown this once only."""
+    (only its sha256) and so can be shown this once only. ``max_hosts``: how many host names it
+    may register (None: AGENTRUNNER_RUNNER_MAX_HOSTS)."""
+    if max_hosts is not None and max_hosts < 1:
+        raise DomainError("max_hosts must be at least 1", field="max_hosts")
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = RunnerToken.objects.create(
-        name=name, token_hash=_hash(raw), prefix=raw[: len(TOKEN_PREFIX) + 6], created_by=created_by
-    )
+        name=name, token_hash=_hash(raw), prefix=raw[: len(TOKEN_PREFIX) + 6], created_by=created_by,
+        max_hosts=max_hosts,
+    )  # fmt: skip
     return token, raw
+
+
+def runner_token_set_max_hosts(*, token_id: int, max_hosts: int | None) -> RunnerToken:
+    """Change how many host names the token may register (None: AGENTRUNNER_RUNNER_MAX_HOSTS).
+    Lowering it unbinds nothing: hosts already registered keep working; new names are refused."""
+    if max_hosts is not None and max_hosts < 1:
+        raise DomainError("max_hosts must be at least 1", field="max_hosts")
+    RunnerToken.objects.filter(pk=token_id).update(max_hosts=max_hosts)
+    return RunnerToken.objects.get(pk=token_id)
 
 
 def runner_token_revoke(*, token_id: int) -> RunnerToken:
@@ -91,7 +106,10 @@ def runner_token_check_live(*, token: RunnerToken) -> None:
 # --- hosts --------------------------------------------------------------------------------------
 def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], version: str) -> RunnerHost:
     """Announce a host (or again, with new capacity). A host name belongs to the first token that
-    registered it: another token gets 409 host_taken, so one runner cannot lease another's slots."""
+    registered it: another token gets 409 host_taken, so one runner cannot lease another's slots.
+    A token registers at most ``host_limit`` names (409 host_limit_reached for one more): a leaked
+    token cannot bind every name a fleet will use. The count is taken with the token's row locked,
+    so concurrent registrations cannot pass it together."""
     from repopool.bookkeeping import server_host
 
     if name == server_host():
@@ -100,6 +118,17 @@ def host_register(*, token: RunnerToken, name: str, capacity: dict[str, int], ve
         )
     now = timezone.now()
     with transaction.atomic():
+        locked = RunnerToken.objects.select_for_update().get(pk=token.pk)
+        if not RunnerHost.objects.filter(name=name).exists():
+            registered = RunnerHost.objects.filter(token=locked).count()
+            if registered >= locked.host_limit:
+                raise HostLimitReached(
+                    f"runner token {locked.name!r} has registered {registered} host(s), its limit of "
+                    f"{locked.host_limit}: host {name!r} is refused. Run it under one of the names already "
+                    "registered (AGENTRUNNER_HOST; list_runner_tokens shows them), give it a token of its own "
+                    "(create_runner_token <name> --max-hosts N), or raise this token's max hosts in the admin "
+                    "(default AGENTRUNNER_RUNNER_MAX_HOSTS)"
+                )
         host, created = RunnerHost.objects.select_for_update().get_or_create(
             name=name, defaults={"token": token, "capacity": capacity, "version": version, "last_seen_at": now}
         )
@@ -311,6 +340,10 @@ def runner_finish(
 ) -> Task:
     with transaction.atomic():
         attempt = _fence(attempt_id=attempt_id, lease_token=lease_token)
+        branch = result.get("result_branch") or ""
+        if branch and (problem := result_branch_problem(branch, attempt.task_id.hex[:8])):
+            # Another task's branch, or main, is not this attempt's result to claim.
+            raise DomainError(f"result_branch: {problem}", field="result")
         return registry.task_finish(
             task_id=attempt.task_id,
             attempt_id=attempt.pk,
@@ -342,9 +375,8 @@ def runner_results(
 
     attempt = attempt_check_lease(attempt_id=attempt_id, lease_token=lease_token)
     task = Task.objects.select_related("repository").get(pk=attempt.task_id)
-    own = f"agent/{task.short_id}"
-    if branch != own and not (branch.startswith(f"{own}-") and results.BRANCH_SUFFIX_RE.match(branch[len(own) :])):
-        raise DomainError(f"the result branch must be {own!r} (this task's)", field="X-Result-Branch")
+    if problem := result_branch_problem(branch, task.short_id):
+        raise DomainError(f"the result branch {problem}", field="X-Result-Branch")
     if not results.SHA_RE.match(base):
         raise DomainError("the base must be a full commit id (40 or 64 hexadecimal digits)", field="X-Result-Base")
     limit = settings.AGENTRUNNER_RESULTS_BUNDLE_MAX

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from common.errors import DomainError
+
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # What an operator may store on a task (never a key): the provider and, for replay, its transcript.
 TASK_CONFIG_KEYS = {"provider", "replay_file"}
@@ -60,6 +62,19 @@ def config_problem(config: LLMConfig) -> str | None:
             "or use `manage.py demo` to try Agent Runner without a model)"
         )
     return None
+
+
+def lacks_live_model(config: LLMConfig) -> bool:
+    """The configuration names OpenAI but no key and no endpoint: no live model here, while a task
+    that replays a recorded transcript (its own ``llm_config``) still runs."""
+    return config.provider == "openai" and not config.api_key and not config.base_url
+
+
+class LLMNotConfigured(DomainError):
+    """A claimed task needs a model this host cannot call. The task was given back; a runner
+    host that cannot run it must not claim it again (nor the next one like it)."""
+
+    code = "llm_not_configured"
 
 
 def from_settings(**overrides) -> LLMConfig:

@@ -18,6 +18,7 @@ copy here (``workcopy.slots``), and resets it here before it gives the row back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
@@ -39,7 +40,16 @@ from typing import Any
 import httpx2 as httpx
 
 from common.errors import DomainError
-from common.outcomes import GitError, LeaseLost, NoSlotAvailable, RefNotFound, ServiceUnavailable, SlotBroken
+from common.events import fit_event, json_safe
+from common.outcomes import (
+    GitError,
+    LeaseLost,
+    NoSlotAvailable,
+    RefNotFound,
+    ServiceUnavailable,
+    SlotBroken,
+    TokenRejected,
+)
 from common.procs import strip_credentials
 
 log = logging.getLogger(__name__)
@@ -61,11 +71,6 @@ class ApiError(DomainError):
         self.errors = errors or {}
 
 
-class TokenRejected(LeaseLost):
-    """401: the runner token is unknown or revoked. The runner may do nothing more: like a lost
-    lease, the attempt stops and its result is not recorded by us."""
-
-
 @dataclass(frozen=True)
 class ApiConfig:
     """Where the three services are and how patiently to call them (from settings, or given)."""
@@ -82,6 +87,7 @@ class ApiConfig:
     heartbeat_retry_seconds: float = 10.0  # a heartbeat is tried again at its next tick anyway
     backoff_base: float = 0.25
     backoff_max: float = 15.0
+    max_body_bytes: int = 1024 * 1024  # the server's JSON body cap as this host knows it (batches: half)
 
     @classmethod
     def from_settings(cls, server_url: str = "") -> ApiConfig | None:
@@ -107,6 +113,7 @@ class ApiConfig:
             heartbeat_retry_seconds=settings.AGENTRUNNER_API_HEARTBEAT_RETRY_SECONDS,
             backoff_base=settings.AGENTRUNNER_API_BACKOFF_BASE,
             backoff_max=settings.AGENTRUNNER_API_BACKOFF_MAX,
+            max_body_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 1024 * 1024,
         )
 
 
@@ -251,8 +258,13 @@ class _Pending:
     kind: str  # events | usage
     attempt_id: int
     lease_token: str
-    body: Any
+    body: Any = None  # usage: the JSON object
+    events: list[bytes] = field(default_factory=list)  # events: each one encoded (common.events.fit_event)
+    size: int = 0  # bytes of ``events`` and their commas
     key: str = ""  # made when first sent: from then on the body never changes
+
+    def payload(self) -> bytes:
+        return b'{"events":[' + b",".join(self.events) + b"]}"
 
 
 class Outbox:
@@ -260,14 +272,22 @@ class Outbox:
 
     ``add_*`` never wait for the network: a sender thread of the outbox delivers what waits (one
     try at a time, backing off while the server is unreachable) and ends when nothing is left.
-    Consecutive events not sent yet travel in one batch (at most 500). ``flush(block=True)`` waits
-    until everything is delivered."""
+    Consecutive events not sent yet travel in one batch: at most 500, and at most
+    ``max_batch_bytes`` (half the JSON body cap, ``AGENTRUNNER_MAX_JSON_BODY``), so a batch never
+    meets the server's 413. An event is bounded as the registry stores it, and one still larger
+    than a batch may be is cut to fit (``common.events.fit_event``). Should the server refuse a
+    batch all the same (413: its cap is smaller than this host believes; 400 naming the events:
+    one of them is malformed), the batch is split in two and each half sent again, down to the one
+    event at fault: that one is cut harder (413) or dropped (400), never its neighbours.
+    ``flush(block=True)`` waits until everything is delivered."""
 
     MAX_BATCH = 500
+    MIN_BATCH_BYTES = 16 * 1024  # what a 413 may teach the batch size down to
 
-    def __init__(self, api: ApiClient, root: str):
+    def __init__(self, api: ApiClient, root: str, *, max_batch_bytes: int | None = None):
         self.api = api
         self.root = root
+        self.max_batch_bytes = max_batch_bytes or max(self.MIN_BATCH_BYTES, api.config.max_body_bytes // 2)
         self._items: deque[_Pending] = deque()
         self._lock = threading.Lock()  # guards _items
         self._sending = threading.Lock()  # one sender at a time keeps the order
@@ -276,31 +296,37 @@ class Outbox:
         self._sender: threading.Thread | None = None  # set and cleared under _lock
         self._wake = threading.Event()
         self.delivered = 0
+        self.dropped = 0  # events the server refused one by one (each logged)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
 
     def add_events(self, attempt_id: int, lease_token: str, events: list[dict]) -> None:
+        # Encoded here, once: the body of a batch is then the same bytes on every retry.
+        limit = self.max_batch_bytes - 64  # room for the batch's own brackets
+        encoded = [fit_event(event, limit) for event in events]
         with self._lock:
             last = self._items[-1] if self._items else None
-            for event in events:
+            for body in encoded:
                 if (
                     last is not None
                     and last.kind == "events"
                     and not last.key
                     and last.attempt_id == attempt_id
-                    and len(last.body["events"]) < self.MAX_BATCH
+                    and len(last.events) < self.MAX_BATCH
+                    and last.size + 1 + len(body) <= self.max_batch_bytes - 16
                 ):
-                    last.body["events"].append(event)
+                    last.events.append(body)
+                    last.size += 1 + len(body)
                 else:
-                    last = _Pending("events", attempt_id, lease_token, {"events": [event]})
+                    last = _Pending("events", attempt_id, lease_token, events=[body], size=len(body))
                     self._items.append(last)
             self._kick()
 
     def add_usage(self, attempt_id: int, lease_token: str, usage: dict) -> None:
         with self._lock:
-            self._items.append(_Pending("usage", attempt_id, lease_token, usage))
+            self._items.append(_Pending("usage", attempt_id, lease_token, body=usage))
             self._kick()
 
     def _kick(self) -> None:
@@ -347,13 +373,21 @@ class Outbox:
                     if not item.key:
                         item.key = new_key()
                 try:
+                    if item.kind == "events":
+                        payload = item.payload()
+                        sent: dict[str, Any] = {
+                            "content": lambda payload=payload: payload,
+                            "headers": {"Content-Type": "application/json"},
+                        }
+                    else:
+                        sent = {"json_body": item.body}
                     self.api.call(
                         "POST",
                         f"{self.root}attempts/{item.attempt_id}/{item.kind}/",
-                        json_body=item.body,
                         lease_token=item.lease_token,
                         idempotency_key=item.key,
                         bound=bound if block else 0,
+                        **sent,
                     )
                 except ServiceUnavailable:
                     self._backoff = min(30.0, max(1.0, self._backoff * 2))
@@ -366,7 +400,11 @@ class Outbox:
                     if block:
                         raise
                     return False
-                except ApiError as exc:  # refused for good (a malformed body): never blocks the rest
+                except ApiError as exc:  # refused for good: never blocks the rest
+                    if item.kind == "events" and self._refused_events(item, exc):
+                        continue  # split or cut: the parts go first, in order
+                    if item.kind == "events":
+                        self.dropped += len(item.events)
                     log.warning("%s of attempt %s refused and dropped: %s", item.kind, item.attempt_id, exc.message)
                 self._backoff = 0.0
                 self._retry_at = 0.0
@@ -376,6 +414,38 @@ class Outbox:
                         self.delivered += 1
         finally:
             self._sending.release()
+
+    def _refused_events(self, item: _Pending, exc: ApiError) -> bool:
+        """A batch the server refused: put what may still be delivered in its place, at the head
+        (True), or nothing more can be done with it (False: it is dropped). Nothing of a refused
+        batch was stored, so its parts go under new idempotency keys."""
+        too_large = exc.status == 413
+        if not too_large and not (exc.status == 400 and "events" in exc.errors):
+            return False
+        if too_large:  # the server's cap is below what this host believed: learn it
+            self.max_batch_bytes = max(self.MIN_BATCH_BYTES, min(self.max_batch_bytes, len(item.payload()) // 2))
+        if len(item.events) > 1:
+            middle = len(item.events) // 2
+            parts = [item.events[:middle], item.events[middle:]]
+        elif too_large:
+            event = json.loads(item.events[0])
+            smaller = fit_event(event, max(1024, min(self.max_batch_bytes, len(item.events[0]) // 2) - 64))
+            if len(smaller) >= len(item.events[0]):
+                return False  # as small as it gets
+            parts = [[smaller]]
+        else:
+            return False
+        replacement = [
+            _Pending("events", item.attempt_id, item.lease_token, events=part, size=sum(len(e) + 1 for e in part))
+            for part in parts
+        ]
+        with self._lock:
+            if not self._items or self._items[0] is not item:
+                return False
+            self._items.popleft()
+            self._items.extendleft(reversed(replacement))
+        log.info("events of attempt %s refused (%s): sent again in %d part(s)", item.attempt_id, exc.status, len(parts))
+        return True
 
     def _drop_attempt(self, attempt_id: int) -> None:
         with self._lock:
@@ -519,22 +589,11 @@ class HttpRegistry(_HttpPort):
         return response.json()["status"]
 
 
-def _no_nul(value: Any) -> Any:
-    """``value`` with every NUL character (in strings and keys, at any depth) replaced by U+FFFD:
-    the server refuses a NUL (jsonb cannot hold one) and a refused batch of events is dropped
-    whole, so one NUL in what the model wrote would cost up to 500 events."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_no_nul(key): _no_nul(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nul(item) for item in value]
-    return value
-
-
 def _event(event: dict) -> dict:
+    """An event as the runner API takes it. What a model wrote may hold what no JSON column takes
+    (a NUL, a lone surrogate, NaN): replaced (``json_safe``), so the server never refuses it."""
     kind = event.get("type") or event.get("kind") or ""
-    return {"type": kind, "message": _no_nul(event.get("message", "")), "data": _no_nul(event.get("data") or {})}
+    return {"type": kind, "message": json_safe(event.get("message", "")), "data": json_safe(event.get("data") or {})}
 
 
 @dataclass
@@ -565,8 +624,10 @@ class HttpPool(_HttpPort):
         """Lease a row of this host's pool on the server, make the copy ready here, record it there."""
         from agentrunner.runner.ports import SlotLease
         from workcopy import slots
+        from workcopy.layout import remote_slot_path
 
         wait_seconds = max(0.0, min(float(wait_seconds), 30.0))
+        host = self.api.config.host
         response = self._post(
             "slots/allocate/",
             {
@@ -575,6 +636,7 @@ class HttpPool(_HttpPort):
                 "lease_seconds": lease_seconds,
                 "wait_seconds": wait_seconds,
                 "attempt_id": task.attempt_id,
+                **({"host": host} if host else {}),
             },
             lease_token=task.lease_token,  # the slot is recorded on the attempt: fenced by it
             read_timeout=self.api.config.read_timeout + wait_seconds,
@@ -582,8 +644,14 @@ class HttpPool(_HttpPort):
         data = response.json()
         slot, spec = data["slot"], slots.spec_from_dict(data["repository"])
         slot_id, token = int(slot["id"]), uuid.UUID(str(slot["token"]))
-        # Where the copy lives is this host's business: its pool root, the in-process layout.
-        seen = slots.seen_from_dict({**slot, "path": f"{spec.name}/{int(slot['index'])}"}, pool_root=self._root())
+        # Where the copy lives is this host's business: under its pool root, in a folder named after
+        # the host (an in-process runner sharing the data folder keeps <repository>/<index>).
+        path = remote_slot_path(host or "default", spec.name, int(slot["index"]))
+        seen = slots.seen_from_dict({**slot, "path": path}, pool_root=self._root())
+        if seen.commit and not seen.path.exists():
+            # Not on this disk (a data folder wiped, or kept under the layout before the host's
+            # folder): cloned again, rather than the slot reported broken.
+            seen = dataclasses.replace(seen, commit="", needs_reset=False)
         started = time.monotonic()
         try:
             prepared = slots.prepare(spec, seen, ref, fetch_ttl=_fetch_ttl())

@@ -30,7 +30,7 @@ from django.conf import settings
 from agentrunner.agent.loop import Agent, Budget
 from agentrunner.agent.workspace import Workspace
 from agentrunner.llm.client import LLMClient, Transcript
-from agentrunner.llm.config import TASK_CONFIG_KEYS, from_settings
+from agentrunner.llm.config import TASK_CONFIG_KEYS, LLMConfig, LLMNotConfigured, config_problem, from_settings
 from agentrunner.runner import testreport
 from agentrunner.runner.ports import ClaimedTask, Ports, SlotLease
 from common.outcomes import (
@@ -43,6 +43,7 @@ from common.outcomes import (
     ServiceUnavailable,
     SlotBroken,
     Status,
+    TokenRejected,
     agent_outcome,
     outcome_for,
 )
@@ -138,8 +139,11 @@ class HeartbeatThread(threading.Thread):
                         )
                         last_renew = time.monotonic()
                 except LeaseLost as exc:
-                    run.log(f"lease lost ({exc}); stopping")
+                    run.log(
+                        f"{'runner token refused' if isinstance(exc, TokenRejected) else 'lease lost'} ({exc}); stopping"
+                    )
                     run.lease_lost = True
+                    run.lost_because = exc
                     run.cancel.set()
                     return
                 except Exception as exc:
@@ -166,6 +170,7 @@ class TaskRun:
         self.cancel = threading.Event()
         self.lease: SlotLease | None = None
         self.lease_lost = False
+        self.lost_because: LeaseLost | None = None  # what the heartbeat was told
         self.started = time.monotonic()
         self.deadline = self.started + task.timeout_seconds
         self.phases: dict[str, float] = {}
@@ -329,10 +334,7 @@ class TaskRun:
 
     def agent_phase(self) -> tuple[Outcome | None, str]:
         task = self.task
-        # The task's own provider (e.g. the demo's replay) holds whoever runs it; then the caller's.
-        # Only the keys a task may carry: a stored base URL must never redirect the runner's key.
-        stored = {k: v for k, v in task.llm_config.items() if k in TASK_CONFIG_KEYS}
-        config = from_settings(**{"model": task.llm_model or None, **stored, **self.llm_overrides})
+        config = task_llm_config(task, self.llm_overrides)
         self.client = LLMClient(config, transcript=Transcript(self.transcript_path, secret=config.api_key))
         agent = Agent(
             client=self.client,
@@ -387,6 +389,8 @@ class TaskRun:
 
     def _cancelled(self) -> Outcome:
         if self.lease_lost:
+            if isinstance(self.lost_because, TokenRejected):  # revoked: say so, not "lease lost"
+                return outcome_for(self.lost_because)
             return outcome_for(LeaseLost("the slot lease was lost (the runner stalled)"))
         return agent_outcome("cancelled", "cancelled by request")
 
@@ -651,6 +655,14 @@ def flush_spool(ports: Ports, task: ClaimedTask) -> list[str]:
 
 
 # --- entry point -----------------------------------------------------------------------------------
+def task_llm_config(task: ClaimedTask, llm_overrides: dict | None = None) -> LLMConfig:
+    """The model configuration a task runs with: the task's own provider (e.g. the demo's replay)
+    holds whoever runs it; then the caller's. Only the keys a task may carry: a stored base URL
+    must never redirect the runner's key."""
+    stored = {k: v for k, v in task.llm_config.items() if k in TASK_CONFIG_KEYS}
+    return from_settings(**{"model": task.llm_model or None, **stored, **(llm_overrides or {})})
+
+
 def run_task(
     *,
     task_id: uuid.UUID | str | None = None,
@@ -664,7 +676,9 @@ def run_task(
 
     Returns None when nothing was runnable (within ``claim_wait`` seconds, a long poll where the
     registry supports it). Raises SandboxUnavailable, before claiming anything,
-    when repository commands may not run on this host (see common.sandbox)."""
+    when repository commands may not run on this host (see common.sandbox), and LLMNotConfigured
+    when the claimed task needs a model this host has no configuration for (the task is given back
+    first, its attempt failed with that reason)."""
     sandbox = sandbox_status()
     if sandbox["mode"] == "unavailable":
         raise SandboxUnavailable(sandbox["reason"])
@@ -674,6 +688,12 @@ def run_task(
     task = ports.registry.claim(runner_id=runner_id, task_id=task_id, wait=claim_wait)
     if task is None:
         return None
+    # Known only now: whether the task needs a live model (a replayed one needs none).
+    if problem := config_problem(task_llm_config(task, llm_overrides)):
+        _give_back(ports, task, f"the runner {runner_id} cannot call a model: {problem}")
+        raise LLMNotConfigured(
+            f"task {task.id} needs a model this runner cannot call, so it was given back to the queue: {problem}"
+        )
     try:
         run = TaskRun(task, ports, runner_id, progress, llm_overrides)
     except Exception as exc:  # this host cannot run anything (no run folder): give the task back first
@@ -766,6 +786,8 @@ def run_task(
     except LeaseLost as exc:
         run.log(f"result discarded: {exc}")
         final = "lost"
+        if isinstance(exc, TokenRejected) and "runner token" not in outcome_message:
+            outcome_message = f"result discarded: {exc.message}"
     except ServiceUnavailable as exc:  # the server stayed away past every retry: its reaper takes the attempt back
         run.log(f"result not delivered: {exc}")
         final = "lost"

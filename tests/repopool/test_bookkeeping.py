@@ -42,8 +42,8 @@ def prepare_remote(repository, slot: Slot, pool_root: Path, ref: str = "") -> sl
 def test_a_remote_host_grows_its_own_pool_up_to_its_capacity(repository):
     first, second = lease(repository, capacity=2), lease(repository, capacity=2)
     assert {first.host, second.host} == {HOST} and {first.index, second.index} == {0, 1}
-    # Its path is relative: only the host knows its pool root; never prepared: empty commit.
-    assert first.path == f"{repository.name}/{first.index}" and first.commit == "" and first.state == "leased"
+    # Its path is relative: under that host's pool root, in its own folder; never prepared: empty commit.
+    assert first.path == f"@{HOST}/{repository.name}/{first.index}" and first.commit == "" and first.state == "leased"
     with pytest.raises(NoSlotAvailable) as refused:
         lease(repository, capacity=2)
     assert f"pool size 2 on {HOST}" in refused.value.message

@@ -92,7 +92,7 @@ def test_a_remote_runagent_completes_a_task_without_a_database(
     assert not (runner_data / "db.sqlite3").exists()
     assert not (runner_data / "test-db.sqlite3").exists()
     # The runner's own data folder holds only the runner's parts; the server's stay on the server.
-    assert (runner_data / "pool" / "sample").is_dir()
+    assert (runner_data / "pool" / "@remote-host-1" / "sample").is_dir()
     assert not (runner_data / "artifacts").exists() and not (runner_data / "results").exists()
 
 
@@ -150,3 +150,49 @@ def test_the_celery_task_runs_remote_when_configured(api_server, runner_token, s
     from repopool.models import Slot
 
     assert set(Slot.objects.filter(repository=sample_repo).values_list("host", flat=True)) == {"test-host"}
+
+
+# --- a runner host without a live model -------------------------------------------------------------
+def no_model_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith("OPENAI_")}
+
+
+def test_a_remote_runner_without_a_model_runs_a_replayed_task(api_server, runner_token, llm, tmp_path):
+    """A replayed task (the demo's) needs no model: the runner must not refuse to start for want of one."""
+    from agentrunner.management.commands.demo import INSTRUCTIONS, TRANSCRIPT
+    from tests.inspector.runs import demo_repository
+
+    repository = demo_repository(tmp_path)
+    task = registry.task_create(
+        title="Fix calc.add", instructions=INSTRUCTIONS, repository=repository, max_steps=20, max_iterations=1,
+        llm_config={"provider": "replay", "replay_file": str(TRANSCRIPT)},
+    )  # fmt: skip
+    env = no_model_env(remote_env(data_dir=tmp_path / "replay-host", llm=llm, token=runner_token, database=None))
+
+    done = runagent("--next", "--server", api_server.base_url, "--quiet", env=env)
+
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    task.refresh_from_db()
+    assert task.status == "succeeded" and llm.requests == []
+    assert "OPENAI_API_KEY" in done.stderr  # said once at start: only replayed tasks can run here
+
+
+def test_a_remote_runner_without_a_model_gives_a_live_task_back_and_stops(
+    api_server, runner_token, llm, sample_repo, tmp_path
+):
+    task = registry.task_create(repository=sample_repo, title="live", instructions="make add() add")
+    env = no_model_env(remote_env(data_dir=tmp_path / "nomodel-host", llm=llm, token=runner_token, database=None))
+
+    for mode in (["--next"], ["--loop"]):
+        done = runagent(*mode, "--server", api_server.base_url, "--quiet", env=env, timeout=60)
+        assert done.returncode == 2, (mode, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert "OPENAI_API_KEY" in last and str(task.pk) in last and "queue" in last, done.stderr
+
+    task.refresh_from_db()
+    attempts = list(task.attempts.order_by("number"))
+    assert task.status == "queued" and len(attempts) == 2 and llm.requests == []
+    assert all(a.outcome == "retry" and "OPENAI_API_KEY" in a.message for a in attempts), [
+        (a.outcome, a.message) for a in attempts
+    ]

@@ -55,13 +55,21 @@ def test_claim_events_usage_upload_link_finish(runner, claimed):
 
     finish = runner.post(
         f"attempts/{a}/finish/",
-        {"status": "succeeded", "message": "done", "result": {"result_branch": "agent/x", "tests_passed": True}},
+        {
+            "status": "succeeded",
+            "message": "done",
+            "result": {"result_branch": f"agent/{claimed.task_id.hex[:8]}", "tests_passed": True},
+        },
         lease=lease,
     )
     assert finish.status_code == 200, finish.content
     assert finish.json() == {"status": "succeeded"}
     task = Task.objects.get(pk=claimed.task_id)
-    assert (task.status, task.result_branch, task.tests_passed) == ("succeeded", "agent/x", True)
+    assert (task.status, task.result_branch, task.tests_passed) == (
+        "succeeded",
+        f"agent/{claimed.task_id.hex[:8]}",
+        True,
+    )
     assert (task.prompt_tokens, task.completion_tokens, task.cost_usd) == (100, 20, Decimal("0.0012"))
 
 

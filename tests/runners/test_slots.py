@@ -42,12 +42,12 @@ def test_allocate_prepare_renew_release_on_the_host(host, repo, tmp_path):
     assert first.status_code == 200, first.content
     answer = first.json()
     slot = answer["slot"]
-    assert slot["path"] == "sample/0" and slot["commit"] == "" and slot["needs_reset"] is False
+    assert slot["path"] == "@box-1/sample/0" and slot["commit"] == "" and slot["needs_reset"] is False
     assert answer["repository"]["name"] == "sample" and answer["repository"]["url"] == repo.url
     assert Slot.objects.get(pk=slot["id"]).host == "box-1"
 
     prepared = _prepare(answer, pool_root)  # a real clone, on the host's disk
-    assert (pool_root / "sample" / "0" / "calc.py").exists()
+    assert (pool_root / slot["path"] / "calc.py").exists()
     body = {"token": slot["token"], "commit": prepared.commit, "setup_hash": prepared.setup_hash, "fetched": True}
     done = host.post(f"slots/{slot['id']}/prepared/", body)
     assert done.status_code == 200 and done.json() == {"state": "leased"}
@@ -57,7 +57,7 @@ def test_allocate_prepare_renew_release_on_the_host(host, repo, tmp_path):
     assert renewed.status_code == 200
     assert Slot.objects.get(pk=slot["id"]).lease_expires_at > timezone.now() + timedelta(seconds=1100)
 
-    slots.reset(slots.spec_from_dict(answer["repository"]), pool_root / "sample" / "0", prepared.commit)
+    slots.reset(slots.spec_from_dict(answer["repository"]), pool_root / slot["path"], prepared.commit)
     released = host.post(f"slots/{slot['id']}/release/", {"token": slot["token"], "commit": prepared.commit})
     assert released.status_code == 200 and released.json() == {"state": "free"}
     stale = host.post(f"slots/{slot['id']}/renew/", {"token": slot["token"]}, key=None)

@@ -104,3 +104,71 @@ def test_admin_lists_and_revokes_never_shows_hash(runner_token, client, django_u
     token.refresh_from_db()
     assert token.revoked_at is not None
     assert client.get("/admin/runners/runnerhost/").status_code == 200
+
+
+# --- how many host names one token may bind ----------------------------------------------------
+def test_a_token_binds_at_most_its_host_limit(runner, settings):
+    settings.AGENTRUNNER_RUNNER_MAX_HOSTS = 2
+    for name in ("box-1", "box-2"):
+        assert runner.post("hosts/", {"name": name}).status_code == 200
+    refused = runner.post("hosts/", {"name": "box-3"})
+    assert refused.status_code == 409, refused.content
+    body = refused.json()
+    assert body["code"] == "host_limit_reached"
+    assert "2 host" in body["detail"] and "--max-hosts" in body["detail"] and "box-3" in body["detail"]
+    assert not RunnerHost.objects.filter(name="box-3").exists()
+    assert runner.post("hosts/", {"name": "box-1", "capacity": {"sample": 3}}).status_code == 200  # known: fine
+    assert RunnerHost.objects.get(name="box-1").capacity == {"sample": 3}
+
+
+def test_an_operator_gives_one_token_more_hosts(settings):
+    settings.AGENTRUNNER_RUNNER_MAX_HOSTS = 1
+    out, err = _command("create_runner_token", "fleet", "--max-hosts", "3")
+    token = RunnerToken.objects.get(name="fleet")
+    assert token.max_hosts == 3 and "at most 3 host" in err
+    client = RunnerClient(out.strip())
+    assert [client.post("hosts/", {"name": f"f-{i}"}).status_code for i in range(4)] == [200, 200, 200, 409]
+    listed, _ = _command("list_runner_tokens")
+    header, row = listed.splitlines()[0], next(line for line in listed.splitlines() if line.startswith("fleet"))
+    assert "MAX HOSTS" in header and " 3 " in row and "f-0,f-1,f-2" in row
+    with pytest.raises(CommandError, match="--max-hosts"):
+        _command("create_runner_token", "none", "--max-hosts", "0")
+
+
+def test_the_admin_edits_a_tokens_host_limit_and_nothing_else(runner_token, client, django_user_model):
+    token, _raw = runner_token
+    admin = django_user_model.objects.create_superuser(username="op", password="pw-op-12345")
+    client.force_login(admin)
+    response = client.post(
+        f"/admin/runners/runnertoken/{token.pk}/change/", {"name": "renamed", "max_hosts": "5"}, follow=True
+    )
+    assert response.status_code == 200
+    token.refresh_from_db()
+    assert (token.name, token.max_hosts) == ("host-a", 5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_registrations_never_pass_the_limit(runner_token, settings, require_postgres):
+    import threading
+
+    from django.db import connection
+
+    settings.AGENTRUNNER_RUNNER_MAX_HOSTS = 2
+    barrier = threading.Barrier(6)
+    codes: list[int] = []
+
+    def register(i: int) -> None:
+        client = RunnerClient(runner_token[1])
+        barrier.wait()
+        try:
+            codes.append(client.post("hosts/", {"name": f"race-{i}"}).status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(codes) == [200, 200, 409, 409, 409, 409], codes
+    assert RunnerHost.objects.filter(token=runner_token[0]).count() == 2

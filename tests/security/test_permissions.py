@@ -401,3 +401,46 @@ def test_staff_sets_a_repositorys_policies_through_the_api(world):
     assert {k: created.json()[k] for k in body if k not in ("name", "url")} == {
         "allow_test_command_override": True, "setup_network": False, "test_network": True, "rerun_final_tests": True,
     }  # fmt: skip
+
+
+def test_health_tells_anyone_ok_or_not_and_only_staff_why(settings, api, staff_api):
+    """/api/health/ is public: it showed everyone the sandbox's reason (a path on the host, such
+    as the bubblewrap binary's) and each failing check's exception class."""
+    from runners import services as runners
+
+    settings.AGENTRUNNER_SANDBOX = "auto"
+    settings.AGENTRUNNER_BWRAP = "/nonexistent/secret-path/bwrap"
+    settings.DEBUG = True  # the unsandboxed fallback is allowed: healthy, but degraded
+    _token, raw = runners.runner_token_create(name="health-runner")
+    public = {
+        "anonymous": APIClient(),
+        "user": api,
+        "runner token": _client_with(f"Bearer {raw}"),
+        "bad token": _client_with("Token not-a-token"),
+    }
+    for who, client in public.items():
+        response = client.get("/api/health/")
+        assert response.status_code == 200, (who, response.content)
+        body = response.json()
+        assert body == {
+            "status": "ok",
+            "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+            "sandbox": {"status": "degraded"},
+        }, (who, body)
+        assert b"secret-path" not in response.content
+
+    staff = staff_api.get("/api/health/").json()
+    assert staff["sandbox"]["status"] == "degraded" and staff["sandbox"]["mode"] == "none"
+    assert "secret-path" in staff["sandbox"]["reason"] and "limits" in staff["sandbox"]
+    assert staff["checks"]["database"] == "ok"
+
+    settings.DEBUG = False  # now commands would be refused: failing, for everyone to see
+    refused = APIClient().get("/api/health/")
+    assert refused.status_code == 503 and refused.json()["sandbox"] == {"status": "failing"}
+    assert b"secret-path" not in refused.content
+
+
+def _client_with(authorization: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=authorization)
+    return client

@@ -219,12 +219,13 @@ def test_results_of_an_attempt_reaped_mid_upload_are_not_published(runner, claim
 def test_fetch_hint_keeps_no_credentials(runner, claimed):
     """A push_url may carry a token (https://bot:<token>@host/...): the hint built from it was
     stored as is and shown to every user who can see the task."""
-    hint = "git fetch https://bot:s3cret-token@git.example.com/team/app.git agent/x"
-    body = {"status": "succeeded", "result": {"result_branch": "agent/x", "result_fetch": hint}}
+    branch = f"agent/{claimed.task_id.hex[:8]}"
+    hint = f"git fetch https://bot:s3cret-token@git.example.com/team/app.git {branch}"
+    body = {"status": "succeeded", "result": {"result_branch": branch, "result_fetch": hint}}
     finish = runner.post(f"attempts/{claimed.attempt_id}/finish/", body, lease=claimed.lease)
     assert finish.status_code == 200, finish.content
     task = Task.objects.get(pk=claimed.task_id)
-    assert task.result_fetch == "git fetch https://git.example.com/team/app.git agent/x"
+    assert task.result_fetch == f"git fetch https://git.example.com/team/app.git {branch}"
     assert "s3cret" not in task.result_fetch
 
 
@@ -283,3 +284,53 @@ def test_remote_runner_sends_a_model_nul_as_replacement_not_a_refused_batch(runn
     stored = TaskEvent.objects.get(task_id=claimed.task_id, type="tool_call")
     assert stored.message == "out\ufffdput"
     assert stored.data == {"args\ufffd": ["a\ufffd", {"b": "\ufffd"}], "n": 1}
+
+
+# --- the result branch a runner reports is shown as a ref to fetch and stored on the task --------
+@pytest.mark.parametrize(
+    "branch",
+    [
+        "../x", "agent/../main", "refs/heads/main", "main", "-x", "agent/-x", "agent/a b", "agent/a\tb",
+        "agent/a\x01b", "agent/a\x7fb", "agent/x@{1}", "@", "agent/x.lock", "agent//x", "agent/x/", "/agent/x",
+        "agent/x.", "agent/.x", "agent/x~1", "agent/x^", "agent/x:y", "agent/x?", "agent/x*", "agent/x[",
+        "agent/x\\y", "agent/\u00fc", "agent/" + "a" * 300, "agent/OTHER",
+    ],
+)  # fmt: skip
+def test_result_branch_must_be_a_ref_name_this_task_would_get(runner, claimed, branch):
+    """finish took any text as the result branch: the run page and the API then showed it as a
+    ref to fetch, and another task's branch (or main) could be claimed as this task's result."""
+    branch = branch.replace("OTHER", "0123abcd")
+    body = {"status": "succeeded", "result": {"result_branch": branch, "result_commit": "a" * 40}}
+    finish = runner.post(f"attempts/{claimed.attempt_id}/finish/", body, lease=claimed.lease)
+    assert finish.status_code == 400, (branch, finish.content)
+    errors = _err(finish)["errors"]
+    assert "result" in errors and "result_branch" in " ".join(errors["result"]), errors
+    task = Task.objects.get(pk=claimed.task_id)
+    assert task.status == "running" and task.result_branch == ""
+
+
+@pytest.mark.parametrize("suffix", ["", "-2", "-retry.1"])
+def test_the_tasks_own_result_branch_is_taken(runner, claimed, suffix):
+    branch = f"agent/{Task.objects.get(pk=claimed.task_id).short_id}{suffix}"
+    body = {"status": "succeeded", "result": {"result_branch": branch}}
+    finish = runner.post(f"attempts/{claimed.attempt_id}/finish/", body, lease=claimed.lease)
+    assert finish.status_code == 200, finish.content
+    assert Task.objects.get(pk=claimed.task_id).result_branch == branch
+
+
+def test_branch_rules_refuse_all_that_git_refuses():
+    """Our reading of check-ref-format is never looser than git's own (real git decides)."""
+    import subprocess
+
+    from common.refs import branch_name_problem
+
+    names = [
+        "agent/x", "agent/-x", "-x", "agent/x@{1}", "agent/x.lock", "agent/.x", "agent/x.", "agent//x", "agent/x/",
+        "agent/a b", "agent/a\tb", "agent/x~1", "agent/x^", "agent/x:y", "agent/x?", "agent/x*", "agent/x[",
+        "agent/x\\y", "agent/../x", "agent/x..y", "agent/x@y", "agent/{x}", "agent/x.lock/y", "a/.lock",
+    ]  # fmt: skip
+    for name in names:
+        git_ok = subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True).returncode == 0
+        ours_ok = branch_name_problem(name) is None
+        assert git_ok or not ours_ok, f"git refuses {name!r}, we took it"
+    assert branch_name_problem("agent/0123abcd-2") is None

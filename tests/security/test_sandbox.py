@@ -347,18 +347,20 @@ def test_fallback_without_bubblewrap_runs_with_debug_and_refuses_without(isolate
     assert result.ok and result.sandbox == "none"
 
 
-def test_health_reports_the_sandbox(client, settings, db):
-    body = client.get("/api/health/").json()
+def test_health_reports_the_sandbox(staff_api, settings, db):
+    """To staff: the mode, why and the limits (anyone else sees only ok / degraded / failing)."""
+    body = staff_api.get("/api/health/").json()
     assert body["sandbox"]["mode"] == "bwrap" and body["sandbox"]["limits"]["processes"] == "cgroup"
+    assert body["sandbox"]["status"] == "ok"
 
     settings.AGENTRUNNER_SANDBOX = "auto"
     settings.AGENTRUNNER_BWRAP = "/nonexistent/bwrap"
     settings.DEBUG = True  # a laptop: the fallback is allowed
-    response = client.get("/api/health/")
+    response = staff_api.get("/api/health/")
     assert response.status_code == 200 and response.json()["sandbox"]["mode"] == "none"
 
     settings.DEBUG = False
-    response = client.get("/api/health/")
+    response = staff_api.get("/api/health/")
     assert response.status_code == 503 and response.json()["sandbox"]["mode"] == "unavailable"
 
 

@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import InterfaceError, OperationalError, connection  # exceptions and a handle: no query
 
+from agentrunner.llm.config import LLMNotConfigured
 from agentrunner.runner.summary import Progress, format_summary, quiet_logs, silence_output
 from common.errors import DomainError
 from common.outcomes import ServiceUnavailable
@@ -209,6 +210,8 @@ class Command(BaseCommand):
             from agentrunner.runner.pipeline import run_task
 
             summary = run_task(task_id=task_id, progress=None if opts["quiet"] else self._progress)
+        except LLMNotConfigured as exc:
+            raise CommandError(exc.message, returncode=CONFIG_ERROR_EXIT) from None
         except DomainError as exc:
             raise CommandError(exc.message) from None
         except KeyboardInterrupt:
@@ -257,13 +260,27 @@ class Command(BaseCommand):
             ) from None
 
     def _check_llm_config(self) -> None:
-        """Fail at once, before anything is created or claimed, when no call could succeed."""
-        from agentrunner.llm.config import TASK_CONFIG_KEYS, config_problem, from_settings
+        """Fail at once, before anything is created or claimed, when no call could succeed.
 
-        if self.remote is not None:  # the task's own provider is known only once claimed
-            problem = config_problem(from_settings())
-            if problem:
-                raise CommandError(f"no usable LLM: {problem}", returncode=CONFIG_ERROR_EXIT)
+        A task may bring its own provider (a replayed transcript, as the demo's): without a live
+        model configured here, a runner still runs those. In-process the task to run (or the next
+        one) is looked at before claiming; a remote runner knows it only once claimed, so it says
+        at start what it can run, and the pipeline gives back a task that needs a model and stops
+        the runner (LLMNotConfigured). A configuration that is wrong in itself (an unknown
+        provider, a missing transcript) is refused at once in both modes."""
+        from agentrunner.llm.config import TASK_CONFIG_KEYS, config_problem, from_settings, lacks_live_model
+
+        configured = from_settings()
+        problem = config_problem(configured)
+        if problem is None:
+            return
+        if not lacks_live_model(configured):
+            raise CommandError(f"no usable LLM: {problem}", returncode=CONFIG_ERROR_EXIT)
+        if self.remote is not None:
+            self.stderr.write(
+                f"no live model configured: {problem}. Tasks that replay a recorded transcript run here; a "
+                "task that needs a model is given back to the queue and stops this runner"
+            )
             return
         from registry.models import Task
 
@@ -271,7 +288,7 @@ class Command(BaseCommand):
         candidates = Task.objects.none()
         if self.opts["task_id"]:
             candidates = Task.objects.filter(pk=self.opts["task_id"])
-        elif self.opts["next"]:
+        elif self.opts["next"] or self.opts["loop"]:
             candidates = Task.objects.filter(status="queued").order_by("-priority", "created_at")
         try:
             stored = (candidates.values_list("llm_config", flat=True).first()) or {}
@@ -341,6 +358,7 @@ class Command(BaseCommand):
         stop = threading.Event()
         outage = _Outage(self.stderr.write)
         died: list[str] = []
+        not_set_up: list[str] = []
 
         def worker(n: int) -> None:
             backoff = _Backoff()
@@ -375,6 +393,11 @@ class Command(BaseCommand):
                             failures["n"] += 1
             except KeyboardInterrupt:  # the output pipe closed: this task wound down; claim nothing more
                 stop.set()
+            except LLMNotConfigured as exc:  # this host cannot run what the queue holds: stop claiming
+                with lock:
+                    not_set_up.append(exc.message)
+                    self.stderr.write(f"{exc.message}; stopping once the running tasks finish")
+                stop.set()
             except Exception as exc:
                 ours = isinstance(exc, DomainError)  # says what happened (a revoked token...): no traceback
                 log.error("runagent worker %s died", n, exc_info=not ours)
@@ -400,6 +423,8 @@ class Command(BaseCommand):
                 thread.join()
         if died:
             raise CommandError("; ".join(died), returncode=WORKER_DIED_EXIT)
+        if not_set_up:
+            raise CommandError(not_set_up[0], returncode=CONFIG_ERROR_EXIT)
         return failures["n"]
 
     # --- output ---------------------------------------------------------------------------------

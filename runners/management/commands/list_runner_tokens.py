@@ -11,11 +11,11 @@ def _when(value) -> str:
 
 
 class Command(BaseCommand):
-    help = "List runner tokens: name, prefix, created, last used, revoked, hosts (never the token)."
+    help = "List runner tokens: name, prefix, created, last used, revoked, max hosts, hosts (never the token)."
 
     def handle(self, *args, **options):
         require_schema()
-        rows = [("NAME", "PREFIX", "CREATED", "LAST USED", "REVOKED", "HOSTS")]
+        rows = [("NAME", "PREFIX", "CREATED", "LAST USED", "REVOKED", "MAX HOSTS", "HOSTS")]
         for token in RunnerToken.objects.prefetch_related("hosts"):
             hosts = ",".join(host.name for host in token.hosts.all()) or "-"
             rows.append(
@@ -25,6 +25,7 @@ class Command(BaseCommand):
                     _when(token.created_at),
                     _when(token.last_used_at),
                     _when(token.revoked_at),
+                    str(token.host_limit) + ("" if token.max_hosts else " (default)"),
                     hosts,
                 )
             )
