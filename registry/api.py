@@ -6,7 +6,7 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from common.drf import Pagination, errors
+from common.drf import Pagination, SharedFields, errors
 from registry import services
 from registry.models import Task
 from registry.selectors import tasks_visible_to
@@ -26,7 +26,7 @@ from repopool.services import REPOSITORY_REF_HELP, REPOSITORY_REF_REGEX
 UUID_REGEX = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 
 
-class TaskFilterSerializer(serializers.Serializer):
+class TaskFilterSerializer(SharedFields, serializers.Serializer):
     status = serializers.ChoiceField(choices=TaskStatus.choices, required=False)
     repository = serializers.RegexField(
         REPOSITORY_REF_REGEX,
@@ -36,7 +36,7 @@ class TaskFilterSerializer(serializers.Serializer):
     )
 
 
-class EventsQuerySerializer(serializers.Serializer):
+class EventsQuerySerializer(SharedFields, serializers.Serializer):
     after = serializers.IntegerField(required=False, min_value=0, default=0)
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=500)
 

@@ -4,12 +4,18 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from common.drf import SharedFields
 from common.errors import PermissionDenied
 from common.permissions import is_staff
+from common.rows import RowQuery, bigint_or_none
 from registry.models import Attempt, Task, TaskArtifact, TaskEvent
 from registry.selectors import tasks_visible_to
 from registry.states import FailureReason
 from repopool.models import Repository
+
+# Every task creation looks its repository up: compiled once (see common.rows).
+_REPOSITORY_BY_ID = RowQuery(Repository, 'm."id" = %s')
+_REPOSITORY_BY_NAME = RowQuery(Repository, 'm."name" = %s')
 
 
 @extend_schema_field(OpenApiTypes.STR)
@@ -25,9 +31,10 @@ class RepositoryRefField(serializers.Field):
             self.fail("invalid")
         repo = None
         if isinstance(data, int) or (data.isascii() and data.isdigit()):  # not "²" nor "١٢"
-            repo = Repository.objects.filter(pk=int(data)).first()
+            pk = bigint_or_none(int(data))
+            repo = None if pk is None else _REPOSITORY_BY_ID.get(pk)
         if repo is None and isinstance(data, str):
-            repo = Repository.objects.filter(name=data).first()
+            repo = _REPOSITORY_BY_NAME.get(data)
         if repo is None:
             self.fail("unknown", value=data)
         return repo
@@ -36,7 +43,7 @@ class RepositoryRefField(serializers.Field):
         return value.name
 
 
-class TaskCreateSerializer(serializers.Serializer):
+class TaskCreateSerializer(SharedFields, serializers.Serializer):
     title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     instructions = serializers.CharField(max_length=200_000)
     repository = RepositoryRefField(help_text="Repository id or name.")
@@ -62,6 +69,8 @@ class TaskCreateSerializer(serializers.Serializer):
         return value
 
     def validate_depends_on(self, value):
+        if not value:
+            return []
         ids = set(value)
         # Another user's task is as unknown as a task that does not exist.
         tasks = list(tasks_visible_to(self.context["request"].user).filter(pk__in=ids))

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from django.db.models import DecimalField, F, Q, Value
 from django.db.models.functions import Coalesce
 from django.db.models.sql import InsertQuery
@@ -415,16 +415,12 @@ def _creation_events(repository: Any, depends_on: list[Task], status: str) -> li
 def _insert_with_events(task: Task, rows: list[tuple[str, str, Any]]) -> None:
     """PostgreSQL: INSERT ``task`` (as ``save`` would: the ORM compiles it, auto_now fields filled)
     and its first events, numbered from 1, in one statement."""
-    query = InsertQuery(Task)
-    query.insert_values(Task._meta.local_concrete_fields, [task])
-    ((insert_sql, insert_params),) = query.get_compiler(connection=connection).as_sql()
+    fields = Task._meta.local_concrete_fields
+    # What the ORM's insert compiler does for each field: pre_save (auto_now), then prepare (with
+    # the connection itself: every attribute read through the ``connection`` proxy costs a lookup).
+    db = connections[DEFAULT_DB_ALIAS]
+    insert_params = [field.get_db_prep_save(field.pre_save(task, True), db) for field in fields]
     encoder = TaskEvent._meta.get_field("data").encoder
-    sql = (
-        f"WITH new AS ({insert_sql} RETURNING id) "
-        "INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at) "
-        "SELECT new.id, e.ord, e.type, e.message, e.data::jsonb, %s "
-        "FROM new, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS e(type, message, data, ord)"
-    )
     params = [
         *insert_params,
         task.created_at,
@@ -433,9 +429,26 @@ def _insert_with_events(task: Task, rows: list[tuple[str, str, Any]]) -> None:
         [json.dumps(r[2], cls=encoder) for r in rows],
     ]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_task_insert_sql(), params)
     task._state.adding = False
     task._state.db = connection.alias
+
+
+@functools.cache
+def _task_insert_sql() -> str:
+    """The statement of ``_insert_with_events``, compiled once by the ORM (with placeholders only:
+    no field of Task brings a placeholder of its own, which the check below keeps true)."""
+    fields = Task._meta.local_concrete_fields
+    assert not any(hasattr(field, "get_placeholder") for field in fields), "a field with its own placeholder"
+    query = InsertQuery(Task)
+    query.insert_values(fields, [Task(repository_id=0)])
+    ((insert_sql, _),) = query.get_compiler(connection=connection).as_sql()
+    return (
+        f"WITH new AS ({insert_sql} RETURNING id) "
+        "INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at) "
+        "SELECT new.id, e.ord, e.type, e.message, e.data::jsonb, %s "
+        "FROM new, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS e(type, message, data, ord)"
+    )
 
 
 def _known_dependencies(task: Task, dependencies: list[Task]) -> None:
