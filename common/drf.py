@@ -47,7 +47,8 @@ class _CursorPages(CursorPagination):
     def paginate_queryset(self, queryset, request, view=None):
         try:
             return super().paginate_queryset(queryset, request, view)
-        except (exceptions.NotFound, DjangoValidationError):  # undecodable, or a position of the wrong type
+        # Undecodable, or a position of the wrong type (a date where a number belongs raises ValueError).
+        except (exceptions.NotFound, DjangoValidationError, ValueError, TypeError):
             raise exceptions.ValidationError({"cursor": ["Invalid cursor: use the next or previous link as given."]})
 
 
@@ -112,6 +113,31 @@ class Pagination(PageNumberPagination):
                 },
             ]
         return parameters
+
+    def get_cursor_parameters(self) -> list:
+        """The cursor, count and page_size parameters, for a view that serves cursor pages only when
+        asked (and pages otherwise by its own means), as drf-spectacular parameters."""
+        from drf_spectacular.utils import OpenApiParameter
+
+        return [
+            OpenApiParameter(
+                "cursor",
+                str,
+                description="Cursor pages: empty for the first page, then the value in the next or previous "
+                "link. Each page costs the same however long the list.",
+            ),
+            OpenApiParameter(
+                "count",
+                str,
+                enum=["exact"],
+                description="With cursor: 'exact' adds the exact count (it reads every matching row).",
+            ),
+            OpenApiParameter(
+                "page_size",
+                int,
+                description=f"With cursor: results a page (default {self.page_size}, at most {self.max_page_size}).",
+            ),
+        ]
 
 
 class PayloadTooLarge(exceptions.APIException):
