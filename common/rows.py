@@ -6,20 +6,20 @@ A ``RowQuery`` builds its SELECT once per process from the models' own field lis
 row into model instances with ``Model.from_db`` and each field's own database converters, as the
 ORM's iterator does: the instances are the ones the ORM would give (``_state`` included).
 
-Only for lookups that run on every request (the token, a task's repository); everything else
-uses the ORM.
+Only for what runs on every request or claim (the token, a task's repository, the claimed
+task); everything else uses the ORM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db import connections
 from django.db.models import Model
 
 
-def _converters(model: type[Model], alias: str, connection) -> list[tuple[int, list[Callable]]]:
+def _converters(model: type[Model], alias: str, connection) -> list[tuple[int, list[tuple[Callable, Any]]]]:
     """(position, converters) of each concrete field of ``model`` that needs converting, as the
     ORM's compiler finds them (the backend's, then the field's own)."""
     out = []
@@ -29,6 +29,29 @@ def _converters(model: type[Model], alias: str, connection) -> list[tuple[int, l
         if found:
             out.append((position, [(converter, column) for converter in found]))
     return out
+
+
+class ModelRows:
+    """Model instances from rows holding every concrete column of ``model`` in field order (a
+    ``SELECT m.*`` or ``RETURNING`` written for it), as the ORM's iterator would build them."""
+
+    def __init__(self, model: type[Model], using: str = "default"):
+        self.model, self.using = model, using
+        self.attnames = [f.attname for f in model._meta.concrete_fields]
+        self.width = len(self.attnames)
+        self._converters: list | None = None
+
+    def instance(self, values: Sequence[Any]) -> Model:
+        connection = connections[self.using]
+        if self._converters is None:
+            self._converters = _converters(self.model, self.model._meta.db_table, connection)
+        values = list(values)
+        for position, chain in self._converters:
+            value = values[position]
+            for converter, column in chain:
+                value = converter(value, column, connection)
+            values[position] = value
+        return self.model.from_db(self.using, self.attnames, values)
 
 
 class RowQuery:
@@ -41,62 +64,40 @@ class RowQuery:
     leaves it) or None."""
 
     def __init__(self, model: type[Model], where: str, *, related: str | None = None, using: str = "default"):
-        self.model, self.where, self.related_name, self.using = model, where, related, using
-        self._compiled: tuple | None = None
+        self.using = using
+        self.rows = ModelRows(model, using)
+        self.fk = model._meta.get_field(related) if related else None
+        self.related_rows = ModelRows(self.fk.related_model, using) if self.fk else None
+        self.where = where
+        self._sql: str | None = None
 
-    def _compile(self, connection) -> tuple:
+    def _compile(self, connection) -> str:
         quote = connection.ops.quote_name
-        model = self.model
-        fields = model._meta.concrete_fields
-        columns = [f"m.{quote(f.column)}" for f in fields]
+        model = self.rows.model
+        columns = [f"m.{quote(f.column)}" for f in model._meta.concrete_fields]
         joins = ""
-        related = None
-        if self.related_name:
-            fk = model._meta.get_field(self.related_name)
-            related = fk.related_model
+        if self.fk is not None:
+            related = self.fk.related_model
             columns += [f"r.{quote(f.column)}" for f in related._meta.concrete_fields]
             joins = (
                 f" INNER JOIN {quote(related._meta.db_table)} r"
-                f" ON (r.{quote(fk.target_field.column)} = m.{quote(fk.column)})"
+                f" ON (r.{quote(self.fk.target_field.column)} = m.{quote(self.fk.column)})"
             )
-        sql = f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} m{joins} WHERE {self.where} LIMIT 1"
-        parts = [(model, [f.attname for f in fields], _converters(model, "m", connection), len(fields))]
-        if related is not None:
-            related_fields = related._meta.concrete_fields
-            parts.append(
-                (
-                    related,
-                    [f.attname for f in related_fields],
-                    _converters(related, "r", connection),
-                    len(related_fields),
-                )
-            )
-        return sql, parts, (fk if related is not None else None)
+        return f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} m{joins} WHERE {self.where} LIMIT 1"
 
     def get(self, *params: Any) -> Model | None:
         connection = connections[self.using]
-        if self._compiled is None:
-            self._compiled = self._compile(connection)
-        sql, parts, fk = self._compiled
+        if self._sql is None:
+            self._sql = self._compile(connection)
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(self._sql, params)
             row = cursor.fetchone()
         if row is None:
             return None
-        instances = []
-        start = 0
-        for model, attnames, converters, width in parts:
-            values = list(row[start : start + width])
-            for position, chain in converters:
-                value = values[position]
-                for converter, column in chain:
-                    value = converter(value, column, connection)
-                values[position] = value
-            instances.append(model.from_db(self.using, attnames, values))
-            start += width
-        if fk is not None:
-            fk.set_cached_value(instances[0], instances[1])
-        return instances[0]
+        instance = self.rows.instance(row[: self.rows.width])
+        if self.fk is not None:
+            self.fk.set_cached_value(instance, self.related_rows.instance(row[self.rows.width :]))
+        return instance
 
 
 def bigint_or_none(value: int) -> int | None:

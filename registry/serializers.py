@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import datetime
+
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -126,7 +129,7 @@ class TaskSerializer(serializers.ModelSerializer):
         """The same JSON as the declared fields give (a test holds them equal), built directly:
         DRF's field-by-field walk cost most of a list page's time. Reads ``dependency_ids`` when
         the view attached them (``attach_dependency_ids``), else the task's dependencies."""
-        dt, cost = _DATETIME.to_representation, _COST.to_representation
+        dt, cost = _datetime_json(), _COST.to_representation
         repository_name = getattr(task, "repository_name", None)
         if repository_name is None:
             repository_name = task.repository.name
@@ -182,6 +185,26 @@ _COST = serializers.DecimalField(max_digits=14, decimal_places=6)
 _MAX_COST = serializers.DecimalField(max_digits=12, decimal_places=6)
 
 
+def _datetime_json():
+    """DRF's DateTimeField.to_representation, or, while the active time zone is UTC (the
+    setting), a function giving the same strings without looking the zone up again for every
+    value (five a task, 250 a list page: a tenth of the page's time)."""
+    if timezone.get_current_timezone_name() != "UTC":
+        return _DATETIME.to_representation
+    return _utc_iso
+
+
+def _utc_iso(value: datetime.datetime | None) -> str | None:
+    if not value:
+        return None
+    if value.tzinfo is None:  # naive: DRF makes it aware in the active zone
+        return _DATETIME.to_representation(value)
+    if value.utcoffset():
+        value = value.astimezone(datetime.UTC)
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
 def attach_dependency_ids(tasks: list[Task]) -> None:
     """Each task's ``dependency_ids`` (newest dependency first, as ``depends_on`` orders them) from
     one query on the dependency table: no Task instances built for them."""
@@ -221,7 +244,7 @@ class TaskEventSerializer(serializers.ModelSerializer):
             "type": event.type,
             "message": event.message,
             "data": event.data,
-            "created_at": _DATETIME.to_representation(event.created_at),
+            "created_at": _datetime_json()(event.created_at),
         }
 
 
