@@ -315,7 +315,7 @@ def wrk_load(
     stops the run with an error."""
     script = temp_dir("bench-wrk-") / "load.lua"
     head, _, tail = (body or "").partition("{n}")
-    lua_headers = ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in (headers or {}).items())
+    lua_headers = ", ".join(f"[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in (headers or {}).items())
     script.write_text(
         f"method = {_lua_string(method)}\npath = {_lua_string(path)}\nexpect = {expect}\n"
         f"headers = {{{lua_headers}}}\n"
