@@ -130,9 +130,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn(*, workers: int = 4, threads: int = 0, env: dict[str, str] | None = None) -> Iterator[int]:
-    """gunicorn on a free port with the current settings environment (plus ``env``); yields the port.
-    ``threads``: the gthread worker class with that many threads a worker (as ``make serve``), else sync."""
+def gunicorn(
+    *, workers: int = 4, threads: int = 0, env: dict[str, str] | None = None, with_pid: bool = False
+) -> Iterator[int] | Iterator[tuple[int, int]]:
+    """gunicorn on a free port with the current settings environment (plus ``env``); yields the port
+    (with its master's pid when ``with_pid``). ``threads``: the gthread worker class with that many
+    threads a worker (as ``make serve``), else sync."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     server = subprocess.Popen(
@@ -155,7 +158,7 @@ def gunicorn(*, workers: int = 4, threads: int = 0, env: dict[str, str] | None =
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("gunicorn did not start") from None
                 time.sleep(0.1)
-        yield port
+        yield (port, server.pid) if with_pid else port
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)

@@ -20,7 +20,7 @@ interleaved (A B A B ..., ``--rounds`` rounds), as the median over rounds with t
   processes, each on a task of its own, called in-process (the user API has no event-writing
   endpoint). Floor: pgbench running the very statement the batch sends, 8 clients.
 - Claims: ``task_claim`` in 1, 2, 4 and 8 processes over 20,000 queued tasks, in a table of the
-  largest size. Floor: pgbench running the very statement ``task_claim`` sends (one CTE: pick with
+  largest size, the counts in turn (1 2 4 8, then 8 4 2 1 in the next round). Floor: pgbench running the very statement ``task_claim`` sends (one CTE: pick with
   SKIP LOCKED, update, insert attempt and event), as many clients. Rates are claims made / time,
   counted in the table (a client that finds the queue empty does not count).
 - Slots: ``slot_allocate`` (default branch, fetch as the runner does) + ``slot_release`` in 16
@@ -268,6 +268,95 @@ def use_database(url: str) -> None:
     os.environ["DATABASE_URL"] = url
 
 
+# --- gunicorn's worker models side by side ---------------------------------------------------------
+WORKER_MODELS = {
+    "sync -w 2": {"workers": 2},
+    "sync -w 4": {"workers": 4},
+    "gthread -w 2 --threads 8 (make serve)": {"workers": 2, "threads": 8},
+    "gthread -w 4 --threads 2": {"workers": 4, "threads": 2},
+}
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and of its children still running (Linux /proc)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(p: int) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return own(pid) + sum(own(child) for child in children)
+
+
+def compare_workers(url: str, auth: dict, repository_id: int, *, rounds: int, seconds: float, clients: int) -> None:
+    """GET /api/health/ and POST /api/tasks/ against each worker model, interleaved (the models in
+    turn within a round), as requests a second and the server's CPU a request (its processes'
+    user + system time over the run: the figure least moved by whatever else the machine does)."""
+    import os
+
+    from django.db import connection
+
+    from registry.models import Task
+
+    body = json.dumps({"title": "posted {n}", "instructions": "Make add() add.", "repository": repository_id})
+    cases = {
+        "GET /api/health/": ("GET", "/api/health/", None, 200),
+        "POST /api/tasks/": ("POST", "/api/tasks/", body, 201),
+    }
+    found: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for model, options in WORKER_MODELS.items():
+            servers[model] = stack.enter_context(gunicorn(env={"DATABASE_URL": url}, with_pid=True, **options))
+        for port, _ in servers.values():  # warm-up
+            for method, path, case_body, expect in cases.values():
+                wrk_load(port, method, path, headers=auth, body=case_body, clients=clients, seconds=1, expect=expect)
+        for round_number in range(rounds):
+            order = list(servers) if round_number % 2 == 0 else list(servers)[::-1]
+            for name, (method, path, case_body, expect) in cases.items():
+                for model in order:
+                    port, pid = servers[model]
+                    before = _process_cpu_seconds(pid)
+                    started = time.perf_counter()
+                    rate, _, _ = wrk_load(
+                        port,
+                        method,
+                        path,
+                        headers=auth,
+                        body=case_body,
+                        clients=clients,
+                        seconds=seconds,
+                        expect=expect,
+                    )
+                    requests = rate * (time.perf_counter() - started)
+                    found.setdefault((name, model), []).append((rate, (_process_cpu_seconds(pid) - before) / requests))
+            Task.objects.filter(title__startswith="posted ").delete()
+    connection.close()
+    print(
+        f"gunicorn worker models, wrk with {clients} keep-alive connections, {rounds} rounds (load {os.getloadavg()[0]:.1f}):"
+    )
+    for name in cases:
+        for model in WORKER_MODELS:
+            samples = found[(name, model)]
+            print(
+                f"  {name:18s} {model:40s} {spread([r for r, _ in samples]):>22s} req/s   "
+                f"server CPU {median([c for _, c in samples]) * 1000:.2f} ms a request"
+            )
+
+
 # --- main -----------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -276,7 +365,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="1000,100000,1000000", help="task counts for the list pages")
     parser.add_argument("--skip-slots", action="store_true")
-    parser.add_argument("--only", default="http,events,claims,slots", help="parts to run (comma-separated)")
+    parser.add_argument(
+        "--only",
+        default="http,events,claims,slots",
+        help="parts to run (comma-separated): http, events, claims, slots; and workers (not by default): "
+        "gunicorn's worker models side by side",
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     rounds, seconds, clients = args.rounds, args.seconds, args.clients
@@ -338,6 +432,9 @@ def main() -> None:
         run_sql(databases[size], fill[0].replace(f", {max(sizes)}) g", f", {size}) g"), fill[1])
         run_sql(databases[size], "VACUUM ANALYZE registry_task")
         fills[size] = time.perf_counter() - started
+
+    if "workers" in parts:
+        compare_workers(base_url, auth, repo.pk, rounds=rounds, seconds=seconds, clients=clients)
 
     if "http" in parts:
         post_body = json.dumps({"title": "posted {n}", "instructions": "Make add() add.", "repository": repo.pk})
@@ -536,8 +633,10 @@ def main() -> None:
         counts_n = (1, 2, 4, 8)
         claims: dict[int, list[float]] = {n: [] for n in counts_n}
         claim_floor: dict[int, list[float]] = {n: [] for n in counts_n}
-        for _ in range(rounds):
-            for n in counts_n:
+        for round_number in range(rounds):
+            # 1 2 4 8 in even rounds, 8 4 2 1 in odd ones: a drift of the machine (other work, the
+            # disk's flush time) over a round weighs on every claimer count alike.
+            for n in counts_n if round_number % 2 == 0 else counts_n[::-1]:
                 requeue()
                 elapsed, counts = in_processes(_claim_worker, n, seconds)
                 if sum(counts) >= queued:
