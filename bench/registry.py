@@ -101,11 +101,12 @@ def _claim_worker(barrier, seconds: float, out) -> None:
     barrier.wait()
     stop = time.perf_counter() + seconds
     count = 0
+    cpu = time.process_time()
     while time.perf_counter() < stop:
         if task_claim(runner_id=runner) is None:
             break
         count += 1
-    out.put(count)
+    out.put((count, time.process_time() - cpu))
 
 
 def _event_worker(barrier, seconds: float, task_id: str, batch: int, out) -> None:
@@ -633,12 +634,15 @@ def main() -> None:
         counts_n = (1, 2, 4, 8)
         claims: dict[int, list[float]] = {n: [] for n in counts_n}
         claim_floor: dict[int, list[float]] = {n: [] for n in counts_n}
+        claim_cpu: dict[int, list[float]] = {n: [] for n in counts_n}  # the claimers' own CPU a claim
         for round_number in range(rounds):
             # 1 2 4 8 in even rounds, 8 4 2 1 in odd ones: a drift of the machine (other work, the
             # disk's flush time) over a round weighs on every claimer count alike.
             for n in counts_n if round_number % 2 == 0 else counts_n[::-1]:
                 requeue()
-                elapsed, counts = in_processes(_claim_worker, n, seconds)
+                elapsed, done = in_processes(_claim_worker, n, seconds)
+                counts = [count for count, _ in done]
+                claim_cpu[n].append(sum(cpu for _, cpu in done) / max(1, sum(counts)))
                 if sum(counts) >= queued:
                     print(f"  (warning: {n} claimers emptied the queue; raise the queue size)")
                 claims[n].append(sum(counts) / elapsed)
@@ -664,7 +668,8 @@ def main() -> None:
             ratio = median(claims[n]) / median(claim_floor[n])
             print(
                 f"  {n} claimer(s): {spread(claims[n], fmt='{:.0f}')} claims/s   floor (its statement in pgbench, {n} "
-                f"clients) {spread(claim_floor[n], fmt='{:.0f}')} claims/s   ratio {ratio:.3f}"
+                f"clients) {spread(claim_floor[n], fmt='{:.0f}')} claims/s   ratio {ratio:.3f}   "
+                f"claimer CPU {median(claim_cpu[n]) * 1e6:.0f} µs a claim"
             )
     if args.skip_slots or "slots" not in parts:
         return
