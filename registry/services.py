@@ -31,7 +31,7 @@ from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from common.errors import DomainError
-from common.rows import ModelRows
+from common.rows import ModelRows, bound_cursor
 from registry.errors import AttemptLost, DependencyCycle, InvalidTransition, TaskNotFound
 from registry.models import Attempt, AttemptOutcome, Task, TaskArtifact, TaskEvent
 from registry.signals import task_queued
@@ -161,7 +161,7 @@ def _append(task_id: uuid.UUID | str, rows: list[tuple[str, str, Any]]) -> list[
             "messages": [r[1] for r in rows],
             "datas": [json.dumps(r[2], cls=encoder) for r in rows],
         }
-        with connection.cursor() as cursor:
+        with bound_cursor() as cursor:
             cursor.execute(_APPEND_SQL, params)
             returned = cursor.fetchall()
         if not returned:
@@ -429,7 +429,7 @@ def _insert_with_events(task: Task, rows: list[tuple[str, str, Any]]) -> None:
         [r[1] for r in rows],
         [json.dumps(r[2], cls=encoder) for r in rows],
     ]
-    with connection.cursor() as cursor:
+    with bound_cursor() as cursor:
         cursor.execute(_task_insert_sql(), params)
     task._state.adding = False
     task._state.db = connection.alias
@@ -627,7 +627,7 @@ _TASK_ROWS = ModelRows(Task)
 
 def _claim_postgresql(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, Attempt] | None:
     params = _claim_params(runner_id, task_id)
-    with connection.cursor() as cursor:
+    with bound_cursor() as cursor:
         cursor.execute(_claim_sql(task_id is not None), params)
         row = cursor.fetchone()
     if row is None:
