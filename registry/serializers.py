@@ -129,7 +129,7 @@ class TaskSerializer(serializers.ModelSerializer):
         """The same JSON as the declared fields give (a test holds them equal), built directly:
         DRF's field-by-field walk cost most of a list page's time. Reads ``dependency_ids`` when
         the view attached them (``attach_dependency_ids``), else the task's dependencies."""
-        dt, cost = _datetime_json(), _COST.to_representation
+        dt, cost = _datetime_json_of(self), _COST.to_representation
         repository_name = getattr(task, "repository_name", None)
         if repository_name is None:
             repository_name = task.repository.name
@@ -194,6 +194,15 @@ def _datetime_json():
     return _utc_iso
 
 
+def _datetime_json_of(serializer) -> object:
+    """``_datetime_json()`` looked up once per serializer: a list's items share one child."""
+    try:
+        return serializer._datetime_json
+    except AttributeError:
+        serializer._datetime_json = _datetime_json()
+        return serializer._datetime_json
+
+
 def _utc_iso(value: datetime.datetime | None) -> str | None:
     if not value:
         return None
@@ -244,7 +253,7 @@ class TaskEventSerializer(serializers.ModelSerializer):
             "type": event.type,
             "message": event.message,
             "data": event.data,
-            "created_at": _datetime_json()(event.created_at),
+            "created_at": _datetime_json_of(self)(event.created_at),
         }
 
 
