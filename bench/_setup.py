@@ -130,9 +130,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn(*, workers: int = 4, threads: int = 0, env: dict[str, str] | None = None) -> Iterator[int]:
-    """gunicorn on a free port with the current settings environment (plus ``env``); yields the port.
-    ``threads``: the gthread worker class with that many threads a worker (as ``make serve``), else sync."""
+def gunicorn(
+    *, workers: int = 4, threads: int = 0, env: dict[str, str] | None = None, with_pid: bool = False
+) -> Iterator[int] | Iterator[tuple[int, int]]:
+    """gunicorn on a free port with the current settings environment (plus ``env``); yields the port
+    (with its master's pid when ``with_pid``). ``threads``: the gthread worker class with that many
+    threads a worker (as ``make serve``), else sync."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     server = subprocess.Popen(
@@ -155,7 +158,7 @@ def gunicorn(*, workers: int = 4, threads: int = 0, env: dict[str, str] | None =
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("gunicorn did not start") from None
                 time.sleep(0.1)
-        yield port
+        yield (port, server.pid) if with_pid else port
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -280,3 +283,97 @@ def http_load(
         raise RuntimeError(errors[0])
     flat = [x for bucket in latencies for x in bucket]
     return len(flat) / elapsed, flat
+
+
+# --- wrk: a C load client, as pgbench is a C client --------------------------------------------------
+_WRK_SCRIPT = """
+local threads = {}
+local n = 0
+setup = function(thread) thread:set("tid", #threads); table.insert(threads, thread) end
+init = function(args) bad = 0; first_bad = "" end
+request = function()
+  n = n + 1
+  local body = nil
+  if body_head ~= nil then body = body_head .. tid .. "-" .. n .. body_tail end
+  return wrk.format(method, path, headers, body)
+end
+response = function(status, headers, body)
+  if status ~= expect then
+    bad = bad + 1
+    if first_bad == "" then first_bad = status .. " " .. string.sub(body, 1, 300) end
+  end
+end
+done = function(summary, latency, requests)
+  local b, first = 0, ""
+  for _, t in ipairs(threads) do
+    b = b + t:get("bad")
+    if first == "" then first = t:get("first_bad") end
+  end
+  local e = summary.errors
+  io.write(string.format("WRK requests=%d duration_us=%d p50_us=%d p99_us=%d bad=%d socket_errors=%d\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), b,
+    e.connect + e.read + e.write + e.timeout))
+  if first ~= "" then io.write("WRK_FIRST_BAD " .. first .. "\\n") end
+end
+"""
+
+
+def _lua_string(text: str) -> str:
+    return "[==[" + text.replace("]==]", "") + "]==]"
+
+
+def wrk_path() -> str | None:
+    return shutil.which("wrk")
+
+
+def wrk_load(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: str | None = None,
+    clients: int,
+    seconds: float,
+    expect: int = 200,
+) -> tuple[float, float, float]:
+    """``clients`` keep-alive connections driven by wrk (2 threads, as ``pgbench -j 2``) for
+    ``seconds`` (whole seconds, at least 1). ``body``, when given, carries the marker ``{n}``, which
+    each request replaces with a number of its own (e.g. a unique title). Returns requests per
+    second, p50 and p99 latency in seconds. A response other than ``expect`` (or a socket error)
+    stops the run with an error."""
+    script = temp_dir("bench-wrk-") / "load.lua"
+    head, _, tail = (body or "").partition("{n}")
+    lua_headers = ", ".join(f"[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in (headers or {}).items())
+    script.write_text(
+        f"method = {_lua_string(method)}\npath = {_lua_string(path)}\nexpect = {expect}\n"
+        f"headers = {{{lua_headers}}}\n"
+        + (f"body_head = {_lua_string(head)}\nbody_tail = {_lua_string(tail)}\n" if body is not None else "")
+        + _WRK_SCRIPT
+    )
+    done = subprocess.run(
+        [
+            wrk_path() or "wrk",
+            "-t", str(min(2, clients)),
+            "-c", str(clients),
+            "-d", f"{max(1, round(seconds))}s",
+            "--timeout", "60s",
+            "-s", str(script),
+            f"http://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    shutil.rmtree(script.parent, ignore_errors=True)
+    found = dict(
+        kv.split("=") for line in done.stdout.splitlines() if line.startswith("WRK ") for kv in line.split()[1:]
+    )
+    if done.returncode or not found:
+        raise RuntimeError(f"wrk failed: {done.stderr.strip() or done.stdout.strip()}")
+    if int(found["bad"]) or int(found["socket_errors"]):
+        first = next((line for line in done.stdout.splitlines() if line.startswith("WRK_FIRST_BAD")), "")
+        raise RuntimeError(
+            f"{method} {path}: {found['bad']} answers other than {expect}, {found['socket_errors']} socket errors {first}"
+        )
+    requests, duration = int(found["requests"]), int(found["duration_us"]) / 1e6
+    return requests / duration, int(found["p50_us"]) / 1e6, int(found["p99_us"]) / 1e6

@@ -5,24 +5,29 @@
 Each figure is printed beside its floor measured in the same run, the compared operations
 interleaved (A B A B ..., ``--rounds`` rounds), as the median over rounds with the p25–p75 spread:
 
-- HTTP (``--clients`` keep-alive client threads against gunicorn -w 4, persistent connections):
-  GET /api/health/, POST /api/tasks/, GET /api/tasks/<id>/events/ (50 events). Floor: pgbench
-  -c 8 -j 2 (TPC-B-like, and -S read-only) on a scratch database, and pgbench -C for the cost of
-  a new connection.
+- HTTP: the API under gunicorn as ``make serve`` runs it (gthread, 2 workers of 8 threads,
+  persistent database connections), driven by wrk (a C client, as pgbench is: ``--clients``
+  keep-alive connections, 2 threads) when it is installed, else by Python client threads:
+  GET /api/health/, POST /api/tasks/, GET /api/tasks/<id>/events/ as the list (50 events) and in
+  cursor pages (50 events; 100,000 events, first page and 90 % deep). Floor: pgbench -c 8 -j 2
+  (TPC-B-like, and -S read-only) on a scratch database, and pgbench -C for the cost of a new
+  connection. Latencies are each round's p50 and p99 (wrk's), their median over rounds printed.
 - List pages at each of ``--sizes`` tasks (filled with one INSERT ... SELECT FROM generate_series,
   timed and printed): the first cursor page (``?cursor=``), a cursor page 90 % deep, and the
-  first page-number page (``?page=1``, which counts every row), 50 tasks a page.
+  first page-number page (``?page=1``, which counts every row), 50 tasks a page. Light cases run
+  forward in even rounds and backward in odd ones; the counting pages last in each round.
 - Events: ``event_append_batch`` (batches of 100) and ``event_append`` (one at a time) in 8
   processes, each on a task of its own, called in-process (the user API has no event-writing
   endpoint). Floor: pgbench running the very statement the batch sends, 8 clients.
 - Claims: ``task_claim`` in 1, 2, 4 and 8 processes over 20,000 queued tasks, in a table of the
-  largest size. Floor: pgbench running the very statement ``task_claim`` sends (one CTE: pick with
+  largest size, the counts in turn (1 2 4 8, then 8 4 2 1 in the next round). Floor: pgbench running the very statement ``task_claim`` sends (one CTE: pick with
   SKIP LOCKED, update, insert attempt and event), as many clients. Rates are claims made / time,
   counted in the table (a client that finds the queue empty does not count).
+- Slots are measured by bench/pool.py.
 
-Everything lives in scratch databases and a temp folder, dropped at exit. The client is Python
-threads (wrk is not needed); on a 2-core machine it competes with the server, so the API figures
-are a lower bound and the ratios compare like with like.
+Everything lives in scratch databases and a temp folder, dropped at exit. On a 2-core machine the
+client competes with the server for the cores (wrk far less than Python threads), so the API
+figures are a lower bound and the ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -49,7 +54,15 @@ from _setup import (
     pg_database,
     pgbench_path,
     spread,
+    wrk_load,
+    wrk_path,
 )
+
+# The server as `make serve` runs it: gthread workers keep connections alive and hold a long poll
+# in a thread; measured against sync workers on this 2-core box, they also serve more requests (see
+# the README's Benchmarks section).
+SERVE_WORKERS, SERVE_THREADS = 2, 8
+SERVE_ARGS = ("-k", "gthread", "-w", str(SERVE_WORKERS), "--threads", str(SERVE_THREADS))
 
 
 # --- pgbench --------------------------------------------------------------------------------------
@@ -85,11 +98,12 @@ def _claim_worker(barrier, seconds: float, out) -> None:
     barrier.wait()
     stop = time.perf_counter() + seconds
     count = 0
+    cpu = time.process_time()
     while time.perf_counter() < stop:
         if task_claim(runner_id=runner) is None:
             break
         count += 1
-    out.put(count)
+    out.put((count, time.process_time() - cpu))
 
 
 def _event_worker(barrier, seconds: float, task_id: str, batch: int, out) -> None:
@@ -205,6 +219,11 @@ def deep_cursor(url: str, fraction: float) -> str:
     return base64.b64encode(urlencode({"p": position}).encode("ascii")).decode("ascii")
 
 
+def event_cursor(after_seq: int) -> str:
+    """A cursor (as the API encodes one) at the event after ``after_seq``."""
+    return base64.b64encode(urlencode({"p": str(after_seq)}).encode("ascii")).decode("ascii")
+
+
 def use_database(url: str) -> None:
     """Point this process (and the processes it forks, and pgbench) at another scratch database."""
     import os
@@ -217,6 +236,95 @@ def use_database(url: str) -> None:
     os.environ["DATABASE_URL"] = url
 
 
+# --- gunicorn's worker models side by side ---------------------------------------------------------
+WORKER_MODELS = {
+    "sync -w 2": {"workers": 2},
+    "sync -w 4": {"workers": 4},
+    "gthread -w 2 --threads 8 (make serve)": {"workers": 2, "threads": 8},
+    "gthread -w 4 --threads 2": {"workers": 4, "threads": 2},
+}
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and of its children still running (Linux /proc)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(p: int) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return own(pid) + sum(own(child) for child in children)
+
+
+def compare_workers(url: str, auth: dict, repository_id: int, *, rounds: int, seconds: float, clients: int) -> None:
+    """GET /api/health/ and POST /api/tasks/ against each worker model, interleaved (the models in
+    turn within a round), as requests a second and the server's CPU a request (its processes'
+    user + system time over the run: the figure least moved by whatever else the machine does)."""
+    import os
+
+    from django.db import connection
+
+    from registry.models import Task
+
+    body = json.dumps({"title": "posted {n}", "instructions": "Make add() add.", "repository": repository_id})
+    cases = {
+        "GET /api/health/": ("GET", "/api/health/", None, 200),
+        "POST /api/tasks/": ("POST", "/api/tasks/", body, 201),
+    }
+    found: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for model, options in WORKER_MODELS.items():
+            servers[model] = stack.enter_context(gunicorn(env={"DATABASE_URL": url}, with_pid=True, **options))
+        for port, _ in servers.values():  # warm-up
+            for method, path, case_body, expect in cases.values():
+                wrk_load(port, method, path, headers=auth, body=case_body, clients=clients, seconds=1, expect=expect)
+        for round_number in range(rounds):
+            order = list(servers) if round_number % 2 == 0 else list(servers)[::-1]
+            for name, (method, path, case_body, expect) in cases.items():
+                for model in order:
+                    port, pid = servers[model]
+                    before = _process_cpu_seconds(pid)
+                    started = time.perf_counter()
+                    rate, _, _ = wrk_load(
+                        port,
+                        method,
+                        path,
+                        headers=auth,
+                        body=case_body,
+                        clients=clients,
+                        seconds=seconds,
+                        expect=expect,
+                    )
+                    requests = rate * (time.perf_counter() - started)
+                    found.setdefault((name, model), []).append((rate, (_process_cpu_seconds(pid) - before) / requests))
+            Task.objects.filter(title__startswith="posted ").delete()
+    connection.close()
+    print(
+        f"gunicorn worker models, wrk with {clients} keep-alive connections, {rounds} rounds (load {os.getloadavg()[0]:.1f}):"
+    )
+    for name in cases:
+        for model in WORKER_MODELS:
+            samples = found[(name, model)]
+            print(
+                f"  {name:18s} {model:40s} {spread([r for r, _ in samples]):>22s} req/s   "
+                f"server CPU {median([c for _, c in samples]) * 1000:.2f} ms a request"
+            )
+
+
 # --- main -----------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -224,7 +332,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="1000,100000,1000000", help="task counts for the list pages")
+    parser.add_argument(
+        "--only",
+        default="http,events,claims",
+        help="parts to run (comma-separated): http, events, claims; and workers (not by default): "
+        "gunicorn's worker models side by side",
+    )
     args = parser.parse_args()
+    parts = set(args.only.split(","))
     rounds, seconds, clients = args.rounds, args.seconds, args.clients
     sizes = [int(x) for x in args.sizes.split(",")]
 
@@ -238,7 +353,7 @@ def main() -> None:
     from registry.services import event_append, task_create
     from repopool.services import repository_create
 
-    # A small real repository for the tasks (bench/pool.py measures the slots).
+    # A small real repository for the tasks (bench/pool.py measures slots, on a large one).
     origin = data / "origin"
     origin.mkdir()
     for i in range(20):
@@ -254,7 +369,19 @@ def main() -> None:
         event_append(task_id=events_task.pk, type="note", message=f"step {i}", data={"i": i})
     for i in range(sizes[0] - Task.objects.count()):
         task_create(title=f"t{i}", instructions="fix it", repository=repo, owner=staff)
+    # A task with a long log for the events pages (one INSERT ... SELECT, as the list fill).
+    log_events = 100_000
+    log_task = task_create(title="long log", instructions="x", repository=repo, owner=staff)
+    run_sql(
+        _django_url(),
+        "INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at) "
+        "SELECT %s, g, 'progress', 'step ' || g, jsonb_build_object('n', g, 'tool', 'write_file'), now() "
+        "FROM generate_series(3, %s) g",
+        [log_task.pk, log_events],
+    )
+    run_sql(_django_url(), "UPDATE registry_task SET event_seq = %s WHERE id = %s", [log_events, log_task.pk])
     Task.objects.update(status="succeeded")  # the claim bench queues its own
+    run_sql(_django_url(), "VACUUM ANALYZE registry_task, registry_taskevent")
     pgb = PgBench(data)
 
     # One database per list size, copied from this one and filled (timed), each behind its own
@@ -272,163 +399,243 @@ def main() -> None:
         run_sql(databases[size], "VACUUM ANALYZE registry_task")
         fills[size] = time.perf_counter() - started
 
-    def post(c: int, n: int):
-        body = {"title": f"posted {c}-{n}", "instructions": "Make add() add.", "repository": repo.pk}
-        return "POST", "/api/tasks/", json.dumps(body).encode(), auth
+    if "workers" in parts:
+        compare_workers(base_url, auth, repo.pk, rounds=rounds, seconds=seconds, clients=clients)
 
-    def get(path: str):
-        return lambda c, n: ("GET", path, None, auth), 200
+    if "http" in parts:
+        post_body = json.dumps({"title": "posted {n}", "instructions": "Make add() add.", "repository": repo.pk})
+        # name -> (method, path, body with {n}, expected status, heavy); heavy cases (a COUNT of the
+        # whole table) run after the others in each round, so no light case always follows one.
+        http_cases: dict[str, tuple[str, str, str | None, int, bool]] = {
+            "GET /api/health/": ("GET", "/api/health/", None, 200, False),
+            "POST /api/tasks/": ("POST", "/api/tasks/", post_body, 201, False),
+            "GET /api/tasks/<id>/events/ (list, 50 events)": ("GET", f"/api/tasks/{events_task.pk}/events/", None, 200, False),
+            "GET /api/tasks/<id>/events/?cursor= (50 events)": (
+                "GET", f"/api/tasks/{events_task.pk}/events/?cursor=", None, 200, False,
+            ),
+            f"GET /api/tasks/<id>/events/?cursor= ({log_events:,} events)": (
+                "GET", f"/api/tasks/{log_task.pk}/events/?cursor=", None, 200, False,
+            ),
+            f"GET /api/tasks/<id>/events/?cursor=<90 % deep> ({log_events:,} events)": (
+                "GET", f"/api/tasks/{log_task.pk}/events/?cursor={quote(event_cursor(int(log_events * 0.9)), safe='')}",
+                None, 200, False,
+            ),
+        }  # fmt: skip
+        server_of = dict.fromkeys(http_cases, sizes[0])
+        list_names: dict[int, list[str]] = {}
+        for size in sizes:
+            deep = quote(deep_cursor(databases[size], 0.9), safe="")
+            cases = {
+                f"GET /api/tasks/?cursor= ({size:,} tasks)": ("GET", "/api/tasks/?cursor=", None, 200, False),
+                f"GET /api/tasks/?cursor=<90 % deep> ({size:,} tasks)": (
+                    "GET",
+                    f"/api/tasks/?cursor={deep}",
+                    None,
+                    200,
+                    False,
+                ),
+                f"GET /api/tasks/?page=1 ({size:,} tasks, COUNT)": ("GET", "/api/tasks/?page=1", None, 200, True),
+            }
+            http_cases.update(cases)
+            server_of.update(dict.fromkeys(cases, size))
+            list_names[size] = list(cases)
+        results: dict[str, list[tuple[float, float, float]]] = {}  # name -> per round (req/s, p50 s, p99 s)
+        floors: dict[str, list[float]] = {"pgbench tpcb": [], "pgbench -S": [], "connect ms": []}
 
-    http_cases = {
-        "GET /api/health/": (lambda c, n: ("GET", "/api/health/", None, {}), 200),
-        "POST /api/tasks/": (post, 201),
-        "GET /api/tasks/<id>/events/ (50 events)": get(f"/api/tasks/{events_task.pk}/events/"),
-    }
-    server_of = dict.fromkeys(http_cases, sizes[0])
-    list_names: dict[int, list[str]] = {}
-    for size in sizes:
-        deep = quote(deep_cursor(databases[size], 0.9), safe="")
-        cases = {
-            f"GET /api/tasks/?cursor= ({size:,} tasks)": get("/api/tasks/?cursor="),
-            f"GET /api/tasks/?cursor=<90 % deep> ({size:,} tasks)": get(f"/api/tasks/?cursor={deep}"),
-            f"GET /api/tasks/?page=1 ({size:,} tasks, COUNT)": get("/api/tasks/?page=1"),
-        }
-        http_cases.update(cases)
-        server_of.update(dict.fromkeys(cases, size))
-        list_names[size] = list(cases)
-    results: dict[str, list[tuple[float, list[float]]]] = {}
-    floors: dict[str, list[float]] = {"pgbench tpcb": [], "pgbench -S": [], "connect ms": []}
-
-    print(f"API on PostgreSQL, gunicorn -w 4, DEBUG off, {clients} clients, {rounds} rounds of {seconds:g} s")
-    with contextlib.ExitStack() as servers:
-        ports = {size: servers.enter_context(gunicorn(env={"DATABASE_URL": url})) for size, url in databases.items()}
-        for name, (make, expect) in http_cases.items():  # warm-up: imports, first connections, caches
-            http_load(ports[server_of[name]], make, clients=clients, seconds=0.5, expect=expect)
-        Task.objects.filter(title__startswith="posted ").delete()
-        for _ in range(rounds):
-            for name, (make, expect) in http_cases.items():
-                results.setdefault(name, []).append(
-                    http_load(ports[server_of[name]], make, clients=clients, seconds=seconds, expect=expect)
+        def load(name: str, run_seconds: float) -> tuple[float, float, float]:
+            method, path, body, expect, _ = http_cases[name]
+            port = ports[server_of[name]]
+            if use_wrk:
+                return wrk_load(
+                    port, method, path, headers=auth, body=body, clients=clients, seconds=run_seconds, expect=expect
                 )
-                if name.startswith("POST"):  # keep the table at its size
-                    Task.objects.filter(title__startswith="posted ").delete()
-            floors["pgbench tpcb"].append(pgb.tps("-c", "8", "-j", "2", "-T", str(int(seconds))))
-            floors["pgbench -S"].append(pgb.tps("-S", "-c", "8", "-j", "2", "-T", str(int(seconds))))
-            floors["connect ms"].append(pgb.connect_ms(8, int(seconds)))
 
-    def row(label: str, samples: list[tuple[float, list[float]]], floor: float | None = None) -> str:
-        rates = [rate for rate, _ in samples]
-        lat = [x for _, flat in samples for x in flat]
-        ratio = f"  {median(rates) / floor:7.3f}" if floor else ""
-        return (
-            f"  {label:58s} {spread(rates):>22s} req/s   p50 {percentile(lat, 0.5) * 1000:6.1f} ms"
-            f"   p99 {percentile(lat, 0.99) * 1000:7.1f} ms{ratio}"
+            def make(c: int, n: int):
+                return method, path, None if body is None else body.replace("{n}", f"{c}-{n}").encode(), auth
+
+            rate, latencies = http_load(port, make, clients=clients, seconds=run_seconds, expect=expect)
+            return rate, percentile(latencies, 0.5), percentile(latencies, 0.99)
+
+        def forget_posted() -> None:
+            """Keep the first table at its size, its list index without the dead entries of the rows
+            just deleted (autovacuum may be off, or late): the list pages compare sizes, not churn."""
+            Task.objects.filter(title__startswith="posted ").delete()
+            run_sql(base_url, "VACUUM ANALYZE registry_task, registry_taskevent")
+
+        use_wrk = wrk_path() is not None
+        light = [name for name, case in http_cases.items() if not case[4]]
+        heavy = [name for name, case in http_cases.items() if case[4]]
+        client = f"wrk ({clients} connections, 2 threads)" if use_wrk else f"{clients} Python client threads (no wrk)"
+        print(
+            f"API on PostgreSQL, gunicorn {' '.join(SERVE_ARGS)} (as make serve), DEBUG off, {client}, "
+            f"{rounds} rounds of {max(1, round(seconds)) if use_wrk else seconds:g} s"
         )
+        with contextlib.ExitStack() as servers:
+            ports = {
+                size: servers.enter_context(
+                    gunicorn(workers=SERVE_WORKERS, threads=SERVE_THREADS, env={"DATABASE_URL": url})
+                )
+                for size, url in databases.items()
+            }
+            for name in http_cases:  # warm-up: imports, first connections, caches
+                load(name, 1)
+            forget_posted()
+            for round_number in range(rounds):
+                # Light cases forward in even rounds, backward in odd ones (A B .. B A), then the heavy.
+                for name in (light if round_number % 2 == 0 else light[::-1]) + heavy:
+                    results.setdefault(name, []).append(load(name, seconds))
+                    if name.startswith("POST"):
+                        forget_posted()
+                floors["pgbench tpcb"].append(pgb.tps("-c", "8", "-j", "2", "-T", str(int(seconds))))
+                floors["pgbench -S"].append(pgb.tps("-S", "-c", "8", "-j", "2", "-T", str(int(seconds))))
+                floors["connect ms"].append(pgb.connect_ms(8, int(seconds)))
 
-    def p50(name: str) -> float:
-        return percentile([x for _, flat in results[name] for x in flat], 0.5)
+        def row(label: str, samples: list[tuple[float, float, float]], floor: float | None = None) -> str:
+            rates = [rate for rate, _, _ in samples]
+            ratio = f"  {median(rates) / floor:7.3f}" if floor else ""
+            return (
+                f"  {label:64s} {spread(rates):>22s} req/s   p50 {p50(label) * 1000:6.1f} ms"
+                f"   p99 {median([p99 for _, _, p99 in samples]) * 1000:7.1f} ms{ratio}"
+            )
 
-    tpcb, read_only = median(floors["pgbench tpcb"]), median(floors["pgbench -S"])
-    print(f"  floor: pgbench -c 8 -j 2 TPC-B-like {spread(floors['pgbench tpcb'], fmt='{:.0f}')} TPS;", end="")
-    print(f" -S (read-only) {spread(floors['pgbench -S'], fmt='{:.0f}')} TPS;", end="")
-    print(f" new connection (pgbench -C) {spread(floors['connect ms'])} ms")
-    print(f"  {'':58s} {'median (p25–p75)':>22s}                                        / pgbench")
-    for name in http_cases:
-        print(row(name, results[name], tpcb if name.startswith("POST") else read_only))
-    print("  fill (INSERT ... SELECT generate_series + VACUUM ANALYZE, on a copy of the first): ", end="")
-    print(", ".join(f"to {size:,} in {fills[size]:.1f} s" for size in sizes[1:]))
-    for i, label in enumerate(["first cursor page", "cursor page 90 % deep", "page=1 with COUNT"]):
-        base = p50(list_names[sizes[0]][i])
-        ratios = ", ".join(f"{size:,}: {p50(list_names[size][i]) / base:.2f}x" for size in sizes[1:])
-        print(f"  list p50 against {sizes[0]:,} tasks, {label}: {ratios}")
+        def p50(name: str) -> float:
+            """The median over rounds of each round's p50."""
+            return median([p for _, p, _ in results[name]])
+
+        tpcb, read_only = median(floors["pgbench tpcb"]), median(floors["pgbench -S"])
+        print(f"  floor: pgbench -c 8 -j 2 TPC-B-like {spread(floors['pgbench tpcb'], fmt='{:.0f}')} TPS;", end="")
+        print(f" -S (read-only) {spread(floors['pgbench -S'], fmt='{:.0f}')} TPS;", end="")
+        print(f" new connection (pgbench -C) {spread(floors['connect ms'])} ms")
+        print(f"  {'':64s} {'median (p25–p75)':>22s}           (medians over rounds)        / pgbench")
+        for name in http_cases:
+            print(row(name, results[name], tpcb if name.startswith("POST") else read_only))
+        post_rates = [rate for rate, _, _ in results["POST /api/tasks/"]]
+        print(
+            f"  POST /api/tasks/ against TPC-B: {median(post_rates) / tpcb:.3f} (per round: "
+            + ", ".join(f"{r / t:.3f}" for r, t in zip(post_rates, floors["pgbench tpcb"], strict=True))
+            + ")"
+        )
+        print("  fill (INSERT ... SELECT generate_series + VACUUM ANALYZE, on a copy of the first): ", end="")
+        print(", ".join(f"to {size:,} in {fills[size]:.1f} s" for size in sizes[1:]))
+        for i, label in enumerate(["first cursor page", "cursor page 90 % deep", "page=1 with COUNT"]):
+            base = p50(list_names[sizes[0]][i])
+            ratios = ", ".join(f"{size:,}: {p50(list_names[size][i]) / base:.2f}x" for size in sizes[1:])
+            print(f"  list p50 against {sizes[0]:,} tasks, {label}: {ratios}")
+        few = p50("GET /api/tasks/<id>/events/?cursor= (50 events)")
+        print(
+            f"  events page p50 against 50 events: first page at {log_events:,} events "
+            f"{p50(f'GET /api/tasks/<id>/events/?cursor= ({log_events:,} events)') / few:.2f}x, 90 % deep "
+            f"{p50(f'GET /api/tasks/<id>/events/?cursor=<90 % deep> ({log_events:,} events)') / few:.2f}x"
+        )
 
     # Events and claims in the largest table.
     use_database(databases[max(sizes)])
 
-    # --- events -----------------------------------------------------------------------------------
-    writers = 8
-    event_tasks = [task_create(title=f"ev-{i}", instructions="x", repository=repo, owner=staff) for i in range(writers)]
-    sample = [{"type": "progress", "message": f"step {i}", "data": _event_data(i)} for i in range(100)]
-    rows = [(e["type"], e["message"], e["data"]) for e in sample]
-    params = {
-        "n": 100,
-        "task_id": event_tasks[0].pk,
-        "now": services.timezone.now(),
-        "types": [r[0] for r in rows],
-        "messages": [r[1] for r in rows],
-        "datas": [json.dumps(r[2]) for r in rows],
-    }
-    script = pgbench_script(
-        services._APPEND_SQL,
-        params,
-        {f"'{event_tasks[0].pk}'::uuid": "(SELECT id FROM registry_task WHERE title = 'ev-' || :client_id)"},
-    )
-    (data / "events.sql").write_text(script)
-    event_rates: dict[str, list[float]] = {"batch": [], "single": [], "floor": []}
-    each = [(str(t.pk),) for t in event_tasks]
-    for _ in range(rounds):
-        elapsed, counts = in_processes(_event_worker, writers, seconds, each=[(*e, 100) for e in each])
-        event_rates["batch"].append(sum(counts) / elapsed)
-        out = pgb.run(
-            "-n", "-f", "events.sql", "-c", str(writers), "-j", "2", "-T", str(int(seconds)), url=_django_url()
+    if "events" in parts:
+        # --- events -----------------------------------------------------------------------------------
+        writers = 8
+        event_tasks = [
+            task_create(title=f"ev-{i}", instructions="x", repository=repo, owner=staff) for i in range(writers)
+        ]
+        sample = [{"type": "progress", "message": f"step {i}", "data": _event_data(i)} for i in range(100)]
+        rows = [(e["type"], e["message"], e["data"]) for e in sample]
+        params = {
+            "n": 100,
+            "task_id": event_tasks[0].pk,
+            "now": services.timezone.now(),
+            "types": [r[0] for r in rows],
+            "messages": [r[1] for r in rows],
+            "datas": [json.dumps(r[2]) for r in rows],
+        }
+        script = pgbench_script(
+            services._APPEND_SQL,
+            params,
+            {f"'{event_tasks[0].pk}'::uuid": "(SELECT id FROM registry_task WHERE title = 'ev-' || :client_id)"},
         )
-        event_rates["floor"].append(100 * float(re.search(r"tps = ([\d.]+)", out).group(1)))
-        elapsed, counts = in_processes(_event_worker, writers, seconds, each=[(*e, 1) for e in each])
-        event_rates["single"].append(sum(counts) / elapsed)
-    print(f"events, {writers} processes each on its own task, in-process service calls, {rounds} rounds:")
-    print(
-        f"  event_append_batch (100 a call) {spread(event_rates['batch'], fmt='{:.0f}')} events/s   "
-        f"floor (its statement in pgbench, {writers} clients) {spread(event_rates['floor'], fmt='{:.0f}')} events/s"
-        f"   ratio {median(event_rates['batch']) / median(event_rates['floor']):.3f}"
-    )
-    print(f"  event_append (one a call)       {spread(event_rates['single'], fmt='{:.0f}')} events/s")
-
-    # --- claims -----------------------------------------------------------------------------------
-    queued = 20_000
-    Task.objects.bulk_create(
-        Task(title=f"q{i}", instructions="x", repository=repo, status="queued") for i in range(queued)
-    )
-    queued_ids = list(Task.objects.filter(status="queued").values_list("pk", flat=True))
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE registry_task")
-
-    def requeue() -> None:
-        Attempt.objects.filter(task_id__in=queued_ids).delete()
-        TaskEvent.objects.filter(task_id__in=queued_ids).delete()
-        Task.objects.filter(pk__in=queued_ids).update(status="queued", attempts_count=0, started_at=None, event_seq=0)
-        with connection.cursor() as cursor:
-            cursor.execute("VACUUM registry_task, registry_attempt, registry_taskevent")
-
-    def claimed() -> int:
-        return Task.objects.filter(pk__in=queued_ids, status="running").count()
-
-    claim_sql = pgbench_script(services._claim_sql(named=False), services._claim_params("pgbench", None))
-    (data / "claim.sql").write_text(claim_sql)
-    counts_n = (1, 2, 4, 8)
-    claims: dict[int, list[float]] = {n: [] for n in counts_n}
-    claim_floor: dict[int, list[float]] = {n: [] for n in counts_n}
-    for _ in range(rounds):
-        for n in counts_n:
-            requeue()
-            elapsed, counts = in_processes(_claim_worker, n, seconds)
-            if sum(counts) >= queued:
-                print(f"  (warning: {n} claimers emptied the queue; raise the queue size)")
-            claims[n].append(sum(counts) / elapsed)
-            requeue()
-            pgb.run(
-                "-n", "-f", "claim.sql", "-c", str(n), "-j", str(min(n, 2)), "-T", str(int(seconds)), url=_django_url()
+        (data / "events.sql").write_text(script)
+        event_rates: dict[str, list[float]] = {"batch": [], "single": [], "floor": []}
+        each = [(str(t.pk),) for t in event_tasks]
+        for _ in range(rounds):
+            elapsed, counts = in_processes(_event_worker, writers, seconds, each=[(*e, 100) for e in each])
+            event_rates["batch"].append(sum(counts) / elapsed)
+            out = pgb.run(
+                "-n", "-f", "events.sql", "-c", str(writers), "-j", "2", "-T", str(int(seconds)), url=_django_url()
             )
-            claim_floor[n].append(claimed() / int(seconds))
-    print(
-        f"claims (task_claim in N processes, {queued:,} queued among {Task.objects.count():,} tasks), "
-        f"{rounds} rounds of {seconds:g} s:"
-    )
-    for n in counts_n:
-        ratio = median(claims[n]) / median(claim_floor[n])
+            event_rates["floor"].append(100 * float(re.search(r"tps = ([\d.]+)", out).group(1)))
+            elapsed, counts = in_processes(_event_worker, writers, seconds, each=[(*e, 1) for e in each])
+            event_rates["single"].append(sum(counts) / elapsed)
+        print(f"events, {writers} processes each on its own task, in-process service calls, {rounds} rounds:")
         print(
-            f"  {n} claimer(s): {spread(claims[n], fmt='{:.0f}')} claims/s   floor (its statement in pgbench, {n} "
-            f"clients) {spread(claim_floor[n], fmt='{:.0f}')} claims/s   ratio {ratio:.3f}"
+            f"  event_append_batch (100 a call) {spread(event_rates['batch'], fmt='{:.0f}')} events/s   "
+            f"floor (its statement in pgbench, {writers} clients) {spread(event_rates['floor'], fmt='{:.0f}')} events/s"
+            f"   ratio {median(event_rates['batch']) / median(event_rates['floor']):.3f}"
         )
+        print(f"  event_append (one a call)       {spread(event_rates['single'], fmt='{:.0f}')} events/s")
+
+    if "claims" in parts:
+        # --- claims -----------------------------------------------------------------------------------
+        queued = 20_000
+        Task.objects.bulk_create(
+            Task(title=f"q{i}", instructions="x", repository=repo, status="queued") for i in range(queued)
+        )
+        queued_ids = list(Task.objects.filter(status="queued").values_list("pk", flat=True))
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE registry_task")
+
+        def requeue() -> None:
+            Attempt.objects.filter(task_id__in=queued_ids).delete()
+            TaskEvent.objects.filter(task_id__in=queued_ids).delete()
+            Task.objects.filter(pk__in=queued_ids).update(
+                status="queued", attempts_count=0, started_at=None, event_seq=0
+            )
+            with connection.cursor() as cursor:
+                cursor.execute("VACUUM registry_task, registry_attempt, registry_taskevent")
+
+        def claimed() -> int:
+            return Task.objects.filter(pk__in=queued_ids, status="running").count()
+
+        claim_sql = pgbench_script(services._claim_sql(named=False), services._claim_params("pgbench", None))
+        (data / "claim.sql").write_text(claim_sql)
+        counts_n = (1, 2, 4, 8)
+        claims: dict[int, list[float]] = {n: [] for n in counts_n}
+        claim_floor: dict[int, list[float]] = {n: [] for n in counts_n}
+        claim_cpu: dict[int, list[float]] = {n: [] for n in counts_n}  # the claimers' own CPU a claim
+        for round_number in range(rounds):
+            # 1 2 4 8 in even rounds, 8 4 2 1 in odd ones: a drift of the machine (other work, the
+            # disk's flush time) over a round weighs on every claimer count alike.
+            for n in counts_n if round_number % 2 == 0 else counts_n[::-1]:
+                requeue()
+                elapsed, done = in_processes(_claim_worker, n, seconds)
+                counts = [count for count, _ in done]
+                claim_cpu[n].append(sum(cpu for _, cpu in done) / max(1, sum(counts)))
+                if sum(counts) >= queued:
+                    print(f"  (warning: {n} claimers emptied the queue; raise the queue size)")
+                claims[n].append(sum(counts) / elapsed)
+                requeue()
+                pgb.run(
+                    "-n",
+                    "-f",
+                    "claim.sql",
+                    "-c",
+                    str(n),
+                    "-j",
+                    str(min(n, 2)),
+                    "-T",
+                    str(int(seconds)),
+                    url=_django_url(),
+                )
+                claim_floor[n].append(claimed() / int(seconds))
+        print(
+            f"claims (task_claim in N processes, {queued:,} queued among {Task.objects.count():,} tasks), "
+            f"{rounds} rounds of {seconds:g} s:"
+        )
+        for n in counts_n:
+            ratio = median(claims[n]) / median(claim_floor[n])
+            print(
+                f"  {n} claimer(s): {spread(claims[n], fmt='{:.0f}')} claims/s   floor (its statement in pgbench, {n} "
+                f"clients) {spread(claim_floor[n], fmt='{:.0f}')} claims/s   ratio {ratio:.3f}   "
+                f"claimer CPU {median(claim_cpu[n]) * 1e6:.0f} µs a claim"
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ No import of rest_framework.views at module level: DRF imports this module while
 
 from __future__ import annotations
 
+import functools
 import math
 
 from django.conf import settings
@@ -19,6 +20,26 @@ from rest_framework.response import Response
 from common.errors import DomainError, UnavailableError
 
 
+class SharedFields:
+    """Mixin for a serializer whose fields are built once per class instead of deep-copied for
+    every instance (DRF's way; that copy was a third of validating a task's body).
+
+    For input serializers only, whose fields keep no state of a request and read no context:
+    validating reads a field, never changes it. Their ``parent`` (and ``context``) is one
+    prototype instance of the class; the serializer's own ``validate_*`` methods still run on the
+    instance (with its context), and the errors are DRF's own."""
+
+    @property
+    def fields(self):
+        return _shared_fields(type(self))
+
+
+@functools.cache
+def _shared_fields(cls):
+    prototype = cls()
+    return serializers.Serializer.fields.func(prototype)  # DRF's own: a deep copy, bound to the prototype
+
+
 class _CursorPages(CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 500
@@ -26,7 +47,8 @@ class _CursorPages(CursorPagination):
     def paginate_queryset(self, queryset, request, view=None):
         try:
             return super().paginate_queryset(queryset, request, view)
-        except (exceptions.NotFound, DjangoValidationError):  # undecodable, or a position of the wrong type
+        # Undecodable, or a position of the wrong type (a date where a number belongs raises ValueError).
+        except (exceptions.NotFound, DjangoValidationError, ValueError, TypeError):
             raise exceptions.ValidationError({"cursor": ["Invalid cursor: use the next or previous link as given."]})
 
 
@@ -91,6 +113,31 @@ class Pagination(PageNumberPagination):
                 },
             ]
         return parameters
+
+    def get_cursor_parameters(self) -> list:
+        """The cursor, count and page_size parameters, for a view that serves cursor pages only when
+        asked (and pages otherwise by its own means), as drf-spectacular parameters."""
+        from drf_spectacular.utils import OpenApiParameter
+
+        return [
+            OpenApiParameter(
+                "cursor",
+                str,
+                description="Cursor pages: empty for the first page, then the value in the next or previous "
+                "link. Each page costs the same however long the list.",
+            ),
+            OpenApiParameter(
+                "count",
+                str,
+                enum=["exact"],
+                description="With cursor: 'exact' adds the exact count (it reads every matching row).",
+            ),
+            OpenApiParameter(
+                "page_size",
+                int,
+                description=f"With cursor: results a page (default {self.page_size}, at most {self.max_page_size}).",
+            ),
+        ]
 
 
 class PayloadTooLarge(exceptions.APIException):

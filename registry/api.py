@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 from django.db.models import F
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from common.drf import Pagination, errors
+from common.drf import Pagination, SharedFields, errors
 from registry import services
-from registry.models import Task
+from registry.models import Task, TaskEvent
 from registry.selectors import tasks_visible_to
 from registry.serializers import (
     AttemptSerializer,
@@ -26,7 +26,7 @@ from repopool.services import REPOSITORY_REF_HELP, REPOSITORY_REF_REGEX
 UUID_REGEX = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 
 
-class TaskFilterSerializer(serializers.Serializer):
+class TaskFilterSerializer(SharedFields, serializers.Serializer):
     status = serializers.ChoiceField(choices=TaskStatus.choices, required=False)
     repository = serializers.RegexField(
         REPOSITORY_REF_REGEX,
@@ -36,13 +36,34 @@ class TaskFilterSerializer(serializers.Serializer):
     )
 
 
-class EventsQuerySerializer(serializers.Serializer):
-    after = serializers.IntegerField(required=False, min_value=0, default=0)
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=500)
+class EventsQuerySerializer(SharedFields, serializers.Serializer):
+    after = serializers.IntegerField(
+        required=False, min_value=0, default=0, help_text="Only events with a larger sequence number."
+    )
+    limit = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=1000,
+        default=500,
+        help_text="Without cursor: at most this many events (a list). With cursor, use page_size.",
+    )
 
 
 class TaskPagination(Pagination):
     cursor_ordering = ("-created_at", "-id")  # the index task_list_order
+
+
+class EventPagination(Pagination):
+    cursor_ordering = ("seq",)  # oldest first; with the task's id, the unique index event_unique_seq
+
+
+class TaskEventPageSerializer(serializers.Serializer):
+    """A cursor page of a task's events (schema only)."""
+
+    count = serializers.IntegerField(required=False, help_text="Only with count=exact.")
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = TaskEventSerializer(many=True)
 
 
 class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -115,18 +136,35 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return Response(TaskSerializer(task).data)
 
     @extend_schema(
-        parameters=[EventsQuerySerializer],
-        responses={200: TaskEventSerializer(many=True), **errors(400, 401, 403, 404)},
-        description="Events after sequence number `after`, in order; poll with the last seq seen to tail a task.",
+        parameters=[EventsQuerySerializer, *EventPagination().get_cursor_parameters()],
+        responses={
+            200: PolymorphicProxySerializer(
+                component_name="TaskEvents",
+                serializers=[TaskEventSerializer(many=True), TaskEventPageSerializer],
+                resource_type_field_name=None,
+                many=False,  # the list is one of the two shapes, not a list of them
+            ),
+            **errors(400, 401, 403, 404),
+        },
+        description="Events after sequence number `after`, oldest first; poll with the last seq seen to tail a "
+        "task. Without `cursor`: a list of at most `limit` events. With `cursor` (empty for the first page, "
+        "then the `next` or `previous` link): a page `{next, previous, results}` of `page_size` events (50 "
+        "unless given, at most 500), each page as cheap however many events the task has; `count` only with "
+        "`count=exact`.",
     )
     @action(detail=True, methods=["get"], pagination_class=None)
     def events(self, request, pk=None):
         task = self.get_object()
         query = EventsQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        events = task.events.filter(seq__gt=query.validated_data["after"]).order_by("seq")[
-            : query.validated_data["limit"]
-        ]
+        events = TaskEvent.objects.filter(task_id=task.pk, seq__gt=query.validated_data["after"])
+        if "cursor" in request.query_params:
+            if "limit" in request.query_params:
+                raise serializers.ValidationError({"limit": ["With cursor, give page_size (events a page) instead."]})
+            pages = EventPagination()
+            page = pages.paginate_queryset(events, request, view=self)
+            return pages.get_paginated_response(TaskEventSerializer(page, many=True).data)
+        events = events.order_by("seq")[: query.validated_data["limit"]]
         return Response(TaskEventSerializer(events, many=True).data)
 
     @extend_schema(responses={200: AttemptSerializer(many=True), **errors(401, 403, 404)})

@@ -1,15 +1,24 @@
 from __future__ import annotations
 
+import datetime
+
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from common.drf import SharedFields
 from common.errors import PermissionDenied
 from common.permissions import is_staff
+from common.rows import RowQuery, bigint_or_none
 from registry.models import Attempt, Task, TaskArtifact, TaskEvent
 from registry.selectors import tasks_visible_to
 from registry.states import FailureReason
 from repopool.models import Repository
+
+# Every task creation looks its repository up: compiled once (see common.rows).
+_REPOSITORY_BY_ID = RowQuery(Repository, 'm."id" = %s')
+_REPOSITORY_BY_NAME = RowQuery(Repository, 'm."name" = %s')
 
 
 @extend_schema_field(OpenApiTypes.STR)
@@ -25,9 +34,10 @@ class RepositoryRefField(serializers.Field):
             self.fail("invalid")
         repo = None
         if isinstance(data, int) or (data.isascii() and data.isdigit()):  # not "²" nor "١٢"
-            repo = Repository.objects.filter(pk=int(data)).first()
+            pk = bigint_or_none(int(data))
+            repo = None if pk is None else _REPOSITORY_BY_ID.get(pk)
         if repo is None and isinstance(data, str):
-            repo = Repository.objects.filter(name=data).first()
+            repo = _REPOSITORY_BY_NAME.get(data)
         if repo is None:
             self.fail("unknown", value=data)
         return repo
@@ -36,7 +46,7 @@ class RepositoryRefField(serializers.Field):
         return value.name
 
 
-class TaskCreateSerializer(serializers.Serializer):
+class TaskCreateSerializer(SharedFields, serializers.Serializer):
     title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     instructions = serializers.CharField(max_length=200_000)
     repository = RepositoryRefField(help_text="Repository id or name.")
@@ -62,6 +72,8 @@ class TaskCreateSerializer(serializers.Serializer):
         return value
 
     def validate_depends_on(self, value):
+        if not value:
+            return []
         ids = set(value)
         # Another user's task is as unknown as a task that does not exist.
         tasks = list(tasks_visible_to(self.context["request"].user).filter(pk__in=ids))
@@ -117,7 +129,7 @@ class TaskSerializer(serializers.ModelSerializer):
         """The same JSON as the declared fields give (a test holds them equal), built directly:
         DRF's field-by-field walk cost most of a list page's time. Reads ``dependency_ids`` when
         the view attached them (``attach_dependency_ids``), else the task's dependencies."""
-        dt, cost = _DATETIME.to_representation, _COST.to_representation
+        dt, cost = _datetime_json_of(self), _COST.to_representation
         repository_name = getattr(task, "repository_name", None)
         if repository_name is None:
             repository_name = task.repository.name
@@ -173,6 +185,35 @@ _COST = serializers.DecimalField(max_digits=14, decimal_places=6)
 _MAX_COST = serializers.DecimalField(max_digits=12, decimal_places=6)
 
 
+def _datetime_json():
+    """DRF's DateTimeField.to_representation, or, while the active time zone is UTC (the
+    setting), a function giving the same strings without looking the zone up again for every
+    value (five a task, 250 a list page: a tenth of the page's time)."""
+    if timezone.get_current_timezone_name() != "UTC":
+        return _DATETIME.to_representation
+    return _utc_iso
+
+
+def _datetime_json_of(serializer) -> object:
+    """``_datetime_json()`` looked up once per serializer: a list's items share one child."""
+    try:
+        return serializer._datetime_json
+    except AttributeError:
+        serializer._datetime_json = _datetime_json()
+        return serializer._datetime_json
+
+
+def _utc_iso(value: datetime.datetime | None) -> str | None:
+    if not value:
+        return None
+    if value.tzinfo is None:  # naive: DRF makes it aware in the active zone
+        return _DATETIME.to_representation(value)
+    if value.utcoffset():
+        value = value.astimezone(datetime.UTC)
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
 def attach_dependency_ids(tasks: list[Task]) -> None:
     """Each task's ``dependency_ids`` (newest dependency first, as ``depends_on`` orders them) from
     one query on the dependency table: no Task instances built for them."""
@@ -212,7 +253,7 @@ class TaskEventSerializer(serializers.ModelSerializer):
             "type": event.type,
             "message": event.message,
             "data": event.data,
-            "created_at": _DATETIME.to_representation(event.created_at),
+            "created_at": _datetime_json_of(self)(event.created_at),
         }
 
 

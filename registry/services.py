@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from django.db.models import DecimalField, F, Q, Value
 from django.db.models.functions import Coalesce
 from django.db.models.sql import InsertQuery
@@ -34,6 +34,7 @@ from common.errors import DomainError
 from common.events import EVENT_ITEMS_MAX, EVENT_MESSAGE_MAX, EVENT_STRING_MAX  # noqa: F401 (tests read them here)
 from common.events import bounded as _bounded
 from common.events import cut as _cut
+from common.rows import ModelRows, bound_cursor
 from registry.errors import AttemptLost, DependencyCycle, InvalidTransition, TaskNotFound
 from registry.models import Attempt, AttemptOutcome, Task, TaskArtifact, TaskEvent
 from registry.signals import task_queued
@@ -142,7 +143,7 @@ def _append(task_id: uuid.UUID | str, rows: list[tuple[str, str, Any]]) -> list[
             "messages": [r[1] for r in rows],
             "datas": [json.dumps(r[2], cls=encoder) for r in rows],
         }
-        with connection.cursor() as cursor:
+        with bound_cursor() as cursor:
             cursor.execute(_APPEND_SQL, params)
             returned = cursor.fetchall()
         if not returned:
@@ -397,16 +398,12 @@ def _creation_events(repository: Any, depends_on: list[Task], status: str) -> li
 def _insert_with_events(task: Task, rows: list[tuple[str, str, Any]]) -> None:
     """PostgreSQL: INSERT ``task`` (as ``save`` would: the ORM compiles it, auto_now fields filled)
     and its first events, numbered from 1, in one statement."""
-    query = InsertQuery(Task)
-    query.insert_values(Task._meta.local_concrete_fields, [task])
-    ((insert_sql, insert_params),) = query.get_compiler(connection=connection).as_sql()
+    fields = Task._meta.local_concrete_fields
+    # What the ORM's insert compiler does for each field: pre_save (auto_now), then prepare (with
+    # the connection itself: every attribute read through the ``connection`` proxy costs a lookup).
+    db = connections[DEFAULT_DB_ALIAS]
+    insert_params = [field.get_db_prep_save(field.pre_save(task, True), db) for field in fields]
     encoder = TaskEvent._meta.get_field("data").encoder
-    sql = (
-        f"WITH new AS ({insert_sql} RETURNING id) "
-        "INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at) "
-        "SELECT new.id, e.ord, e.type, e.message, e.data::jsonb, %s "
-        "FROM new, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS e(type, message, data, ord)"
-    )
     params = [
         *insert_params,
         task.created_at,
@@ -414,10 +411,27 @@ def _insert_with_events(task: Task, rows: list[tuple[str, str, Any]]) -> None:
         [r[1] for r in rows],
         [json.dumps(r[2], cls=encoder) for r in rows],
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    with bound_cursor() as cursor:
+        cursor.execute(_task_insert_sql(), params)
     task._state.adding = False
     task._state.db = connection.alias
+
+
+@functools.cache
+def _task_insert_sql() -> str:
+    """The statement of ``_insert_with_events``, compiled once by the ORM (with placeholders only:
+    no field of Task brings a placeholder of its own, which the check below keeps true)."""
+    fields = Task._meta.local_concrete_fields
+    assert not any(hasattr(field, "get_placeholder") for field in fields), "a field with its own placeholder"
+    query = InsertQuery(Task)
+    query.insert_values(fields, [Task(repository_id=0)])
+    ((insert_sql, _),) = query.get_compiler(connection=connection).as_sql()
+    return (
+        f"WITH new AS ({insert_sql} RETURNING id) "
+        "INSERT INTO registry_taskevent (task_id, seq, type, message, data, created_at) "
+        "SELECT new.id, e.ord, e.type, e.message, e.data::jsonb, %s "
+        "FROM new, unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS e(type, message, data, ord)"
+    )
 
 
 def _known_dependencies(task: Task, dependencies: list[Task]) -> None:
@@ -590,16 +604,28 @@ def _claim_params(runner_id: str, task_id: uuid.UUID | None) -> dict[str, Any]:
     return {"now": now, "runner_id": runner_id, "task_id": task_id, **{f"a_{k}": v for k, v in values.items()}}
 
 
+_TASK_ROWS = ModelRows(Task)
+
+
 def _claim_postgresql(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, Attempt] | None:
     params = _claim_params(runner_id, task_id)
-    rows = list(Task.objects.raw(_claim_sql(task_id is not None), params))
-    if not rows:
+    with bound_cursor() as cursor:
+        cursor.execute(_claim_sql(task_id is not None), params)
+        row = cursor.fetchone()
+    if row is None:
         return None
-    task = rows[0]
+    # The row is the task's columns in field order, then the attempt's id (see _claim_sql); built
+    # as the ORM would build it, without a RawQuerySet's per-call column mapping (most of a
+    # claim's Python time).
+    task = _TASK_ROWS.instance(row[:-1])
     values = {column: params[f"a_{column}"] for column in _ATTEMPT_COLUMNS}
-    values["metrics"] = {}
-    attempt = Attempt(id=task.claimed_attempt_id, task=task, number=task.attempts_count, **values)
+    values.update(id=row[-1], task_id=task.pk, number=task.attempts_count, slot_id=None, finished_at=None, metrics={})
+    attempt = Attempt.from_db(DEFAULT_DB_ALIAS, _ATTEMPT_ATTNAMES, [values[name] for name in _ATTEMPT_ATTNAMES])
+    Attempt.task.field.set_cached_value(attempt, task)
     return task, attempt
+
+
+_ATTEMPT_ATTNAMES = [field.attname for field in Attempt._meta.concrete_fields]
 
 
 def _claim_portable(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, Attempt] | None:

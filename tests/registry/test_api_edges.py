@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -126,6 +127,26 @@ def test_a_bad_bearer_token_is_refused_with_a_reason(db, header, fragment):
     client.credentials(HTTP_AUTHORIZATION=header)
     body = assert_json_error(client.get("/api/tasks/"), 401, "authentication_failed")
     assert fragment in body["detail"]
+
+
+def test_a_token_speaks_for_its_own_user_and_an_inactive_user_is_refused(user, repository):
+    """The token lookup is compiled by hand (common.rows): the user it yields is the token's, with
+    DRF's answers for an unknown key and an inactive user."""
+    other = get_user_model().objects.create_user(username="other")
+    mine, theirs = Token.objects.create(user=user), Token.objects.create(user=other)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {theirs.key}")
+    created = client.post("/api/tasks/", {"instructions": "x", "repository": "sample"}, format="json").json()
+    assert created["owner"] == "other"
+    client.credentials(HTTP_AUTHORIZATION=f"Token {mine.key}")
+    assert client.get(f"/api/tasks/{created['id']}/").status_code == 404  # not the other user's task
+    other.is_active = False
+    other.save()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {theirs.key}")
+    body = assert_json_error(client.get("/api/tasks/"), 401, "authentication_failed")
+    assert body["detail"] == "User inactive or deleted."
+    client.credentials(HTTP_AUTHORIZATION="Token ab\x00cd")
+    assert assert_json_error(client.get("/api/tasks/"), 401, "authentication_failed")["detail"] == "Invalid token."
 
 
 def test_schema_declares_token_and_bearer_as_alternatives(api):

@@ -303,3 +303,27 @@ def test_the_direct_representations_equal_the_declared_fields(user, repository):
             drf.ModelSerializer.to_representation(serializer, event)
         )
     assert second.pk
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris"])
+def test_the_direct_datetimes_equal_drfs_in_any_active_zone(zone):
+    """The direct representations skip DRF's time zone lookup while the active zone is UTC; the
+    strings stay DRF's for values in other zones, naive values and another active zone."""
+    import datetime
+    from zoneinfo import ZoneInfo
+
+    from django.utils import timezone
+
+    from registry.serializers import _DATETIME, _datetime_json
+
+    values = [
+        None,
+        datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 7, 2, 3, 4, 5, tzinfo=ZoneInfo("Europe/Paris")),
+        datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=-5))),
+        datetime.datetime(2026, 1, 2, 3, 4, 5),
+    ]
+    with timezone.override(zone):
+        direct = _datetime_json()
+        assert [direct(v) for v in values] == [_DATETIME.to_representation(v) for v in values]

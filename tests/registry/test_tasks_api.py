@@ -43,6 +43,8 @@ def test_auth_required_everywhere_but_health(client, db):
     [
         ({"repository": "nope"}, "repository", "Unknown repository"),
         ({"repository": 999999}, "repository", "Unknown repository"),
+        ({"repository": 2**63}, "repository", "Unknown repository"),  # past bigint: no row, not a 500
+        ({"repository": str(10**30)}, "repository", "Unknown repository"),
         ({"instructions": "   "}, "instructions", "may not be blank"),
         ({"instructions": ""}, "instructions", "may not be blank"),
         ({"timeout_seconds": -5}, "timeout_seconds", "greater than or equal to 1"),
