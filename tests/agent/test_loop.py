@@ -235,3 +235,39 @@ def test_record_then_replay_offline_and_divergence(make_client, llm_server, fold
     result = agent.start("Something else entirely.", Budget(max_steps=20))
     assert result.outcome == "llm_error" and result.llm_error.kind == "replay_diverged"
     assert "message 1 differs" in result.message
+
+
+def test_the_repository_map_lists_files_as_a_top_down_os_walk_would(tmp_path):
+    """The first message's map: the order and the count of ``os.walk`` (a folder's files before its
+    sub-folders'), symbolic links to folders listed nowhere and not entered, .git under any case
+    and the skipped folders left out, cut at the limit."""
+    import os
+
+    from agentrunner.agent.loop import repository_map
+    from agentrunner.agent.workspace import SKIP_DIRS, Workspace, is_git_name
+
+    root = tmp_path / "repo"
+    files = ("b/deep/x.py", "b/a.py", "a/z.py", "Z", "é ü/ñ.txt", ".GIT/config", ".venv/lib.py", "s/node_modules/m")
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    (root / ".git").write_text("gitdir: elsewhere\n")
+    os.symlink("b", root / "link-to-folder")
+    os.symlink("Z", root / "link-to-file")
+    os.symlink("nowhere", root / "dangling")
+    os.mkfifo(root / "fifo")
+
+    def reference(limit: int) -> str:  # what the map was built with before
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not is_git_name(d))
+            files.extend(os.path.relpath(os.path.join(folder, n), root) for n in sorted(names) if not is_git_name(n))
+        more = f"\n… and {len(files) - limit} more files" if len(files) > limit else ""
+        return f"Repository files ({len(files)}):\n" + "\n".join(files[:limit]) + more
+
+    ws = Workspace(root)
+    assert repository_map(ws).splitlines() == [
+        "Repository files (8):", "Z", "dangling", "fifo", "link-to-file", "a/z.py", "b/a.py", "b/deep/x.py", "é ü/ñ.txt",
+    ]  # fmt: skip
+    for limit in (0, 1, 5, 8, 200):
+        assert repository_map(ws, limit) == reference(limit)
