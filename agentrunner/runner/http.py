@@ -427,6 +427,7 @@ def claimed_task(data: dict):
 
 class HttpRegistry(_HttpPort):
     name = "registry"
+    events_block = False  # the outbox takes them at once
 
     def __init__(self, api: ApiClient, root: str, timed=None):
         super().__init__(api, root, timed)

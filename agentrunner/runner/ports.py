@@ -72,6 +72,10 @@ class Heartbeat:
 
 
 class RegistryPort(Protocol):
+    # True when ``events`` waits for the store (in-process: the database); the runner then hands
+    # them to a thread of its own. Over HTTP an outbox takes them at once.
+    events_block: bool
+
     def claim(self, *, runner_id: str, task_id: uuid.UUID | str | None, wait: float = 0) -> ClaimedTask | None:
         """Claim the task named (or the next runnable one), waiting up to ``wait`` seconds for one."""
 
