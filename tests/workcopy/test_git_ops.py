@@ -186,3 +186,8 @@ def test_a_hostile_config_file_is_replaced_without_blocking_or_writing_through(s
     git.secure_slot(path)
     assert not config_file.is_symlink() and config_file.read_bytes() == trusted
     assert outside.read_bytes() == b"[core]\n"
+
+
+def test_a_new_copy_comes_with_an_untracked_cache(slot):
+    path, _ = slot
+    assert b"UNTR" in (path / ".git/index").read_bytes()  # the index extension git's untracked cache lives in
