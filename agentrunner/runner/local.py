@@ -4,6 +4,7 @@ import-linter contract in pyproject.toml)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -184,9 +185,34 @@ class LocalPool(_LocalPort):
         self._call(services.slot_renew, slot_id=slot_id, lease_token=token, lease_seconds=lease_seconds)
 
     def release(self, *, slot_id, token):
+        self.release_start(slot_id=slot_id, token=token)()
+
+    def release_start(self, *, slot_id, token):
+        """The slot goes to ``resetting`` now (fenced by the token), its copy is reset by a thread
+        of its own (git only, no database), and the returned function waits for that reset and
+        frees the slot (or marks it broken)."""
         from repopool import services
 
-        self._call(services.slot_release, deliver=True, slot_id=slot_id, lease_token=token)
+        reset = self._call(services.slot_release_start, deliver=True, slot_id=slot_id, lease_token=token)
+        broken: list[str] = []
+
+        def work() -> None:
+            started = time.monotonic()
+            try:
+                broken.append(services.slot_copy_reset(reset))
+            finally:
+                self.timed.add(self.name, started)
+
+        thread = threading.Thread(target=work, name=f"reset-slot-{slot_id}", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            # No answer from the thread (it died): the copy's state is unknown, so it is broken.
+            reason = broken[0] if broken else "reset failed: the reset did not finish"
+            self._call(services.slot_release_done, deliver=True, reset=reset, broken_reason=reason)
+
+        return wait
 
     def publish(self, *, task, path, branch, base):
         from django.conf import settings

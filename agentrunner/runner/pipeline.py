@@ -821,14 +821,20 @@ def run_task(
     run.log(f"outcome: {outcome.status} {outcome.reason} {outcome.message}".rstrip())
     if run.client is not None:
         run.client.transcript.close()
-    if not run.store_artifacts() and outcome.status == Status.SUCCEEDED:
+    # The slot's copy is reset while the artifacts are stored: neither touches what the other does
+    # (the artifacts live in the run folder), and both mostly wait (git, disk, the store).
+    release_done = _release_start(run)
+    try:
+        stored = run.store_artifacts()
+    finally:
+        _release_wait(run, release_done)
+    if not stored and outcome.status == Status.SUCCEEDED:
         outcome = Outcome(
             Status.FAILED,
             Reason.INFRASTRUCTURE_ERROR,
             "artifacts could not be stored (kept in the spool for the next attempt)",
             retry=True,
         )
-    _release(run)
     outcome_message = outcome.message
     if run.summary.spooled and "spool" not in outcome_message:
         outcome_message = f"{outcome_message} (artifacts spooled: {', '.join(run.summary.spooled)})".strip()
@@ -935,14 +941,33 @@ def _prepare(run: TaskRun) -> Outcome | None:
     return None
 
 
-def _release(run: TaskRun) -> None:
+def _release_start(run: TaskRun) -> Callable[[], None] | None:
+    """Start giving the slot back (its reset runs in the background where the pool port can); the
+    result is for ``_release_wait``. The phase "release" counts this and the wait, not what runs
+    in between."""
     if run.lease is None:
-        return
+        return None
     with run.phase("release"):
         try:
+            start = getattr(run.ports.pool, "release_start", None)
+            if start is not None:
+                return start(slot_id=run.lease.slot_id, token=run.lease.token)
             run.ports.pool.release(slot_id=run.lease.slot_id, token=run.lease.token)
         except Exception as exc:  # stale token: the reaper or another holder owns it now
             run.log(f"slot release refused: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _release_wait(run: TaskRun, done: Callable[[], None] | None) -> None:
+    if done is None:
+        return
+    started = time.monotonic()
+    try:
+        done()
+    except Exception as exc:
+        run.log(f"slot release refused: {type(exc).__name__}: {exc}")
+    finally:
+        run.phases["release"] = run.phases.get("release", 0.0) + time.monotonic() - started
 
 
 def _metrics(run: TaskRun) -> dict[str, Any]:

@@ -116,6 +116,10 @@ class PoolPort(Protocol):
     def release(self, *, slot_id: int, token: uuid.UUID) -> None:
         """Reset the copy here and free the slot; LeaseLost when the token is stale."""
 
+    def release_start(self, *, slot_id: int, token: uuid.UUID) -> Callable[[], None]:
+        """``release`` in two steps: the copy's reset starts in the background (LeaseLost now when
+        the token is stale) and the returned function waits for it and frees the slot."""
+
     def publish(self, *, task: ClaimedTask, path: Path, branch: str, base: str) -> str:
         """Make the result commit of ``path`` (HEAD) reachable off this host, as ``branch``: pushed
         to ``task.push_url``, else to the server's results repository. Returns the fetch hint
