@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from agentrunner.agent.repomap import repository_map
 from agentrunner.agent.tools import SYSTEM_PROMPT, TOOL_NAMES, TOOLS
-from agentrunner.agent.workspace import SKIP_DIRS, TestRunner, ToolError, Workspace, is_git_name
+from agentrunner.agent.workspace import TestRunner, ToolError, Workspace
 from agentrunner.llm.client import LLMClient
 from agentrunner.llm.errors import LLMError
 from common.outcomes import AGENT_FINISHED, AGENT_STOP_REASONS
@@ -259,50 +260,3 @@ class Agent:
             status = "timed out" if code is None else f"exit code {code}"
             return f"{status}\n{tail}", None, code != 0
         return getattr(ws, name)(**args), None, False
-
-
-def repository_map(workspace: Workspace, limit: int = 200) -> str:
-    """A short map of the repository for the first message: the first ``limit`` files in the order
-    of a top-down ``os.walk`` (a folder's files, sorted, before its sub-folders', each sorted) and
-    how many there are. Symbolic links to folders are not followed, .git and the folders of
-    SKIP_DIRS are left out.
-
-    A walk of its own rather than ``os.walk``: every file of the repository is visited to be
-    counted, and only the first ``limit`` need a path built, so this costs a third of the time on
-    a tree of thousands of files (measured by bench/runner.py; the output is the same)."""
-    import os
-
-    shown: list[str] = []
-    count = 0
-    stack = [(os.fspath(workspace.root), "")]
-    while stack:
-        folder, prefix = stack.pop()
-        try:
-            with os.scandir(folder) as listing:
-                entries = list(listing)
-        except OSError:  # as os.walk: a folder that cannot be read is left out
-            continue
-        names, folders = [], []
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                if not is_git_name(entry.name):
-                    names.append(entry.name)
-                continue
-            if entry.name in SKIP_DIRS or is_git_name(entry.name):
-                continue
-            try:
-                if entry.is_symlink():  # listed by os.walk among the folders, never entered
-                    continue
-            except OSError:
-                continue
-            folders.append(entry.name)
-        count += len(names)
-        if len(shown) < limit:
-            shown.extend(prefix + name for name in sorted(names)[: limit - len(shown)])
-        stack.extend((os.path.join(folder, name), f"{prefix}{name}{os.sep}") for name in sorted(folders, reverse=True))
-    more = f"\n… and {count - limit} more files" if count > limit else ""
-    return f"Repository files ({count}):\n" + "\n".join(shown) + more

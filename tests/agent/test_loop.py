@@ -271,3 +271,56 @@ def test_the_repository_map_lists_files_as_a_top_down_os_walk_would(tmp_path):
     ]  # fmt: skip
     for limit in (0, 1, 5, 8, 200):
         assert repository_map(ws, limit) == reference(limit)
+
+
+def test_the_map_reads_again_only_the_folders_that_changed(tmp_path, monkeypatch):
+    """A second map of the same tree stats each folder and reads only those whose entries changed;
+    what a symbolic link points to is checked every time. The map stays what os.walk shows."""
+    import os
+
+    from agentrunner.agent import repomap
+    from agentrunner.agent.loop import repository_map
+    from agentrunner.agent.workspace import SKIP_DIRS, Workspace, is_git_name
+
+    root = tmp_path / "repo"
+    for name in ("a/b/c.py", "a/d.py", "e/f.txt", "g/h/i.txt", "target-file", "top.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    os.symlink("target-file", root / "e" / "link")  # a link to a file: listed
+    (root / "later-a-folder").write_text("x")
+    os.symlink("../later-a-folder", root / "g" / "link2")
+
+    def reference() -> str:
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not is_git_name(d))
+            files.extend(os.path.relpath(os.path.join(folder, n), root) for n in sorted(names) if not is_git_name(n))
+        return f"Repository files ({len(files)}):\n" + "\n".join(files)
+
+    # Folders changed less than RACY_NS before a map are read again: here every folder is new, so
+    # the limit is lifted and each change below is made a tick of the file clock later.
+    monkeypatch.setattr(repomap, "RACY_NS", 0)
+    repomap.forget()
+    reads: list[str] = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(repomap.os, "scandir", lambda path: reads.append(path) or real_scandir(path))
+    ws = Workspace(root)
+    time.sleep(0.05)
+
+    first = repository_map(ws)
+    assert len(reads) == 6  # the root, a, a/b, e, g, g/h
+    del reads[:]
+    assert repository_map(ws) == first and reads == []  # nothing changed: nothing read
+
+    time.sleep(0.05)
+    (root / "a" / "b" / "new.py").write_text("x")  # a file added deep down
+    (root / "top.txt").unlink()
+    (root / "top.txt").mkdir()  # a file turned into a folder
+    (root / "top.txt" / "inside.py").write_text("x")
+    (root / "later-a-folder").unlink()
+    (root / "later-a-folder").mkdir()  # g/link2 now points to a folder: no longer listed; g unchanged
+    expected = reference()  # (os.walk reads through the same os.scandir)
+    del reads[:]
+    assert repository_map(ws, limit=1000) == expected
+    assert sorted(reads) == sorted(str(p) for p in (root, root / "a" / "b", root / "top.txt", root / "later-a-folder"))
+    assert "g/link2" not in expected and "e/link" in expected and "top.txt/inside.py" in expected
