@@ -164,7 +164,8 @@ class HeartbeatThread(threading.Thread):
                     next_beat = time.monotonic() + 1.0
                     if not self._beat():
                         return
-                    if time.monotonic() - last_renew >= renew_every and run.lease is not None:
+                    renew_due = time.monotonic() - last_renew >= renew_every
+                    if renew_due and run.lease is not None and not run.releasing:
                         if not self._renew(lease_seconds):
                             return
                         last_renew = time.monotonic()
@@ -244,6 +245,7 @@ class TaskRun:
         self.cancel = threading.Event()
         self.lease: SlotLease | None = None
         self.lease_lost = False
+        self.releasing = False  # the slot is being given back: its lease is not renewed any more
         self.heartbeat: HeartbeatThread | None = None  # started once a slot is leased
         self.started = time.monotonic()
         self.deadline = self.started + task.timeout_seconds
@@ -488,12 +490,23 @@ class TaskRun:
             )  # fmt: skip
             self.summary.commit = commit
             self.summary.branch = self.branch
-            self.summary.files_changed = git.changed_files(self.lease.path, self.base_commit)
-            self.summary.fetch = self.ports.pool.publish(
-                task=task, path=self.lease.path, branch=self.branch, base=self.base_commit
-            )
-            self.patch_path = self.workdir / f"{task.short_id}.patch"
-            git.format_patch(self.lease.path, self.base_commit, self.patch_path)
+            # The result leaves the host (a push, or a bundle sent to the server) while the list of
+            # files and the patch are made: the three only read the copy.
+            patch = self.workdir / f"{task.short_id}.patch"
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish") as background:
+                publishing = background.submit(
+                    self.ports.pool.publish, task=task, path=self.lease.path, branch=self.branch, base=self.base_commit
+                )
+                try:
+                    self.summary.files_changed = git.changed_files(self.lease.path, self.base_commit)
+                    git.format_patch(self.lease.path, self.base_commit, patch)
+                finally:
+                    try:
+                        self.summary.fetch = publishing.result()
+                    except BaseException:
+                        patch.unlink(missing_ok=True)  # as before: no patch of a result that did not leave
+                        raise
+            self.patch_path = patch
             self.event(
                 "committed",
                 f"{commit[:12]} pushed to {self.branch}",
@@ -800,31 +813,17 @@ def run_task(
     if outcome is None:
         outcome = Outcome(Status.SUCCEEDED)
     run.winding_down = True
-    if run.heartbeat is not None:
-        run.heartbeat.stop()
-    if run.client is not None:
-        totals = run.client.totals
-        run.summary.prompt_tokens, run.summary.completion_tokens = totals.prompt_tokens, totals.completion_tokens
-        run.summary.cost_usd = None if totals.cost_unknown else str(totals.cost)
-        if totals.recorded_cost is not None:
-            run.summary.recorded_cost_usd = str(totals.recorded_cost)
-        run.summary.llm_calls = totals.calls
-        try:
-            ports.registry.add_usage(
-                task=task,
-                prompt_tokens=totals.prompt_tokens,
-                completion_tokens=totals.completion_tokens,
-                cost_usd=None if totals.cost_unknown else totals.cost,
-            )
-        except Exception:
-            run.log("could not record usage:\n" + traceback.format_exc())
-    run.log(f"outcome: {outcome.status} {outcome.reason} {outcome.message}".rstrip())
-    if run.client is not None:
-        run.client.transcript.close()
-    # The slot's copy is reset while the artifacts are stored: neither touches what the other does
-    # (the artifacts live in the run folder), and both mostly wait (git, disk, the store).
+    # The slot's copy is reset from here on, while the heartbeat stops, the usage is recorded and
+    # the artifacts are stored: none of them touches the copy (the artifacts live in the run folder),
+    # and all of them mostly wait (git, the database, the disk, the store).
     release_done = _release_start(run)
     try:
+        if run.heartbeat is not None:
+            run.heartbeat.stop()
+        _record_usage(run)
+        run.log(f"outcome: {outcome.status} {outcome.reason} {outcome.message}".rstrip())
+        if run.client is not None:
+            run.client.transcript.close()
         stored = run.store_artifacts()
     finally:
         _release_wait(run, release_done)
@@ -871,6 +870,27 @@ def run_task(
     if interrupted:
         raise KeyboardInterrupt
     return run.summary
+
+
+def _record_usage(run: TaskRun) -> None:
+    """The LLM usage into the summary and onto the task."""
+    if run.client is None:
+        return
+    totals = run.client.totals
+    run.summary.prompt_tokens, run.summary.completion_tokens = totals.prompt_tokens, totals.completion_tokens
+    run.summary.cost_usd = None if totals.cost_unknown else str(totals.cost)
+    if totals.recorded_cost is not None:
+        run.summary.recorded_cost_usd = str(totals.recorded_cost)
+    run.summary.llm_calls = totals.calls
+    try:
+        run.ports.registry.add_usage(
+            task=run.task,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            cost_usd=None if totals.cost_unknown else totals.cost,
+        )
+    except Exception:
+        run.log("could not record usage:\n" + traceback.format_exc())
 
 
 def _give_back(ports: Ports, task: ClaimedTask, message: str) -> None:
@@ -947,6 +967,7 @@ def _release_start(run: TaskRun) -> Callable[[], None] | None:
     in between."""
     if run.lease is None:
         return None
+    run.releasing = True
     with run.phase("release"):
         try:
             start = getattr(run.ports.pool, "release_start", None)
