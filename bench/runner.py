@@ -49,7 +49,11 @@ class GitCounter:
     """Counts the git processes of this process's runs and their time, by the run's phase.
 
     Every git command of a working copy goes through ``workcopy.git._run``; the phase is the one
-    ``TaskRun.phase`` is in (``-`` between phases: the change check before the tests)."""
+    ``TaskRun.phase`` is in (``-`` between phases: the change check before the tests), or for the
+    run's background threads the step they serve: the result leaving the host (commit) and the
+    slot's reset (release), each overlapping the phases after it."""
+
+    BACKGROUND = (("publish", "commit*"), ("reset-slot", "release*"))
 
     def __init__(self) -> None:
         self.phase = threading.local()
@@ -68,9 +72,7 @@ class GitCounter:
                 return real_run(args, **kwargs)
             finally:
                 with counter._lock:
-                    counter.runs.append(
-                        (getattr(counter.phase, "name", "-"), git._verb(args), time.perf_counter() - started)
-                    )
+                    counter.runs.append((counter.current(), git._verb(args), time.perf_counter() - started))
 
         def phase(run, name):
             inner = real_phase(run, name)
@@ -89,6 +91,13 @@ class GitCounter:
         git._run = counted_run
         pipeline.TaskRun.phase = phase
 
+    def current(self) -> str:
+        thread = threading.current_thread().name
+        for prefix, phase in self.BACKGROUND:
+            if thread.startswith(prefix):
+                return phase
+        return getattr(self.phase, "name", "-")
+
     def take(self) -> list[tuple[str, str, float]]:
         with self._lock:
             taken, self.runs = self.runs, []
@@ -103,7 +112,10 @@ class GitCounter:
             entry[1] += seconds
             entry[2][verb] += 1
         total = sum(seconds for _, _, seconds in runs)
-        print(f"{indent}git: {len(runs) / tasks:.1f} processes, {total / tasks * 1000:.0f} ms a task; by phase:")
+        print(
+            f"{indent}git: {len(runs) / tasks:.1f} processes, {total / tasks * 1000:.0f} ms a task; by phase "
+            "(* in a thread of its own, beside the phases after it):"
+        )
         for phase, (n, seconds, verbs) in sorted(by_phase.items(), key=lambda kv: -kv[1][1]):
             listed = ", ".join(f"{verb} {count / tasks:g}" for verb, count in verbs.most_common())
             print(f"{indent}  {phase:9s} {n / tasks:4.1f} processes {seconds / tasks * 1000:6.1f} ms ({listed})")
