@@ -378,7 +378,9 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
         _slot_run(path, ("update-ref", "--stdin"), stdin=stdin.encode())
     # Slots are shared between users, and the next task's commands read .git (read-only): the
     # previous task's commits and file contents, and the reflog naming them, must go with it.
-    _slot_git(path, "reflog", "expire", "--expire=now", "--expire-unreachable=now", "--all")
+    # Every reflog goes whole (what ``reflog expire --expire=now --all`` leaves is empty logs),
+    # removed here rather than by one more git process; a link there is removed, never followed.
+    _remove(path / ".git" / "logs")
     _slot_git(path, "prune", "--expire=now")
 
 

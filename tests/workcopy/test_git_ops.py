@@ -130,6 +130,7 @@ def test_reset_restores_tracked_files_removes_untracked_and_ignored_and_the_task
     assert not any((path / name).exists() for name in ("build", "debug.log", "pkg/new.py", "new"))
     assert run_git(path, "rev-parse", "HEAD") == base
     assert run_git(path, "for-each-ref", "refs/heads/") == ""
+    assert run_git(path, "reflog", "show", "--all") == ""  # no reflog names the task's commit
     for gone in (commit, blob):  # the next task reads .git: nothing of this one is left in it
         assert subprocess.run(["git", "cat-file", "-e", gone], cwd=path).returncode != 0
     assert run_git(path, "count-objects").startswith("0 objects")
