@@ -22,19 +22,22 @@ from dataclasses import dataclass
 from agentrunner.agent.workspace import SKIP_DIRS, Workspace, is_git_name
 
 RACY_NS = 1_000_000_000
-CACHED_TREES = 8  # working copies whose listings are kept (the least recently mapped goes first)
+# Folder listings kept over all trees (about 500 bytes each, some 25 MB at most): a runner's slots of
+# Django's size (2,500 folders) take 20 trees. The least recently mapped trees go first.
+CACHED_FOLDERS = 50_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Listing:
     stat: tuple[int, int, int, int]  # the folder's device, inode, mtime, ctime when it was read
-    names: tuple[str, ...]  # files, and anything else that is neither a folder nor a link
-    folders: tuple[str, ...]  # sub-folders to enter (no links, no skipped folders, no .git)
-    links: tuple[str, ...]  # symbolic links: listed unless they point to a folder, checked each time
+    names: str  # files, and anything else that is neither a folder nor a link, "\0"-separated
+    folders: tuple[str, ...]  # sub-folders to enter (no links, no skipped folders, no .git), sorted
+    links: str  # symbolic links, "\0"-separated: listed unless they point to a folder, checked each time
 
 
 _lock = threading.Lock()
-_trees: OrderedDict[str, dict[str, _Listing]] = OrderedDict()
+_trees: OrderedDict[str, dict[str, _Listing]] = OrderedDict()  # root -> folder (relative) -> listing
+_kept_folders = 0
 
 
 def repository_map(workspace: Workspace, limit: int = 200) -> str:
@@ -43,6 +46,7 @@ def repository_map(workspace: Workspace, limit: int = 200) -> str:
     neither listed nor followed; .git under any spelling and the folders of SKIP_DIRS are left out.
 
     Every file is counted, only the first ``limit`` get a path built."""
+    global _kept_folders
     root = os.fspath(workspace.root)
     with _lock:
         known = _trees.get(root, {})
@@ -53,21 +57,25 @@ def repository_map(workspace: Workspace, limit: int = 200) -> str:
     stack = [(root, "")]
     while stack:
         folder, prefix = stack.pop()
-        listing = _listing(folder, known.get(folder), top=folder == root)
+        listing = _listing(folder, known.get(prefix), top=not prefix)
         if listing is None:  # as os.walk: a folder that cannot be read is left out
             continue
         if max(listing.stat[2], listing.stat[3]) < started - RACY_NS:
-            kept[folder] = listing
-        names = [*listing.names, *(link for link in listing.links if not os.path.isdir(os.path.join(folder, link)))]
+            kept[prefix] = listing
+        names = listing.names.split("\0") if listing.names else []
+        if listing.links:
+            names += [link for link in listing.links.split("\0") if not os.path.isdir(os.path.join(folder, link))]
         count += len(names)
         if len(shown) < limit:
             shown.extend(prefix + name for name in sorted(names)[: limit - len(shown)])
         stack.extend((os.path.join(folder, name), f"{prefix}{name}{os.sep}") for name in reversed(listing.folders))
     with _lock:
-        _trees[root] = kept
-        _trees.move_to_end(root)
-        while len(_trees) > CACHED_TREES:
-            _trees.popitem(last=False)
+        _kept_folders -= len(_trees.pop(root, {}))
+        if len(kept) <= CACHED_FOLDERS:  # kept as the most recent tree
+            _trees[root] = kept
+            _kept_folders += len(kept)
+        while _kept_folders > CACHED_FOLDERS:
+            _kept_folders -= len(_trees.popitem(last=False)[1])
     more = f"\n… and {count - limit} more files" if count > limit else ""
     return f"Repository files ({count}):\n" + "\n".join(shown) + more
 
@@ -108,10 +116,12 @@ def _listing(folder: str, cached: _Listing | None, *, top: bool) -> _Listing | N
             names.append(entry.name)
         elif entry.name not in SKIP_DIRS:
             folders.append(entry.name)
-    return _Listing(key, tuple(names), tuple(sorted(folders)), tuple(links))
+    return _Listing(key, "\0".join(names), tuple(sorted(folders)), "\0".join(links))
 
 
 def forget() -> None:
     """Drop every kept listing (tests; a runner never needs to)."""
+    global _kept_folders
     with _lock:
         _trees.clear()
+        _kept_folders = 0

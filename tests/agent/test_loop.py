@@ -324,3 +324,33 @@ def test_the_map_reads_again_only_the_folders_that_changed(tmp_path, monkeypatch
     assert repository_map(ws, limit=1000) == expected
     assert sorted(reads) == sorted(str(p) for p in (root, root / "a" / "b", root / "top.txt", root / "later-a-folder"))
     assert "g/link2" not in expected and "e/link" in expected and "top.txt/inside.py" in expected
+
+
+def test_the_kept_listings_are_bounded_and_the_least_recent_tree_goes_first(tmp_path, monkeypatch):
+    from agentrunner.agent import repomap
+    from agentrunner.agent.loop import repository_map
+    from agentrunner.agent.workspace import Workspace
+
+    monkeypatch.setattr(repomap, "RACY_NS", 0)
+    monkeypatch.setattr(repomap, "CACHED_FOLDERS", 5)
+    repomap.forget()
+    trees = []
+    for n in range(3):
+        root = tmp_path / f"t{n}"
+        (root / "a" / "b").mkdir(parents=True)  # three folders a tree: root, a, a/b
+        (root / "a" / "b" / "f.py").write_text("x")
+        trees.append(root)
+    time.sleep(0.05)  # the folders' times a tick of the file clock before the maps
+    for root in trees[:2]:
+        assert repository_map(Workspace(root)) == "Repository files (1):\na/b/f.py"
+    assert list(repomap._trees) == [str(trees[1])] and repomap._kept_folders == 3  # 6 > 5: the first went
+    repository_map(Workspace(trees[0]))
+    repository_map(Workspace(trees[1]))  # mapped again: the most recent now
+    assert list(repomap._trees) == [str(trees[1])] and repomap._kept_folders == 3
+    big = tmp_path / "big"
+    for n in range(6):
+        (big / f"d{n}").mkdir(parents=True)
+    time.sleep(0.05)
+    repository_map(Workspace(big))  # 7 folders, more than the bound alone: not kept, nothing else lost
+    assert list(repomap._trees) == [str(trees[1])] and repomap._kept_folders == 3
+    repomap.forget()
