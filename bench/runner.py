@@ -193,9 +193,13 @@ def main() -> None:
 
 def overhead_and_speedup(args, server, repo, run_task, Attempt, Task, task_create, call_command) -> None:
     # (1) overhead per task, sequential
-    for i in range(args.tasks + 1):
+    # Warm-up, not counted: one task on every slot (the pool hands out its least-used slot, so
+    # sequential tasks go round all of them). What is measured is a running runner's steady state:
+    # the first task a process runs on a slot also reads every folder for its repository map.
+    for i in range(args.tasks + repo.pool_size):
         task_create(title=f"t{i}", instructions="make add() add", repository=repo)
-    run_task()  # warm-up, not counted
+    for _ in range(repo.pool_size):
+        run_task()
     git_counter.take()
     overheads, phases, llm, tests = [], {}, [], []
     for _ in range(args.tasks):
@@ -297,7 +301,11 @@ def both_modes(args, server, repo) -> None:
             tests[mode].append(metrics["test_seconds"])
             return _overhead(summary, metrics)
 
-        one("local"), one("http")  # warm-up: each mode's slot cloned and set up, not counted
+        # Warm-up, not counted: one task on every slot of each mode (see (1)).
+        for _ in range(repo.pool_size):
+            one("local")
+        for _ in range(2):  # the runner host's capacity
+            one("http")
         phases = {"local": {}, "http": {}}
         llm, tests, gits = {"local": [], "http": []}, {"local": [], "http": []}, {"local": [], "http": []}
         samples: dict[str, list[float]] = {"local": [], "http": []}
