@@ -332,22 +332,57 @@ def slot_renew(*, slot_id: int, lease_token: uuid.UUID | str, lease_seconds: int
 
 def slot_release(*, slot_id: int, lease_token: uuid.UUID | str) -> Slot:
     """Reset the working copy and free the slot. Fencing: only the current token releases."""
+    reset = slot_release_start(slot_id=slot_id, lease_token=lease_token)
+    return slot_release_done(reset=reset, broken_reason=slot_copy_reset(reset))
+
+
+# ``slot_release`` in three steps, for a caller that does other work while the copy is reset (the
+# runner stores its artifacts meanwhile): start (database), reset (git, no database: any thread),
+# done (database).
+@dataclass(frozen=True)
+class SlotReset:
+    """A slot this process moved to ``resetting`` (that conditional update is the ownership), with
+    what its reset needs, read while the database was at hand."""
+
+    slot_id: int
+    spec: slots.RepoSpec
+    path: Path
+    commit: str  # what the copy returns to
+
+
+def slot_release_start(*, slot_id: int, lease_token: uuid.UUID | str) -> SlotReset:
+    """leased -> resetting, fenced by the token (StaleLease); then ``slot_copy_reset`` and
+    ``slot_release_done``."""
     slot = bookkeeping.slot_release_begin(slot_id=slot_id, lease_token=lease_token)
-    return _reset_and_free(slot)
+    return _slot_reset_of(slot)
 
 
-def _reset_and_free(slot: Slot) -> Slot:
-    """Called with the slot in ``resetting`` (we own it by that conditional update)."""
-    commit = slot.base_commit or slot.commit
+def _slot_reset_of(slot: Slot) -> SlotReset:
+    return SlotReset(slot.pk, repo_spec(slot.repository), Path(slot.path), slot.base_commit or slot.commit)
+
+
+def slot_copy_reset(reset: SlotReset) -> str:
+    """Reset the copy to its commit (no database); returns "" or why it is broken."""
     try:
-        slots.reset(repo_spec(slot.repository), Path(slot.path), commit)
+        slots.reset(reset.spec, reset.path, reset.commit)
     except Exception as exc:  # a reset that fails leaves the slot broken, never half-free
         message = _message(exc)
         if not message.startswith("reset failed"):
             message = f"reset failed: {message}"
-        log.warning("slot %s broken at reset: %s", slot.pk, message)
-        return bookkeeping.slot_release_finish(slot_id=slot.pk, commit=commit, broken_reason=message)
-    return bookkeeping.slot_release_finish(slot_id=slot.pk, commit=commit)
+        log.warning("slot %s broken at reset: %s", reset.slot_id, message)
+        return message
+    return ""
+
+
+def slot_release_done(*, reset: SlotReset, broken_reason: str = "") -> Slot:
+    """resetting -> free at the reset's commit, or broken with ``broken_reason``."""
+    return bookkeeping.slot_release_finish(slot_id=reset.slot_id, commit=reset.commit, broken_reason=broken_reason)
+
+
+def _reset_and_free(slot: Slot) -> Slot:
+    """Called with the slot in ``resetting`` (we own it by that conditional update)."""
+    reset = _slot_reset_of(slot)
+    return slot_release_done(reset=reset, broken_reason=slot_copy_reset(reset))
 
 
 def slot_force_release(*, slot_id: int) -> Slot:

@@ -174,15 +174,39 @@ def secure_slot(path: Path) -> Path:
         content = trusted.read_bytes()
     except FileNotFoundError:
         content = MINIMAL_CONFIG.encode()
-    _replace_file(gitdir / "config", content)
+    if not _holds_exactly(gitdir / "config", content):
+        _replace_file(gitdir / "config", content)
     return gitdir
 
 
 def _remove(target: Path) -> None:
-    if target.is_symlink() or target.is_file():
-        target.unlink(missing_ok=True)
-    elif target.exists():
+    """Remove whatever is at ``target`` (a link itself, never what it points to); one ``lstat``
+    when there is nothing, as is usual."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
         shutil.rmtree(target, ignore_errors=True)
+    else:
+        target.unlink(missing_ok=True)
+
+
+def _holds_exactly(target: Path, content: bytes) -> bool:
+    """``target`` is a regular file of its own (no link, no second name) whose bytes are ``content``.
+    Opened without following a link and without blocking (a FIFO), read no further than
+    ``content``'s length: what hostile code left there cannot stall or mislead the check."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size != len(content):
+            return False
+        return os.read(fd, len(content) + 1) == content
+    finally:
+        os.close(fd)
 
 
 def _replace_file(target: Path, content: bytes) -> None:
@@ -243,6 +267,10 @@ def clone(url: str, dest: Path) -> None:
     git("clone", "--quiet", "--no-checkout", "--dissociate", "--", url, str(dest))
     # Nothing hostile has run in the slot yet: the config git clone wrote is the trusted one.
     _replace_file(trusted, (dest / ".git" / "config").read_bytes())
+    # Every object in one pack with a reachability bitmap: a clone of a local path copies loose
+    # objects (each read is a file to open and inflate), and the prune of every reset walks
+    # everything reachable, which a bitmap answers without reading the trees. Once per clone.
+    _slot_git(dest, "repack", "-a", "-d", "-b", "-q")
 
 
 def _check_ref(ref: str) -> None:
@@ -271,13 +299,12 @@ def fetch(path: Path, url: str, ref: str | None = None) -> None:
     if ref:
         _check_ref(ref)
         refspec = ref if _looks_like_sha(ref) else f"+{ref}:refs/remotes/origin/{ref}"
-        # No --prune for one ref: git (2.39) then deletes the very ref it fetched when it was
-        # already up to date (and origin/HEAD), so the next resolve missed it and fetched again.
+        # No --prune: with a short name on the left of the refspec, git takes the tracking ref it
+        # just matched for stale and deletes it, every other fetch, and the ref is then fetched again.
         _slot_git(path, "fetch", "--quiet", "--no-recurse-submodules", "--", url, refspec)
         return
-    _slot_git(
-        path, "fetch", "--quiet", "--prune", "--no-recurse-submodules", "--", url, "+refs/heads/*:refs/remotes/origin/*"
-    )
+    refspec = "+refs/heads/*:refs/remotes/origin/*"
+    _slot_git(path, "fetch", "--quiet", "--prune", "--no-recurse-submodules", "--", url, refspec)
 
 
 def _looks_like_sha(ref: str) -> bool:
@@ -351,7 +378,9 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
         _slot_run(path, ("update-ref", "--stdin"), stdin=stdin.encode())
     # Slots are shared between users, and the next task's commands read .git (read-only): the
     # previous task's commits and file contents, and the reflog naming them, must go with it.
-    _slot_git(path, "reflog", "expire", "--expire=now", "--expire-unreachable=now", "--all")
+    # Every reflog goes whole (what ``reflog expire --expire=now --all`` leaves is empty logs),
+    # removed here rather than by one more git process; a link there is removed, never followed.
+    _remove(path / ".git" / "logs")
     _slot_git(path, "prune", "--expire=now")
 
 
@@ -361,7 +390,11 @@ def head(path: Path) -> str:
 
 # --- operations the runner performs on a leased working copy -------------------------------------
 def create_branch(path: Path, branch: str) -> None:
-    _slot_git(path, "checkout", "--quiet", "-B", branch)
+    """Point ``branch`` at HEAD's commit and check it out (``git checkout -B branch`` without its
+    pass over every file: the index and the files stay as they are)."""
+    ref = f"refs/heads/{branch}"
+    _slot_git(path, "update-ref", "-m", "branch: Created from HEAD", ref, "HEAD")
+    _slot_git(path, "symbolic-ref", "-m", f"checkout: moving to {branch}", "HEAD", ref)
 
 
 def _excluding_kept(keep_paths: list[str]) -> list[str]:
@@ -386,16 +419,53 @@ def _excluding_kept(keep_paths: list[str]) -> list[str]:
 
 
 def has_changes(path: Path, keep_paths: list[str]) -> bool:
-    return bool(_slot_git(path, *_excluding_kept(keep_paths), "status", "--porcelain", "--untracked-files=all"))
+    """Whether ``git status`` shows anything (the keep paths and what the project ignores never count).
+
+    Untracked folders are listed as folders (``-unormal``: one with any file ``-uall`` would list
+    shows up, one holding only ignored files does not), which lets git use its untracked cache:
+    only folders whose mtime changed since the last status are read again."""
+    status = ["-c", "core.untrackedCache=true", "status", "--porcelain", "--untracked-files=normal"]
+    return bool(_slot_git(path, *_excluding_kept(keep_paths), *status))
 
 
 def commit_all(path: Path, message: str, *, author_name: str, author_email: str, keep_paths: list[str]) -> str:
     """Stage every change as ``git status`` shows it (never the keep paths, nor what the
-    project ignores) and commit it."""
+    project ignores) and commit it on the checked-out branch; returns the commit id.
+
+    What ``git commit -m`` does, in plumbing: the files are scanned once (``add``), not again by
+    commit's own index refresh. The message is cleaned as ``git commit -m`` cleans it, and a
+    tree equal to HEAD's is refused as commit refuses it ("nothing to commit")."""
     _slot_git(path, *_excluding_kept(keep_paths), "add", "--all")
+    tree = _slot_git(path, "write-tree")
+    parent, parent_tree = _slot_git(path, "rev-parse", "HEAD", "HEAD^{tree}").split()
+    if tree == parent_tree:
+        raise GitError("git commit failed: nothing to commit, working tree clean")
+    cleaned = clean_message(message)
+    if not cleaned:
+        raise GitError("git commit failed: empty commit message")
     identity = ["-c", f"user.name={author_name}", "-c", f"user.email={author_email}"]
-    _slot_git(path, *identity, "commit", "--quiet", "--no-verify", "-m", message)
-    return head(path)
+    commit = _slot_git(path, *identity, "commit-tree", tree, "-p", parent, "-m", cleaned)
+    subject = cleaned.split("\n", 1)[0]
+    # Moves the branch HEAD names, only from ``parent`` (git's compare-and-swap), as commit does.
+    _slot_git(path, "update-ref", "-m", f"commit: {subject}", "HEAD", commit, parent)
+    return commit
+
+
+def clean_message(message: str) -> str:
+    """``message`` as ``git commit -m`` stores it (``git stripspace``: trailing whitespace cut from
+    every line, runs of blank lines made one, none at the start or end, a final newline)."""
+    lines: list[str] = []
+    blank = False
+    for line in message.split("\n"):
+        line = line.rstrip(" \t\n\r")  # what git counts as space (not \v, \f)
+        if not line:
+            blank = bool(lines)
+            continue
+        if blank:
+            lines.append("")
+            blank = False
+        lines.append(line)
+    return "".join(f"{line}\n" for line in lines)
 
 
 def changed_files(path: Path, base: str) -> list[str]:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from agentrunner.agent.repomap import repository_map
 from agentrunner.agent.tools import SYSTEM_PROMPT, TOOL_NAMES, TOOLS
-from agentrunner.agent.workspace import SKIP_DIRS, TestRunner, ToolError, Workspace, is_git_name
+from agentrunner.agent.workspace import TestRunner, ToolError, Workspace
 from agentrunner.llm.client import LLMClient
 from agentrunner.llm.errors import LLMError
 from common.outcomes import AGENT_FINISHED, AGENT_STOP_REASONS
@@ -259,18 +260,3 @@ class Agent:
             status = "timed out" if code is None else f"exit code {code}"
             return f"{status}\n{tail}", None, code != 0
         return getattr(ws, name)(**args), None, False
-
-
-def repository_map(workspace: Workspace, limit: int = 200) -> str:
-    """A short map of the repository for the first message."""
-    import os
-
-    files: list[str] = []
-    for folder, dirs, names in os.walk(workspace.root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not is_git_name(d))
-        files.extend(
-            os.path.relpath(os.path.join(folder, n), workspace.root) for n in sorted(names) if not is_git_name(n)
-        )
-    shown = "\n".join(files[:limit])
-    more = f"\n… and {len(files) - limit} more files" if len(files) > limit else ""
-    return f"Repository files ({len(files)}):\n{shown}{more}"

@@ -497,6 +497,7 @@ def claimed_task(data: dict):
 
 class HttpRegistry(_HttpPort):
     name = "registry"
+    events_block = False  # the outbox takes them at once
 
     def __init__(self, api: ApiClient, root: str, timed=None):
         super().__init__(api, root, timed)
@@ -696,21 +697,42 @@ class HttpPool(_HttpPort):
     def release(self, *, slot_id, token):
         """Reset the copy here (to the base it was leased from), then free the row on the server;
         a copy that cannot be reset is reported broken."""
+        self.release_start(slot_id=slot_id, token=token)()
+
+    def release_start(self, *, slot_id, token):
+        """``release`` with the reset in a thread of its own: the returned function waits for it,
+        then frees the row on the server."""
         from workcopy import slots
 
         held = self._held.pop(int(slot_id), None)
-        broken = ""
-        commit = ""
-        if held is not None:
-            commit = held.commit
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
             started = time.monotonic()
             try:
                 slots.reset(held.spec, held.path, held.commit)
+                outcome["broken"] = ""
             except SlotBroken as exc:
-                broken = exc.message
+                outcome["broken"] = exc.message
+            except BaseException as exc:  # raised again by wait(), as release raised it
+                outcome["error"] = exc
             finally:
                 self.timed.add("reset", started)
-        self._give_back(slot_id, token, commit, broken_reason=broken)
+
+        thread = None
+        if held is not None:
+            thread = threading.Thread(target=work, name=f"reset-slot-{slot_id}", daemon=True)
+            thread.start()
+
+        def wait() -> None:
+            if thread is not None:
+                thread.join()
+                if "error" in outcome:
+                    raise outcome["error"]
+            commit = held.commit if held is not None else ""
+            self._give_back(slot_id, token, commit, broken_reason=outcome.get("broken", ""))
+
+        return wait
 
     def _give_back(self, slot_id, token, commit: str, *, broken_reason: str = "") -> None:
         body = {"token": str(token), "commit": commit}

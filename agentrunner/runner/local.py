@@ -4,6 +4,7 @@ import-linter contract in pyproject.toml)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def claimed_task(task, attempt) -> ClaimedTask:
 
 class LocalRegistry(_LocalPort):
     name = "registry"
+    events_block = True  # each write waits on the database: the heartbeat thread writes a run's events
 
     def __init__(self, timed: Timed | None = None):
         super().__init__(timed)
@@ -104,7 +106,8 @@ class LocalRegistry(_LocalPort):
     def events(self, *, task, events):
         from registry import services
 
-        for event in events:
+        if len(events) == 1:
+            event = events[0]
             self._call(
                 services.event_append,
                 task_id=task.id,
@@ -112,6 +115,11 @@ class LocalRegistry(_LocalPort):
                 message=event.get("message", ""),
                 data=event.get("data"),
             )
+            return
+        for start in range(0, len(events), services.EVENT_BATCH_MAX):  # one statement a batch
+            batch = events[start : start + services.EVENT_BATCH_MAX]
+            rows = [{"type": e["type"], "message": e.get("message", ""), "data": e.get("data") or {}} for e in batch]
+            self._call(services.event_append_batch, task_id=task.id, events=rows)
 
     def heartbeat(self, *, task, slot_id=None, metrics=None):
         from django.conf import settings
@@ -177,9 +185,34 @@ class LocalPool(_LocalPort):
         self._call(services.slot_renew, slot_id=slot_id, lease_token=token, lease_seconds=lease_seconds)
 
     def release(self, *, slot_id, token):
+        self.release_start(slot_id=slot_id, token=token)()
+
+    def release_start(self, *, slot_id, token):
+        """The slot goes to ``resetting`` now (fenced by the token), its copy is reset by a thread
+        of its own (git only, no database), and the returned function waits for that reset and
+        frees the slot (or marks it broken)."""
         from repopool import services
 
-        self._call(services.slot_release, deliver=True, slot_id=slot_id, lease_token=token)
+        reset = self._call(services.slot_release_start, deliver=True, slot_id=slot_id, lease_token=token)
+        broken: list[str] = []
+
+        def work() -> None:
+            started = time.monotonic()
+            try:
+                broken.append(services.slot_copy_reset(reset))
+            finally:
+                self.timed.add(self.name, started)
+
+        thread = threading.Thread(target=work, name=f"reset-slot-{slot_id}", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            # No answer from the thread (it died): the copy's state is unknown, so it is broken.
+            reason = broken[0] if broken else "reset failed: the reset did not finish"
+            self._call(services.slot_release_done, deliver=True, reset=reset, broken_reason=reason)
+
+        return wait
 
     def publish(self, *, task, path, branch, base):
         from django.conf import settings
@@ -209,6 +242,19 @@ class LocalArtifacts(_LocalPort):
         from artifacts import services
         from registry import services as registry
 
+        on_stored = None
+        if role:
+            # Linked in the transaction that records the artifact (both or neither), under the
+            # attempt its metadata names: task_link_artifact looks that attempt up, unless it is
+            # this one, which exists (an artifact spooled by an earlier attempt is looked up).
+            named = metadata.get("attempt")
+            attempt_number = task.attempt_number if type(named) is int and named == task.attempt_number else None
+
+            def on_stored(artifact) -> None:
+                registry.task_link_artifact(
+                    task_id=task.id, artifact_id=artifact.pk, role=role, attempt_number=attempt_number
+                )
+
         artifact = self._call(
             services.artifact_store,
             deliver=True,
@@ -217,9 +263,8 @@ class LocalArtifacts(_LocalPort):
             kind=kind,
             content_type=content_type,
             metadata=metadata,
+            on_stored=on_stored,
         )
-        if role:  # linked under the attempt its metadata names (task_link_artifact checks it is the task's)
-            self._call(registry.task_link_artifact, task_id=task.id, artifact_id=artifact.pk, role=role)
         return artifact.pk
 
 

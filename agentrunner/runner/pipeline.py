@@ -113,12 +113,40 @@ class RunLog:
 
 class HeartbeatThread(threading.Thread):
     """Heartbeats the attempt once a second (its answer carries a cancel request) and renews the
-    slot lease at a third of its length, while the task runs."""
+    slot lease at a third of its length, while the task runs. The first beat goes out at once and
+    records the attempt's slot (retried with each beat until one is delivered).
 
-    def __init__(self, run: TaskRun):
+    With ports whose ``events()`` waits on the store (in-process: a database write; over HTTP an
+    outbox takes them without waiting) it also writes the run's events, so the run does not wait
+    on them: ``offer`` queues one, and the thread writes what is queued, in order and as one batch,
+    as soon as it can. What the run records before the thread starts or after it stops is written
+    by the run itself, after what was queued (``stop`` writes the queue before it lets go)."""
+
+    def __init__(self, run: TaskRun, *, slot_id: int | None = None):
         super().__init__(daemon=True, name=f"heartbeat-{run.task.short_id}")
         self.run_ = run
+        self.slot_id = slot_id
         self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards the queue and whether it is accepted
+        self._queue: list[dict] = []
+        self._accepting = False
+        self._writes_events = bool(getattr(run.ports.registry, "events_block", False))
+
+    def offer(self, event: dict) -> bool:
+        """Queue ``event`` for the thread to write; False when the caller must write it itself."""
+        with self._lock:
+            if not self._accepting:
+                return False
+            self._queue.append(event)
+        self._wake.set()
+        return True
+
+    def stop(self, timeout: float = 10) -> None:
+        self.stop_event.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout=timeout)
 
     def run(self) -> None:
         run = self.run_
@@ -126,30 +154,79 @@ class HeartbeatThread(threading.Thread):
         # Often enough for both the lease and the attempt's own staleness limit.
         renew_every = max(1.0, min(lease_seconds, settings.AGENTRUNNER_ATTEMPT_STALE_SECONDS) / 3)
         last_renew = time.monotonic()
+        next_beat = time.monotonic()
+        with self._lock:
+            self._accepting = self._writes_events
         try:
-            while not self.stop_event.wait(1.0):
-                try:
-                    if run.ports.registry.heartbeat(task=run.task).cancel_requested:
-                        if not run.cancel.is_set():
-                            run.log("cancel requested")
-                        run.cancel.set()
-                    if time.monotonic() - last_renew >= renew_every and run.lease is not None:
-                        run.ports.pool.renew(
-                            slot_id=run.lease.slot_id, token=run.lease.token, lease_seconds=lease_seconds
-                        )
+            while not self.stop_event.is_set():
+                self._wake.clear()
+                self._write_queued()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + 1.0
+                    if not self._beat():
+                        return
+                    renew_due = time.monotonic() - last_renew >= renew_every
+                    if renew_due and run.lease is not None and not run.releasing:
+                        if not self._renew(lease_seconds):
+                            return
                         last_renew = time.monotonic()
-                except LeaseLost as exc:
-                    run.log(
-                        f"{'runner token refused' if isinstance(exc, TokenRejected) else 'lease lost'} ({exc}); stopping"
-                    )
-                    run.lease_lost = True
-                    run.lost_because = exc
-                    run.cancel.set()
-                    return
-                except Exception as exc:
-                    run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
+                self._wake.wait(max(0.0, next_beat - time.monotonic()))
         finally:
+            # Whatever was queued is written before anything the run records from now on: the run
+            # waits on the lock meanwhile, then finds the queue closed and writes for itself.
+            with self._lock:
+                self._accepting = False
+                queued, self._queue = self._queue, []
+                self._write(queued)
             run.ports.thread_done()
+
+    def _write_queued(self) -> None:
+        with self._lock:
+            queued, self._queue = self._queue, []
+        self._write(queued)
+
+    def _write(self, events: list[dict]) -> None:
+        if not events:
+            return
+        run = self.run_
+        try:
+            run.ports.registry.events(task=run.task, events=events)
+        except Exception as exc:  # events that cannot be written must not end the run
+            run.log(f"could not record events {', '.join(e['type'] for e in events)}: {type(exc).__name__}")
+
+    def _beat(self) -> bool:
+        """One heartbeat; False when the attempt is no longer ours (the run stops)."""
+        run = self.run_
+        try:
+            if run.ports.registry.heartbeat(task=run.task, slot_id=self.slot_id).cancel_requested:
+                if not run.cancel.is_set():
+                    run.log("cancel requested")
+                run.cancel.set()
+            self.slot_id = None  # recorded
+        except LeaseLost as exc:
+            self._lost(exc)
+            return False
+        except Exception as exc:
+            run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
+        return True
+
+    def _renew(self, lease_seconds: int) -> bool:
+        run = self.run_
+        try:
+            run.ports.pool.renew(slot_id=run.lease.slot_id, token=run.lease.token, lease_seconds=lease_seconds)
+        except LeaseLost as exc:
+            self._lost(exc)
+            return False
+        except Exception as exc:
+            run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
+        return True
+
+    def _lost(self, exc: LeaseLost) -> None:
+        run = self.run_
+        run.log(f"{'runner token refused' if isinstance(exc, TokenRejected) else 'lease lost'} ({exc}); stopping")
+        run.lease_lost = True
+        run.lost_because = exc
+        run.cancel.set()
 
 
 class TaskRun:
@@ -171,6 +248,8 @@ class TaskRun:
         self.lease: SlotLease | None = None
         self.lease_lost = False
         self.lost_because: LeaseLost | None = None  # what the heartbeat was told
+        self.releasing = False  # the slot is being given back: its lease is not renewed any more
+        self.heartbeat: HeartbeatThread | None = None  # started once a slot is leased
         self.started = time.monotonic()
         self.deadline = self.started + task.timeout_seconds
         self.phases: dict[str, float] = {}
@@ -208,8 +287,11 @@ class TaskRun:
             self.log(f"progress reporter failed while winding down: {type(exc).__name__}")
 
     def event(self, kind: str, message: str = "", data: dict | None = None) -> None:
+        record = {"type": kind, "message": message, "data": data or {}}
+        if self.heartbeat is not None and self.heartbeat.offer(record):
+            return  # written by the heartbeat thread, in order
         try:
-            self.ports.registry.events(task=self.task, events=[{"type": kind, "message": message, "data": data or {}}])
+            self.ports.registry.events(task=self.task, events=[record])
         except Exception as exc:  # an event that cannot be written must not end the run
             self.log(f"could not record event {kind}: {type(exc).__name__}")
 
@@ -410,12 +492,23 @@ class TaskRun:
             )  # fmt: skip
             self.summary.commit = commit
             self.summary.branch = self.branch
-            self.summary.files_changed = git.changed_files(self.lease.path, self.base_commit)
-            self.summary.fetch = self.ports.pool.publish(
-                task=task, path=self.lease.path, branch=self.branch, base=self.base_commit
-            )
-            self.patch_path = self.workdir / f"{task.short_id}.patch"
-            git.format_patch(self.lease.path, self.base_commit, self.patch_path)
+            # The result leaves the host (a push, or a bundle sent to the server) while the list of
+            # files and the patch are made: the three only read the copy.
+            patch = self.workdir / f"{task.short_id}.patch"
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish") as background:
+                publishing = background.submit(
+                    self.ports.pool.publish, task=task, path=self.lease.path, branch=self.branch, base=self.base_commit
+                )
+                try:
+                    self.summary.files_changed = git.changed_files(self.lease.path, self.base_commit)
+                    git.format_patch(self.lease.path, self.base_commit, patch)
+                finally:
+                    try:
+                        self.summary.fetch = publishing.result()
+                    except BaseException:
+                        patch.unlink(missing_ok=True)  # as before: no patch of a result that did not leave
+                        raise
+            self.patch_path = patch
             self.event(
                 "committed",
                 f"{commit[:12]} pushed to {self.branch}",
@@ -701,7 +794,6 @@ def run_task(
         raise
     run.phases["claim"] = time.monotonic() - claim_started
     run.log(f"claimed task {task.id} ({task.title}) attempt {task.attempt_number} as {runner_id}")
-    heartbeat = HeartbeatThread(run)
     outcome: Outcome | None = None
     summary_text = ""
     interrupted = False
@@ -716,8 +808,10 @@ def run_task(
         with run.phase("allocate"):
             outcome = _allocate(run)
         if outcome is None:
-            heartbeat.start()
-            run.ports.registry.heartbeat(task=task, slot_id=run.lease.slot_id)
+            # Its first beat records the slot on the attempt; from now on it writes the events.
+            run.heartbeat = HeartbeatThread(run, slot_id=run.lease.slot_id)
+            run.heartbeat.start()
+            _leased_event(run)
             with run.phase("prepare"):
                 outcome = _prepare(run)
         if outcome is None:
@@ -737,36 +831,27 @@ def run_task(
     if outcome is None:
         outcome = Outcome(Status.SUCCEEDED)
     run.winding_down = True
-    heartbeat.stop_event.set()
-    if heartbeat.is_alive():
-        heartbeat.join(timeout=10)
-    if run.client is not None:
-        totals = run.client.totals
-        run.summary.prompt_tokens, run.summary.completion_tokens = totals.prompt_tokens, totals.completion_tokens
-        run.summary.cost_usd = None if totals.cost_unknown else str(totals.cost)
-        if totals.recorded_cost is not None:
-            run.summary.recorded_cost_usd = str(totals.recorded_cost)
-        run.summary.llm_calls = totals.calls
-        try:
-            ports.registry.add_usage(
-                task=task,
-                prompt_tokens=totals.prompt_tokens,
-                completion_tokens=totals.completion_tokens,
-                cost_usd=None if totals.cost_unknown else totals.cost,
-            )
-        except Exception:
-            run.log("could not record usage:\n" + traceback.format_exc())
-    run.log(f"outcome: {outcome.status} {outcome.reason} {outcome.message}".rstrip())
-    if run.client is not None:
-        run.client.transcript.close()
-    if not run.store_artifacts() and outcome.status == Status.SUCCEEDED:
+    # The slot's copy is reset from here on, while the heartbeat stops, the usage is recorded and
+    # the artifacts are stored: none of them touches the copy (the artifacts live in the run folder),
+    # and all of them mostly wait (git, the database, the disk, the store).
+    release_done = _release_start(run)
+    try:
+        if run.heartbeat is not None:
+            run.heartbeat.stop()
+        _record_usage(run)
+        run.log(f"outcome: {outcome.status} {outcome.reason} {outcome.message}".rstrip())
+        if run.client is not None:
+            run.client.transcript.close()
+        stored = run.store_artifacts()
+    finally:
+        _release_wait(run, release_done)
+    if not stored and outcome.status == Status.SUCCEEDED:
         outcome = Outcome(
             Status.FAILED,
             Reason.INFRASTRUCTURE_ERROR,
             "artifacts could not be stored (kept in the spool for the next attempt)",
             retry=True,
         )
-    _release(run)
     outcome_message = outcome.message
     if run.summary.spooled and "spool" not in outcome_message:
         outcome_message = f"{outcome_message} (artifacts spooled: {', '.join(run.summary.spooled)})".strip()
@@ -807,6 +892,27 @@ def run_task(
     return run.summary
 
 
+def _record_usage(run: TaskRun) -> None:
+    """The LLM usage into the summary and onto the task."""
+    if run.client is None:
+        return
+    totals = run.client.totals
+    run.summary.prompt_tokens, run.summary.completion_tokens = totals.prompt_tokens, totals.completion_tokens
+    run.summary.cost_usd = None if totals.cost_unknown else str(totals.cost)
+    if totals.recorded_cost is not None:
+        run.summary.recorded_cost_usd = str(totals.recorded_cost)
+    run.summary.llm_calls = totals.calls
+    try:
+        run.ports.registry.add_usage(
+            task=run.task,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            cost_usd=None if totals.cost_unknown else totals.cost,
+        )
+    except Exception:
+        run.log("could not record usage:\n" + traceback.format_exc())
+
+
 def _give_back(ports: Ports, task: ClaimedTask, message: str) -> None:
     """End a claimed attempt that never started as the runner's failure, so the task runs again."""
     try:
@@ -842,12 +948,15 @@ def _allocate(run: TaskRun) -> Outcome | None:
     except GitError as exc:  # not the ref: the working copy failed, another slot may serve
         return outcome_for(SlotBroken(exc.message))
     run.base_commit = run.lease.commit
+    return None
+
+
+def _leased_event(run: TaskRun) -> None:
     run.event(
         "slot_leased",
         f"slot {run.lease.slot_id} at {run.lease.commit[:12]}",
         {"slot": run.lease.slot_id, "commit": run.lease.commit, "path": str(run.lease.path)},
     )
-    return None
 
 
 def _check_sandbox(run: TaskRun) -> Outcome | None:
@@ -872,14 +981,34 @@ def _prepare(run: TaskRun) -> Outcome | None:
     return None
 
 
-def _release(run: TaskRun) -> None:
+def _release_start(run: TaskRun) -> Callable[[], None] | None:
+    """Start giving the slot back (its reset runs in the background where the pool port can); the
+    result is for ``_release_wait``. The phase "release" counts this and the wait, not what runs
+    in between."""
     if run.lease is None:
-        return
+        return None
+    run.releasing = True
     with run.phase("release"):
         try:
+            start = getattr(run.ports.pool, "release_start", None)
+            if start is not None:
+                return start(slot_id=run.lease.slot_id, token=run.lease.token)
             run.ports.pool.release(slot_id=run.lease.slot_id, token=run.lease.token)
         except Exception as exc:  # stale token: the reaper or another holder owns it now
             run.log(f"slot release refused: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _release_wait(run: TaskRun, done: Callable[[], None] | None) -> None:
+    if done is None:
+        return
+    started = time.monotonic()
+    try:
+        done()
+    except Exception as exc:
+        run.log(f"slot release refused: {type(exc).__name__}: {exc}")
+    finally:
+        run.phases["release"] = run.phases.get("release", 0.0) + time.monotonic() - started
 
 
 def _metrics(run: TaskRun) -> dict[str, Any]:

@@ -72,6 +72,10 @@ class Heartbeat:
 
 
 class RegistryPort(Protocol):
+    # True when ``events`` waits for the store (in-process: the database); the runner then hands
+    # them to a thread of its own. Over HTTP an outbox takes them at once.
+    events_block: bool
+
     def claim(self, *, runner_id: str, task_id: uuid.UUID | str | None, wait: float = 0) -> ClaimedTask | None:
         """Claim the task named (or the next runnable one), waiting up to ``wait`` seconds for one."""
 
@@ -111,6 +115,10 @@ class PoolPort(Protocol):
 
     def release(self, *, slot_id: int, token: uuid.UUID) -> None:
         """Reset the copy here and free the slot; LeaseLost when the token is stale."""
+
+    def release_start(self, *, slot_id: int, token: uuid.UUID) -> Callable[[], None]:
+        """``release`` in two steps: the copy's reset starts in the background (LeaseLost now when
+        the token is stale) and the returned function waits for it and frees the slot."""
 
     def publish(self, *, task: ClaimedTask, path: Path, branch: str, base: str) -> str:
         """Make the result commit of ``path`` (HEAD) reachable off this host, as ``branch``: pushed

@@ -235,3 +235,122 @@ def test_record_then_replay_offline_and_divergence(make_client, llm_server, fold
     result = agent.start("Something else entirely.", Budget(max_steps=20))
     assert result.outcome == "llm_error" and result.llm_error.kind == "replay_diverged"
     assert "message 1 differs" in result.message
+
+
+def test_the_repository_map_lists_files_as_a_top_down_os_walk_would(tmp_path):
+    """The first message's map: the order and the count of ``os.walk`` (a folder's files before its
+    sub-folders'), symbolic links to folders listed nowhere and not entered, .git under any case
+    and the skipped folders left out, cut at the limit."""
+    import os
+
+    from agentrunner.agent.loop import repository_map
+    from agentrunner.agent.workspace import SKIP_DIRS, Workspace, is_git_name
+
+    root = tmp_path / "repo"
+    files = ("b/deep/x.py", "b/a.py", "a/z.py", "Z", "é ü/ñ.txt", ".GIT/config", ".venv/lib.py", "s/node_modules/m")
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    (root / ".git").write_text("gitdir: elsewhere\n")
+    os.symlink("b", root / "link-to-folder")
+    os.symlink("Z", root / "link-to-file")
+    os.symlink("nowhere", root / "dangling")
+    os.mkfifo(root / "fifo")
+
+    def reference(limit: int) -> str:  # what the map was built with before
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not is_git_name(d))
+            files.extend(os.path.relpath(os.path.join(folder, n), root) for n in sorted(names) if not is_git_name(n))
+        more = f"\n… and {len(files) - limit} more files" if len(files) > limit else ""
+        return f"Repository files ({len(files)}):\n" + "\n".join(files[:limit]) + more
+
+    ws = Workspace(root)
+    assert repository_map(ws).splitlines() == [
+        "Repository files (8):", "Z", "dangling", "fifo", "link-to-file", "a/z.py", "b/a.py", "b/deep/x.py", "é ü/ñ.txt",
+    ]  # fmt: skip
+    for limit in (0, 1, 5, 8, 200):
+        assert repository_map(ws, limit) == reference(limit)
+
+
+def test_the_map_reads_again_only_the_folders_that_changed(tmp_path, monkeypatch):
+    """A second map of the same tree stats each folder and reads only those whose entries changed;
+    what a symbolic link points to is checked every time. The map stays what os.walk shows."""
+    import os
+
+    from agentrunner.agent import repomap
+    from agentrunner.agent.loop import repository_map
+    from agentrunner.agent.workspace import SKIP_DIRS, Workspace, is_git_name
+
+    root = tmp_path / "repo"
+    for name in ("a/b/c.py", "a/d.py", "e/f.txt", "g/h/i.txt", "target-file", "top.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    os.symlink("target-file", root / "e" / "link")  # a link to a file: listed
+    (root / "later-a-folder").write_text("x")
+    os.symlink("../later-a-folder", root / "g" / "link2")
+
+    def reference() -> str:
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not is_git_name(d))
+            files.extend(os.path.relpath(os.path.join(folder, n), root) for n in sorted(names) if not is_git_name(n))
+        return f"Repository files ({len(files)}):\n" + "\n".join(files)
+
+    # Folders changed less than RACY_NS before a map are read again: here every folder is new, so
+    # the limit is lifted and each change below is made a tick of the file clock later.
+    monkeypatch.setattr(repomap, "RACY_NS", 0)
+    repomap.forget()
+    reads: list[str] = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(repomap.os, "scandir", lambda path: reads.append(path) or real_scandir(path))
+    ws = Workspace(root)
+    time.sleep(0.05)
+
+    first = repository_map(ws)
+    assert len(reads) == 6  # the root, a, a/b, e, g, g/h
+    del reads[:]
+    assert repository_map(ws) == first and reads == []  # nothing changed: nothing read
+
+    time.sleep(0.05)
+    (root / "a" / "b" / "new.py").write_text("x")  # a file added deep down
+    (root / "top.txt").unlink()
+    (root / "top.txt").mkdir()  # a file turned into a folder
+    (root / "top.txt" / "inside.py").write_text("x")
+    (root / "later-a-folder").unlink()
+    (root / "later-a-folder").mkdir()  # g/link2 now points to a folder: no longer listed; g unchanged
+    expected = reference()  # (os.walk reads through the same os.scandir)
+    del reads[:]
+    assert repository_map(ws, limit=1000) == expected
+    assert sorted(reads) == sorted(str(p) for p in (root, root / "a" / "b", root / "top.txt", root / "later-a-folder"))
+    assert "g/link2" not in expected and "e/link" in expected and "top.txt/inside.py" in expected
+
+
+def test_the_kept_listings_are_bounded_and_the_least_recent_tree_goes_first(tmp_path, monkeypatch):
+    from agentrunner.agent import repomap
+    from agentrunner.agent.loop import repository_map
+    from agentrunner.agent.workspace import Workspace
+
+    monkeypatch.setattr(repomap, "RACY_NS", 0)
+    monkeypatch.setattr(repomap, "CACHED_FOLDERS", 5)
+    repomap.forget()
+    trees = []
+    for n in range(3):
+        root = tmp_path / f"t{n}"
+        (root / "a" / "b").mkdir(parents=True)  # three folders a tree: root, a, a/b
+        (root / "a" / "b" / "f.py").write_text("x")
+        trees.append(root)
+    time.sleep(0.05)  # the folders' times a tick of the file clock before the maps
+    for root in trees[:2]:
+        assert repository_map(Workspace(root)) == "Repository files (1):\na/b/f.py"
+    assert list(repomap._trees) == [str(trees[1])] and repomap._kept_folders == 3  # 6 > 5: the first went
+    repository_map(Workspace(trees[0]))
+    repository_map(Workspace(trees[1]))  # mapped again: the most recent now
+    assert list(repomap._trees) == [str(trees[1])] and repomap._kept_folders == 3
+    big = tmp_path / "big"
+    for n in range(6):
+        (big / f"d{n}").mkdir(parents=True)
+    time.sleep(0.05)
+    repository_map(Workspace(big))  # 7 folders, more than the bound alone: not kept, nothing else lost
+    assert list(repomap._trees) == [str(trees[1])] and repomap._kept_folders == 3
+    repomap.forget()

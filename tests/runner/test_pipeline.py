@@ -478,6 +478,8 @@ def test_push_failure_is_a_git_error_and_the_slot_is_released(llm, make_repo, tm
     run_task(task_id=task.pk)
     task.refresh_from_db()
     assert (task.status, task.failure_reason) == ("failed", "git_error") and "push" in task.failure_message
+    # The patch is made while the push runs, and kept only for a result that left the host.
+    assert {link.role for link in task.artifact_links.all()} == {"test_report", "transcript", "log"}
     assert_slots_free_and_clean(repo)
 
 

@@ -1,0 +1,194 @@
+"""The git operations on a leased working copy, each checked against what plain git shows: the
+branch, the change check, the commit, the reset, the fetch and the clone's packing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from common.outcomes import GitError
+from tests.conftest import run_git, write_files
+from workcopy import config, git, slots
+
+IGNORE = "build/\n*.log\n.venv/\n"
+
+
+@pytest.fixture(autouse=True)
+def own_config(tmp_path):
+    config.configure(config.Config(pool_root=tmp_path / "pool", tmp_root=tmp_path / "tmp", local_repo_roots=None))
+    yield
+    config.configure(None)
+
+
+@pytest.fixture
+def spec(make_repo):
+    origin = make_repo({"calc.py": "def add(a, b):\n    return a - b\n", "pkg/mod.py": "x = 1\n", ".gitignore": IGNORE})
+    return slots.RepoSpec(name="sample", url=str(origin), default_branch="main", keep_paths=[".venv"])
+
+
+@pytest.fixture
+def slot(spec):
+    path = slots.slot_dir("sample", 0)
+    made = slots.prepare(spec, slots.SlotSeen(path=path), "", fetch_ttl=0)
+    return path, made.commit
+
+
+@pytest.fixture
+def git_runs(tmp_path, monkeypatch):
+    """A ``git`` first on PATH that logs each command line, then runs the real one."""
+    real = shutil.which("git")
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    log = tmp_path / "git-runs.log"
+    log.touch()
+    (shims / "git").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    (shims / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{Path(real).parent}:/usr/bin:/bin")
+
+    def runs(since: int = 0) -> list[str]:
+        return log.read_text().splitlines()[since:]
+
+    return runs
+
+
+def test_a_new_branch_points_at_head_and_leaves_the_files_alone(slot):
+    path, base = slot
+    (path / "calc.py").write_text("changed\n")
+    git.create_branch(path, "agent/abc")
+    assert run_git(path, "symbolic-ref", "HEAD") == "refs/heads/agent/abc"
+    assert run_git(path, "rev-parse", "HEAD") == base
+    assert (path / "calc.py").read_text() == "changed\n"
+    assert run_git(path, "status", "--porcelain") == "M calc.py"
+
+
+def test_has_changes_counts_what_git_status_shows_and_nothing_ignored_or_kept(slot):
+    path, _ = slot
+    assert not git.has_changes(path, [".venv"])
+    write_files(path, {"build/out/a.o": "x", "pkg/debug.log": "x", ".venv/lib/site.py": "x"})
+    assert not git.has_changes(path, [".venv"])  # a new folder holding only ignored files, a kept path
+    write_files(path, {"new/deep/er/file.py": "x"})
+    assert git.has_changes(path, [".venv"])
+    (path / "new/deep/er/file.py").unlink()
+    assert not git.has_changes(path, [".venv"])  # the untracked cache sees the file gone
+    (path / "pkg/mod.py").unlink()
+    assert git.has_changes(path, [".venv"])
+    run_git(path, "checkout", "--", "pkg/mod.py")
+    (path / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    assert git.has_changes(path, [".venv"])
+
+
+def test_the_commit_is_what_git_commit_makes(slot):
+    path, base = slot
+    git.create_branch(path, "agent/abc")
+    write_files(path, {"calc.py": "fixed\n", "new/file.py": "n\n", "build/x.o": "ignored", ".venv/k": "kept"})
+    (path / "pkg/mod.py").unlink()
+    message = "\n  Fix add()  \n\n\n\nThe model's summary\t\n\n# not a comment here\n\nAgent-Runner-Task: 1\n\n"
+    commit = git.commit_all(
+        path, message, author_name="Agent Runner", author_email="ar@example.com", keep_paths=[".venv"]
+    )
+
+    assert run_git(path, "rev-parse", "refs/heads/agent/abc") == commit == run_git(path, "rev-parse", "HEAD")
+    assert run_git(path, "symbolic-ref", "HEAD") == "refs/heads/agent/abc"
+    assert run_git(path, "rev-parse", f"{commit}^") == base
+    assert run_git(path, "show", "-s", "--format=%an <%ae>|%cn <%ce>", commit) == (
+        "Agent Runner <ar@example.com>|Agent Runner <ar@example.com>"
+    )
+    # The message as git commit -m stores it (its cleanup is git stripspace's).
+    expected = subprocess.run(["git", "stripspace"], input=message, capture_output=True, text=True).stdout
+    raw = subprocess.run(["git", "cat-file", "commit", commit], cwd=path, capture_output=True, text=True).stdout
+    assert raw.split("\n\n", 1)[1] == expected
+    assert set(git.changed_files(path, base)) == {"calc.py", "new/file.py", "pkg/mod.py"}
+    assert run_git(path, "status", "--porcelain") == ""  # everything git status showed went in
+    assert run_git(path, "ls-tree", "-r", "--name-only", commit).split() == [".gitignore", "calc.py", "new/file.py"]
+
+    with pytest.raises(GitError, match="nothing to commit"):
+        git.commit_all(path, "again", author_name="a", author_email="a@example.com", keep_paths=[".venv"])
+    assert run_git(path, "rev-parse", "HEAD") == commit
+
+
+def test_reset_restores_tracked_files_removes_untracked_and_ignored_and_the_tasks_objects(slot, spec):
+    path, base = slot
+    git.create_branch(path, "agent/abc")
+    write_files(path, {"calc.py": "secret change\n", "new/file.py": "secret new\n"})
+    commit = git.commit_all(path, "task", author_name="a", author_email="a@example.com", keep_paths=[".venv"])
+    blob = run_git(path, "rev-parse", f"{commit}:new/file.py")
+    # What the tests wrote after the commit: ignored, untracked, a tracked file changed and one removed.
+    write_files(path, {"build/out.o": "o", "debug.log": "l", "pkg/new.py": "u", "calc.py": "again\n", ".venv/k": "k"})
+    (path / "pkg/mod.py").unlink()
+    run_git(path, "branch", "other")
+
+    slots.reset(spec, path, base)
+
+    assert run_git(path, "status", "--porcelain", "--ignored") == "!! .venv/"  # only the kept path is left
+    assert (path / "calc.py").read_text() == "def add(a, b):\n    return a - b\n"
+    assert (path / "pkg/mod.py").read_text() == "x = 1\n"
+    assert not any((path / name).exists() for name in ("build", "debug.log", "pkg/new.py", "new"))
+    assert run_git(path, "rev-parse", "HEAD") == base
+    assert run_git(path, "for-each-ref", "refs/heads/") == ""
+    assert run_git(path, "reflog", "show", "--all") == ""  # no reflog names the task's commit
+    for gone in (commit, blob):  # the next task reads .git: nothing of this one is left in it
+        assert subprocess.run(["git", "cat-file", "-e", gone], cwd=path).returncode != 0
+    assert run_git(path, "count-objects").startswith("0 objects")
+
+
+def test_a_clone_is_one_pack_with_a_bitmap(slot):
+    path, _ = slot
+    packs = list((path / ".git/objects/pack").iterdir())
+    assert len([p for p in packs if p.suffix == ".pack"]) == 1
+    assert any(p.suffix == ".bitmap" for p in packs)
+    assert run_git(path, "count-objects").startswith("0 objects")  # nothing loose
+
+
+def test_fetching_a_branch_is_one_fetch_and_keeps_its_tracking_ref(slot, spec, git_runs):
+    path, base = slot
+    origin = Path(spec.url)
+    for n in range(3):
+        write_files(origin, {"calc.py": f"version {n}\n"})
+        run_git(origin, "commit", "-qam", f"v{n}")
+        newest = run_git(origin, "rev-parse", "HEAD")
+        before = len(git_runs())
+        assert git.resolve_or_fetch(path, "main", url=spec.url, refresh=True) == newest
+        ran = git_runs(before)
+        assert [line for line in ran if " fetch " in f" {line}"] and len(ran) == 2, ran  # one fetch, one rev-parse
+        assert run_git(path, "rev-parse", "refs/remotes/origin/main") == newest
+
+
+def test_a_hostile_config_file_is_replaced_without_blocking_or_writing_through(slot, tmp_path):
+    path, _ = slot
+    config_file = path / ".git/config"
+    trusted = git.trusted_config_path(path).read_bytes()
+    # A hard link to a file outside, with the trusted bytes: replaced, the outside file untouched.
+    outside = tmp_path / "outside"
+    outside.write_bytes(trusted)
+    config_file.unlink()
+    os.link(outside, config_file)
+    git.secure_slot(path)
+    assert config_file.stat().st_nlink == 1 and config_file.read_bytes() == trusted
+    with open(config_file, "ab") as handle:
+        handle.write(b"[core]\n\tfsmonitor = /bin/false\n")
+    assert outside.read_bytes() == trusted
+    # A FIFO: opening it for reading would wait for a writer; secure_slot replaces it at once.
+    config_file.unlink()
+    os.mkfifo(config_file)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (git.secure_slot(path), done.set()), daemon=True)
+    worker.start()
+    assert done.wait(10)
+    assert config_file.read_bytes() == trusted
+    # A symbolic link: replaced by a file, its target untouched.
+    config_file.unlink()
+    config_file.symlink_to(outside)
+    outside.write_bytes(b"[core]\n")
+    git.secure_slot(path)
+    assert not config_file.is_symlink() and config_file.read_bytes() == trusted
+    assert outside.read_bytes() == b"[core]\n"
+
+
+def test_a_new_copy_comes_with_an_untracked_cache(slot):
+    path, _ = slot
+    assert b"UNTR" in (path / ".git/index").read_bytes()  # the index extension git's untracked cache lives in
