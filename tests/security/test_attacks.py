@@ -151,7 +151,7 @@ def test_box_cannot_read_the_checkouts_old_data_dir(bwrap_required, isolated_dat
 HUGE = 1_000_000
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the run's heartbeat thread writes on its own connection
 def test_model_cannot_write_megabytes_into_every_event(llm, sample_repo):  # noqa: F811
     """Each tool call is an event carrying the model's ``path`` (in the message and the data) and
     each step an event naming the model the server answered with: a megabyte per step, times up to
@@ -187,7 +187,7 @@ def test_leak():
 """
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the run's heartbeat thread writes on its own connection
 def test_next_user_of_a_slot_cannot_read_the_previous_tasks_work(llm, make_repo):  # noqa: F811
     """Slots are shared between users. After a task, the reset removed its branch but kept its
     commit, its files' blobs and the HEAD reflog naming them in the slot's .git, which the box
@@ -231,7 +231,7 @@ def test_plant():
 """
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the run's heartbeat thread writes on its own connection
 def test_task_cannot_plant_code_in_kept_paths_for_the_next_user(llm, make_repo):  # noqa: F811
     """A repository's keep_paths (its .venv) survive resets to serve the next task, maybe another
     user's. The model (write_file) and the tests it wrote (in the box, where the slot is writable)
