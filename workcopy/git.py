@@ -422,9 +422,11 @@ def has_changes(path: Path, keep_paths: list[str]) -> bool:
     """Whether ``git status`` shows anything (the keep paths and what the project ignores never count).
 
     Untracked folders are listed as folders (``-unormal``: one with any file ``-uall`` would list
-    shows up, one holding only ignored files does not), which lets git use its untracked cache:
-    only folders whose mtime changed since the last status are read again."""
-    status = ["-c", "core.untrackedCache=true", "status", "--porcelain", "--untracked-files=normal"]
+    shows up, one holding only ignored files does not), so git stops at the first level of each.
+    Never git's untracked cache: it keeps the names of untracked files in the index, and a reset
+    (checkout, clean) leaves the names of files a task deleted itself there, for the next task's
+    commands to read in .git."""
+    status = ["-c", "core.untrackedCache=false", "status", "--porcelain", "--untracked-files=normal"]
     return bool(_slot_git(path, *_excluding_kept(keep_paths), *status))
 
 

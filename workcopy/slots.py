@@ -171,8 +171,8 @@ def _clone_and_checkout(spec: RepoSpec, path: Path, ref: str) -> Prepared:
         git.reset_clean(path, base, list(spec.keep_paths))
         run_setup(spec, path)
         digest = setup_hash(spec, path)
-        # A first status builds git's untracked cache and stores fresh stat data in the index: the
-        # first task's change check then costs what every later one does, not a read of every folder.
+        # A first status stores fresh stat data in the index (the checkout wrote the files in the
+        # index's own instant, so each would be read and hashed by the first task's change check).
         git.has_changes(path, list(spec.keep_paths))
     except SlotBroken:
         raise

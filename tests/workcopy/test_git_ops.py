@@ -189,6 +189,13 @@ def test_a_hostile_config_file_is_replaced_without_blocking_or_writing_through(s
     assert outside.read_bytes() == b"[core]\n"
 
 
-def test_a_new_copy_comes_with_an_untracked_cache(slot):
-    path, _ = slot
-    assert b"UNTR" in (path / ".git/index").read_bytes()  # the index extension git's untracked cache lives in
+def test_no_name_of_a_tasks_files_is_left_in_the_index(slot, spec):
+    """git's untracked cache would keep the names of untracked files in .git/index, and a reset
+    leaves there the name of one the task deleted itself: the next task's box reads .git."""
+    path, base = slot
+    write_files(path, {"pkg/acme-contract-draft.txt": "x"})
+    assert git.has_changes(path, [".venv"])
+    (path / "pkg/acme-contract-draft.txt").unlink()
+    slots.reset(spec, path, base)
+    index = (path / ".git/index").read_bytes()
+    assert b"acme-contract-draft" not in index and b"UNTR" not in index
