@@ -32,6 +32,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.outcomes import GitError, RefNotFound
@@ -351,6 +352,9 @@ def clear_operation_state(path: Path) -> None:
         "REVERT_HEAD",
         "REBASE_HEAD",
         "ORIG_HEAD",
+        # The last commit message and fetched refs of the previous task, for the next to read.
+        "COMMIT_EDITMSG",
+        "FETCH_HEAD",
     ):
         (gitdir / name).unlink(missing_ok=True)
     for name in ("rebase-merge", "rebase-apply"):
@@ -370,7 +374,18 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
     clean_args = ["clean", "-ffdxq"]
     for keep in keep_paths:
         clean_args += ["-e", keep.strip("/")]
-    _slot_git(path, *clean_args)
+    # The files' clean (a walk of the working tree) runs beside the history's: the two touch
+    # different things (clean only reads the index; refs and objects are not its business).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="git-clean") as side:
+        cleaning = side.submit(_slot_git, path, *clean_args)
+        try:
+            _forget_history(path)
+        finally:
+            cleaning.result()
+
+
+def _forget_history(path: Path) -> None:
+    """Delete every local branch and stash, every reflog and every object nothing else names."""
     refs = _slot_git(path, "for-each-ref", "--format=%(refname)", "refs/heads/", "refs/stash")
     if refs:
         # One process deletes them all; refs created by the agent never survive a reset.
@@ -426,6 +441,10 @@ def has_changes(path: Path, keep_paths: list[str]) -> bool:
     Never git's untracked cache: it keeps the names of untracked files in the index, and a reset
     (checkout, clean) leaves the names of files a task deleted itself there, for the next task's
     commands to read in .git."""
+    # A changed tracked file is the usual answer, and ``diff`` finds it without walking every
+    # folder for untracked files; only when it finds none does ``status`` look further.
+    if _slot_git(path, "diff", "--name-only", "--no-renames", "--no-ext-diff"):
+        return True
     status = ["-c", "core.untrackedCache=false", "status", "--porcelain", "--untracked-files=normal"]
     return bool(_slot_git(path, *_excluding_kept(keep_paths), *status))
 

@@ -74,11 +74,15 @@ def test_has_changes_counts_what_git_status_shows_and_nothing_ignored_or_kept(sl
     write_files(path, {"new/deep/er/file.py": "x"})
     assert git.has_changes(path, [".venv"])
     (path / "new/deep/er/file.py").unlink()
-    assert not git.has_changes(path, [".venv"])  # the untracked cache sees the file gone
+    assert not git.has_changes(path, [".venv"])  # the file gone, nothing is left to show
     (path / "pkg/mod.py").unlink()
     assert git.has_changes(path, [".venv"])
     run_git(path, "checkout", "--", "pkg/mod.py")
     (path / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    assert git.has_changes(path, [".venv"])
+    # Staged only (the files equal the index, the index differs from HEAD): status still counts it.
+    run_git(path, "add", "calc.py")
+    assert run_git(path, "diff", "--name-only") == ""
     assert git.has_changes(path, [".venv"])
 
 
@@ -121,6 +125,8 @@ def test_reset_restores_tracked_files_removes_untracked_and_ignored_and_the_task
     write_files(path, {"build/out.o": "o", "debug.log": "l", "pkg/new.py": "u", "calc.py": "again\n", ".venv/k": "k"})
     (path / "pkg/mod.py").unlink()
     run_git(path, "branch", "other")
+    run_git(path, "fetch", "--quiet", spec.url, "main")  # FETCH_HEAD names what was fetched
+    (path / ".git/COMMIT_EDITMSG").write_text("secret change\n")
 
     slots.reset(spec, path, base)
 
@@ -134,6 +140,7 @@ def test_reset_restores_tracked_files_removes_untracked_and_ignored_and_the_task
     for gone in (commit, blob):  # the next task reads .git: nothing of this one is left in it
         assert subprocess.run(["git", "cat-file", "-e", gone], cwd=path).returncode != 0
     assert run_git(path, "count-objects").startswith("0 objects")
+    assert not (path / ".git/FETCH_HEAD").exists() and not (path / ".git/COMMIT_EDITMSG").exists()
 
 
 def test_a_clone_is_one_pack_with_a_bitmap(slot):
