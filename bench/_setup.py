@@ -171,6 +171,18 @@ def git(cwd: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+def small_repo(dest: Path, files: int = 20) -> Path:
+    """A git repository of ``files`` small modules on ``main``, one commit (where the repository's
+    size is not what is measured)."""
+    dest.mkdir()
+    for i in range(files):
+        (dest / f"module_{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "init")
+    return dest
+
+
 def build_django_repo(dest: Path) -> int:
     """A git repository of the installed Django package's own source (thousands of files, no download)."""
     import django

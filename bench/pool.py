@@ -55,6 +55,7 @@ from _setup import (
     median,
     percentile,
     pgbench_path,
+    small_repo,
     spread,
     temp_dir,
 )
@@ -274,13 +275,7 @@ def slot_sections(args, work: Path) -> None:
     from repopool import services
 
     rounds, seconds, hold = args.slot_rounds, args.slot_seconds, args.hold_ms / 1000
-    small = work / "small-origin"
-    small.mkdir()
-    for i in range(20):
-        (small / f"module_{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
-    git(small, "init", "-q", "-b", "main")
-    git(small, "add", "-A")
-    git(small, "commit", "-q", "-m", "init")
+    small = small_repo(work / "small-origin")
     repo = services.repository_create(name="slots", url=str(small), pool_size=ALLOCATORS)
 
     # a. allocate + release with no git work: 16 allocators over 16 slots of a remote host.

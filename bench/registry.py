@@ -36,7 +36,6 @@ import argparse
 import base64
 import contextlib
 import json
-import multiprocessing
 import re
 import subprocess
 import time
@@ -46,13 +45,14 @@ from urllib.parse import quote, urlencode
 
 from _setup import (
     django_in_tempdir,
-    git,
     gunicorn,
     http_load,
+    in_processes,
     median,
     percentile,
     pg_database,
     pgbench_path,
+    small_repo,
     spread,
     wrk_load,
     wrk_path,
@@ -127,28 +127,6 @@ def _event_worker(barrier, seconds: float, task_id: str, batch: int, out) -> Non
 
 def _event_data(n: int) -> dict:
     return {"n": n, "tool": "write_file", "path": f"src/module_{n % 20}.py"}
-
-
-def in_processes(target, n: int, seconds: float, *args, each: list[tuple] | None = None) -> tuple[float, list]:
-    """Run ``target`` in ``n`` forked processes started together (process i gets ``*args`` then
-    ``each[i]``); returns (elapsed, their results)."""
-    from django.db import connections
-
-    connections.close_all()  # a forked child must open its own connection
-    ctx = multiprocessing.get_context("fork")
-    barrier, out = ctx.Barrier(n + 1), ctx.Queue()
-    procs = [
-        ctx.Process(target=target, args=(barrier, seconds, *args, *(each[i] if each else ()), out)) for i in range(n)
-    ]
-    for p in procs:
-        p.start()
-    barrier.wait()
-    started = time.perf_counter()
-    results = [out.get(timeout=seconds + 120) for _ in procs]
-    elapsed = time.perf_counter() - started
-    for p in procs:
-        p.join()
-    return elapsed, results
 
 
 def _django_url() -> str:
@@ -354,13 +332,7 @@ def main() -> None:
     from repopool.services import repository_create
 
     # A small real repository for the tasks (bench/pool.py measures slots, on a large one).
-    origin = data / "origin"
-    origin.mkdir()
-    for i in range(20):
-        (origin / f"module_{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
-    git(origin, "init", "-q", "-b", "main")
-    git(origin, "add", "-A")
-    git(origin, "commit", "-q", "-m", "init")
+    origin = small_repo(data / "origin")
     repo = repository_create(name="bench", url=str(origin), pool_size=16)
     staff = get_user_model().objects.create_user(username="bench", is_staff=True)
     auth = {"Authorization": f"Token {Token.objects.create(user=staff).key}", "Content-Type": "application/json"}
