@@ -197,29 +197,37 @@ class HeartbeatThread(threading.Thread):
     def _beat(self) -> bool:
         """One heartbeat; False when the attempt is no longer ours (the run stops)."""
         run = self.run_
-        try:
-            if run.ports.registry.heartbeat(task=run.task, slot_id=self.slot_id).cancel_requested:
+        answer = self._send(lambda: run.ports.registry.heartbeat(task=run.task, slot_id=self.slot_id))
+        if answer is False:
+            return False
+        if answer is not None:
+            if answer.cancel_requested:
                 if not run.cancel.is_set():
                     run.log("cancel requested")
                 run.cancel.set()
             self.slot_id = None  # recorded
-        except LeaseLost as exc:
-            self._lost(exc)
-            return False
-        except Exception as exc:
-            run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
         return True
 
     def _renew(self, lease_seconds: int) -> bool:
+        """Renew the slot lease; False when it is no longer ours (the run stops)."""
         run = self.run_
+        lease = run.lease
+        done = self._send(
+            lambda: run.ports.pool.renew(slot_id=lease.slot_id, token=lease.token, lease_seconds=lease_seconds)
+        )
+        return done is not False
+
+    def _send(self, call):
+        """``call()``'s answer; False when it says the run lost its attempt, lease or token (the run
+        is stopped), None when it failed otherwise (logged; the next beat tries again)."""
         try:
-            run.ports.pool.renew(slot_id=run.lease.slot_id, token=run.lease.token, lease_seconds=lease_seconds)
+            return call()
         except LeaseLost as exc:
             self._lost(exc)
             return False
         except Exception as exc:
-            run.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
-        return True
+            self.run_.log(f"heartbeat failed: {type(exc).__name__}: {exc}")
+            return None
 
     def _lost(self, exc: LeaseLost) -> None:
         run = self.run_
