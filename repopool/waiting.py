@@ -80,6 +80,22 @@ def turnstile_key(repository_id: int, host: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def line_of(repository_id: int, host: str) -> tuple[int, int]:
+    """(sessions holding a pool's turnstile, sessions queued for it), as ``pg_locks`` shows them
+    on PostgreSQL: who is being served and who waits in line (``(0, 0)`` elsewhere)."""
+    if connection.vendor != "postgresql":
+        return 0, 0
+    key = turnstile_key(repository_id, host)
+    with connection.cursor() as cursor:
+        # An advisory lock on one bigint key shows as classid (high 32 bits), objid (low), objsubid 1.
+        cursor.execute(
+            "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND objsubid = 1 AND classid::bigint = %s AND objid::bigint = %s",
+            [(key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF],
+        )
+        return tuple(cursor.fetchone())
+
+
 def at_head_of_line(key: int) -> bool:
     """Does this thread's connection hold turnstile ``key`` as the head of its line?"""
     return key in _held()

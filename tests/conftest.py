@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,14 @@ def processes_running(argv: list[str]) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def until(condition, timeout: float = 10) -> None:
+    """Wait (polling every 10 ms) for ``condition()`` to hold; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the condition"
+        time.sleep(0.01)
 
 
 def write_files(root: Path, files: dict[str, str]) -> None:
@@ -153,3 +163,21 @@ def repository(db, make_repo):
     from repopool import services
 
     return services.repository_create(name="sample", url=str(make_repo()), pool_size=2, keep_paths=[".venv"])
+
+
+@pytest.fixture
+def git_runs(tmp_path, monkeypatch):
+    """A ``git`` first on PATH that logs each command line, then runs the real one."""
+    real = shutil.which("git")
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    log = tmp_path / "git-runs.log"
+    log.touch()
+    (shims / "git").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    (shims / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{Path(real).parent}:/usr/bin:/bin")
+
+    def runs(since: int = 0) -> list[str]:
+        return log.read_text().splitlines()[since:]
+
+    return runs

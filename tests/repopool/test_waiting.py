@@ -17,6 +17,7 @@ from django.test.utils import CaptureQueriesContext
 from repopool import bookkeeping, services, waiting
 from repopool.errors import NoSlotAvailable
 from repopool.models import Slot
+from tests.conftest import until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 postgres_only = pytest.mark.usefixtures("require_postgres")
@@ -38,22 +39,7 @@ def release(slot: Slot) -> None:
 
 
 def line_of(repo) -> tuple[int, int]:
-    """(sessions holding the line's turnstile, sessions queued for it), as pg_locks shows them."""
-    key = waiting.turnstile_key(repo.pk, HOST)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted) FROM pg_locks "
-            "WHERE locktype = 'advisory' AND objsubid = 1 AND classid::bigint = %s AND objid::bigint = %s",
-            [(key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF],
-        )
-        return cursor.fetchone()
-
-
-def until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the condition"
-        time.sleep(0.01)
+    return waiting.line_of(repo.pk, HOST)
 
 
 def left_on_this_connection() -> tuple[list, int]:

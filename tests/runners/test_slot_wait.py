@@ -10,6 +10,7 @@ import pytest
 from django.db import connection
 
 from repopool import waiting
+from tests.conftest import until
 from tests.runners.conftest import RunnerClient
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("require_postgres")]
@@ -31,21 +32,7 @@ def release(runner: RunnerClient, slot: dict):
 
 
 def line_of(repo) -> tuple[int, int]:
-    key = waiting.turnstile_key(repo.pk, "box-w")
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted) FROM pg_locks "
-            "WHERE locktype = 'advisory' AND objsubid = 1 AND classid::bigint = %s AND objid::bigint = %s",
-            [(key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF],
-        )
-        return cursor.fetchone()
-
-
-def until(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the condition"
-        time.sleep(0.01)
+    return waiting.line_of(repo.pk, "box-w")
 
 
 def test_the_long_poll_is_woken_by_a_release_in_arrival_order(host, repo, runner_token, monkeypatch):

@@ -4,7 +4,6 @@ branch, the change check, the commit, the reset, the fetch and the clone's packi
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -36,24 +35,6 @@ def slot(spec):
     path = slots.slot_dir("sample", 0)
     made = slots.prepare(spec, slots.SlotSeen(path=path), "", fetch_ttl=0)
     return path, made.commit
-
-
-@pytest.fixture
-def git_runs(tmp_path, monkeypatch):
-    """A ``git`` first on PATH that logs each command line, then runs the real one."""
-    real = shutil.which("git")
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    log = tmp_path / "git-runs.log"
-    log.touch()
-    (shims / "git").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
-    (shims / "git").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{shims}:{Path(real).parent}:/usr/bin:/bin")
-
-    def runs(since: int = 0) -> list[str]:
-        return log.read_text().splitlines()[since:]
-
-    return runs
 
 
 def test_a_new_branch_points_at_head_and_leaves_the_files_alone(slot):
