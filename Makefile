@@ -38,14 +38,15 @@ serve: $(VENV)/.installed  ## gunicorn on $(ADDR); static files collected for Wh
 
 # Side-by-side measurements with their floors (about 20 minutes). They need a PostgreSQL server where
 # the user may create databases (BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/postgres)
-# and pgbench; each makes scratch databases, folders and ports of its own and removes them.
+# and pgbench; each makes scratch databases, folders and ports of its own and removes them. The
+# artifacts bench goes last: the writeback of its gigabytes would still load the disk under the next.
 bench: $(VENV)/.installed
 	$(PY) bench/registry.py
 	$(PY) bench/pool.py
 	$(PY) bench/pool.py --database sqlite --rounds 5
-	$(PY) bench/artifacts.py
-	$(PY) bench/runner.py --tasks 10 --speedup-delay 0.5 --speedup-tasks 8
+	$(PY) bench/runner.py --tasks 20 --speedup-delay 0.5 --speedup-tasks 8
 	$(PY) bench/sandbox.py
+	$(PY) bench/artifacts.py
 
 clean:
 	rm -rf var

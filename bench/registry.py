@@ -15,7 +15,10 @@ interleaved (A B A B ..., ``--rounds`` rounds), as the median over rounds with t
 - List pages at each of ``--sizes`` tasks (filled with one INSERT ... SELECT FROM generate_series,
   timed and printed): the first cursor page (``?cursor=``), a cursor page 90 % deep, and the
   first page-number page (``?page=1``, which counts every row), 50 tasks a page. Light cases run
-  forward in even rounds and backward in odd ones; the counting pages last in each round.
+  forward in even rounds and backward in odd ones; the counting pages last in each round. Every
+  cursor page (tasks and events) also runs alone in each round: one connection, one request after
+  the other, whose p50 is the page's own latency (with 8 clients on a saturated server the p50 is
+  mostly the queue); the size ratios are printed both ways.
 - Events: ``event_append_batch`` (batches of 100) and ``event_append`` (one at a time) in 8
   processes, each on a task of its own, called in-process (the user API has no event-writing
   endpoint). Floor: pgbench running the very statement the batch sends, 8 clients.
@@ -412,20 +415,25 @@ def main() -> None:
             server_of.update(dict.fromkeys(cases, size))
             list_names[size] = list(cases)
         results: dict[str, list[tuple[float, float, float]]] = {}  # name -> per round (req/s, p50 s, p99 s)
+        # A page's own latency, one connection sending one request after the other: under 8 clients
+        # a saturated server's p50 is mostly the queue (clients / rate), which moves with the rest of
+        # the machine; alone, it is what the page itself costs.
+        paged = [name for name, case in http_cases.items() if "cursor=" in case[1]]
+        alone: dict[str, list[tuple[float, float, float]]] = {}
         floors: dict[str, list[float]] = {"pgbench tpcb": [], "pgbench -S": [], "connect ms": []}
 
-        def load(name: str, run_seconds: float) -> tuple[float, float, float]:
+        def load(name: str, run_seconds: float, connections: int = clients) -> tuple[float, float, float]:
             method, path, body, expect, _ = http_cases[name]
             port = ports[server_of[name]]
             if use_wrk:
                 return wrk_load(
-                    port, method, path, headers=auth, body=body, clients=clients, seconds=run_seconds, expect=expect
+                    port, method, path, headers=auth, body=body, clients=connections, seconds=run_seconds, expect=expect
                 )
 
             def make(c: int, n: int):
                 return method, path, None if body is None else body.replace("{n}", f"{c}-{n}").encode(), auth
 
-            rate, latencies = http_load(port, make, clients=clients, seconds=run_seconds, expect=expect)
+            rate, latencies = http_load(port, make, clients=connections, seconds=run_seconds, expect=expect)
             return rate, percentile(latencies, 0.5), percentile(latencies, 0.99)
 
         def forget_posted() -> None:
@@ -458,6 +466,8 @@ def main() -> None:
                     results.setdefault(name, []).append(load(name, seconds))
                     if name.startswith("POST"):
                         forget_posted()
+                for name in paged if round_number % 2 == 0 else paged[::-1]:
+                    alone.setdefault(name, []).append(load(name, seconds, connections=1))
                 floors["pgbench tpcb"].append(pgb.tps("-c", "8", "-j", "2", "-T", str(int(seconds))))
                 floors["pgbench -S"].append(pgb.tps("-S", "-c", "8", "-j", "2", "-T", str(int(seconds))))
                 floors["connect ms"].append(pgb.connect_ms(8, int(seconds)))
@@ -489,16 +499,30 @@ def main() -> None:
         )
         print("  fill (INSERT ... SELECT generate_series + VACUUM ANALYZE, on a copy of the first): ", end="")
         print(", ".join(f"to {size:,} in {fills[size]:.1f} s" for size in sizes[1:]))
-        for i, label in enumerate(["first cursor page", "cursor page 90 % deep", "page=1 with COUNT"]):
-            base = p50(list_names[sizes[0]][i])
-            ratios = ", ".join(f"{size:,}: {p50(list_names[size][i]) / base:.2f}x" for size in sizes[1:])
-            print(f"  list p50 against {sizes[0]:,} tasks, {label}: {ratios}")
-        few = p50("GET /api/tasks/<id>/events/?cursor= (50 events)")
-        print(
-            f"  events page p50 against 50 events: first page at {log_events:,} events "
-            f"{p50(f'GET /api/tasks/<id>/events/?cursor= ({log_events:,} events)') / few:.2f}x, 90 % deep "
-            f"{p50(f'GET /api/tasks/<id>/events/?cursor=<90 % deep> ({log_events:,} events)') / few:.2f}x"
-        )
+
+        def alone_p50(name: str) -> float:
+            return median([p for _, p, _ in alone[name]])
+
+        print(f"  one connection, one request at a time ({rounds} rounds of {max(1, round(seconds))} s):")
+        for name in paged:
+            samples = [p * 1000 for _, p, _ in alone[name]]
+            print(
+                f"  {name:64s} p50 {spread(samples, fmt='{:.2f}'):>22s} ms   p99 {median([q * 1000 for _, _, q in alone[name]]):6.2f} ms"
+            )
+        few_events = "GET /api/tasks/<id>/events/?cursor= (50 events)"
+        many_events = f"GET /api/tasks/<id>/events/?cursor= ({log_events:,} events)"
+        deep_events = f"GET /api/tasks/<id>/events/?cursor=<90 % deep> ({log_events:,} events)"
+        for latency, source in (("alone", alone_p50), (f"{clients} connections", p50)):
+            for i, label in enumerate(["first cursor page", "cursor page 90 % deep", "page=1 with COUNT"]):
+                if source is alone_p50 and i == 2:
+                    continue  # the counting pages are not run alone
+                base = source(list_names[sizes[0]][i])
+                ratios = ", ".join(f"{size:,}: {source(list_names[size][i]) / base:.2f}x" for size in sizes[1:])
+                print(f"  list p50 ({latency}) against {sizes[0]:,} tasks, {label}: {ratios}")
+            print(
+                f"  events page p50 ({latency}) against 50 events: first page at {log_events:,} events "
+                f"{source(many_events) / source(few_events):.2f}x, 90 % deep {source(deep_events) / source(few_events):.2f}x"
+            )
 
     # Events and claims in the largest table.
     use_database(databases[max(sizes)])
