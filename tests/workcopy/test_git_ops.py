@@ -4,6 +4,7 @@ branch, the change check, the commit, the reset, the fetch and the clone's packi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -187,3 +188,49 @@ def test_no_name_of_a_tasks_files_is_left_in_the_index(slot, spec):
     slots.reset(spec, path, base)
     index = (path / ".git/index").read_bytes()
     assert b"acme-contract-draft" not in index and b"UNTR" not in index
+
+
+@pytest.fixture
+def with_submodule(make_repo):
+    """A repository whose tree holds a submodule at vendor/lib (a gitlink: a slot never checks it
+    out, so its folder is empty), and the repository the gitlink names."""
+    inner = make_repo({"lib.py": "x = 1\n"}, name="inner")
+    origin = make_repo({"calc.py": "def add(a, b):\n    return a - b\n", ".gitignore": IGNORE}, name="outer")
+    run_git(origin, "update-index", "--add", "--cacheinfo", f"160000,{run_git(inner, 'rev-parse', 'HEAD')},vendor/lib")
+    run_git(origin, "commit", "-qm", "a submodule")
+    spec = slots.RepoSpec(name="withsub", url=str(origin), default_branch="main", keep_paths=[".venv"])
+    path = slots.slot_dir("withsub", 0)
+    made = slots.prepare(spec, slots.SlotSeen(path=path), "", fetch_ttl=0)
+    return spec, path, made.commit, inner
+
+
+def _populate_with_a_filter(folder: Path, inner: Path, witness: Path) -> None:
+    """What a command in the box can do (only the slot's own .git is read-only there): make a
+    submodule's folder a repository whose config names a clean filter for every file, with a file
+    whose stat data its index does not know (a status there hashes it through the filter)."""
+    shutil.copytree(inner / ".git", folder / ".git")
+    (folder / "lib.py").write_text("x = 1\n")
+    (folder / ".gitattributes").write_text("* filter=evil\n")
+    run_git(folder, "config", "filter.evil.clean", f"sh -c 'touch {witness}; cat'")
+
+
+def test_our_git_never_runs_what_a_submodule_folder_holds(with_submodule, tmp_path):
+    _spec, path, _base, inner = with_submodule
+    assert (path / "vendor/lib").is_dir() and not any((path / "vendor/lib").iterdir())
+    witness = tmp_path / "ran-outside-the-box"
+    _populate_with_a_filter(path / "vendor/lib", inner, witness)
+
+    changed = git.has_changes(path, [".venv"])
+    assert not witness.exists()
+    assert not changed  # the submodule's commit did not move
+    write_files(path, {"calc.py": "fixed\n"})
+    assert git.has_changes(path, [".venv"])
+    assert not witness.exists()
+    tree = git.content_tree(path, [".venv"])
+    assert not witness.exists()
+    _populate_with_a_filter(path / "vendor/lib", inner, witness)  # again, after the test run
+    git.create_branch(path, "agent/abc")
+    commit = git.commit_all(path, "fix", author_name="a", author_email="a@example.com", keep_paths=[".venv"])
+    assert not witness.exists()
+    assert run_git(path, "rev-parse", f"{commit}^{{tree}}") == tree
+    assert run_git(path, "ls-tree", commit, "vendor/lib").split()[:2] == ["160000", "commit"]
