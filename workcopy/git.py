@@ -371,6 +371,7 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
     secure_slot(path)  # raises when .git is not a real directory
     clear_operation_state(path)
     checkout_detached(path, commit)
+    _empty_submodule_folders(path, keep_paths)
     clean_args = ["clean", "-ffdxq"]
     for keep in keep_paths:
         clean_args += ["-e", keep.strip("/")]
@@ -382,6 +383,27 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
             _forget_history(path)
         finally:
             cleaning.result()
+
+
+def _empty_submodule_folders(path: Path, keep_paths: list[str]) -> None:
+    """Empty the folder of every submodule of the index (``commit``'s, after its checkout): a slot
+    never checks one out, and ``git clean`` never enters one, so what a task's commands put there
+    (files, a .git) would be left for the next task. A folder in a kept path, or holding one, is
+    the setup's and stays."""
+    kept = [keep.strip("/") for keep in keep_paths if keep.strip("/")]
+    for name in _gitlinks(path):
+        if any(name == keep or name.startswith(f"{keep}/") or keep.startswith(f"{name}/") for keep in kept):
+            continue
+        folder = _real_folder(path, name)  # (a link or a file there, the checkout made a folder again)
+        if folder is None:
+            continue
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries]
+        for entry_name in names:
+            _remove(folder / entry_name)
+        with os.scandir(folder) as entries:
+            if any(True for _ in entries):  # (a folder its owner may not enter): broken, never half-empty
+                raise GitError(f"could not empty the submodule folder {name}")
 
 
 def _forget_history(path: Path) -> None:

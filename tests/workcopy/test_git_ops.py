@@ -234,3 +234,16 @@ def test_our_git_never_runs_what_a_submodule_folder_holds(with_submodule, tmp_pa
     assert not witness.exists()
     assert run_git(path, "rev-parse", f"{commit}^{{tree}}") == tree
     assert run_git(path, "ls-tree", commit, "vendor/lib").split()[:2] == ["160000", "commit"]
+
+
+def test_a_reset_empties_the_submodule_folders_a_task_filled(with_submodule, tmp_path):
+    """git clean never enters a submodule's folder: what a task's commands left there (its files,
+    a .git) would be read by the next task, maybe another user's."""
+    spec, path, base, inner = with_submodule
+    _populate_with_a_filter(path / "vendor/lib", inner, tmp_path / "witness")
+    write_files(path, {"vendor/lib/notes/secret.txt": "the previous task's\n"})
+
+    slots.reset(spec, path, base)
+
+    assert (path / "vendor/lib").is_dir() and not any((path / "vendor/lib").iterdir())
+    assert run_git(path, "status", "--porcelain", "--ignored") == ""
