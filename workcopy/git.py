@@ -474,6 +474,12 @@ def _unpopulate_submodules(path: Path, *, index: dict[str, str] | None = None) -
             _remove(folder / ".git")
 
 
+# ``git add`` writes a file larger than core.bigFileThreshold (512 MiB unless set) straight into a
+# pack of its own, and ``prune`` at the reset removes loose objects only: that file's content would
+# stay in .git, for the next task's commands to read. Every object a task's add writes stays loose.
+_ADD = ["-c", "core.bigFileThreshold=1024g"]
+
+
 def _excluding_kept(keep_paths: list[str]) -> list[str]:
     """Config that makes git treat the kept paths (a slot's .venv, node_modules) as ignored.
 
@@ -522,7 +528,7 @@ def commit_all(path: Path, message: str, *, author_name: str, author_email: str,
     commit's own index refresh. The message is cleaned as ``git commit -m`` cleans it, and a
     tree equal to HEAD's is refused as commit refuses it ("nothing to commit")."""
     _unpopulate_submodules(path)
-    _slot_git(path, *_excluding_kept(keep_paths), "add", "--all")
+    _slot_git(path, *_excluding_kept(keep_paths), *_ADD, "add", "--all")
     tree = _slot_git(path, "write-tree")
     parent, parent_tree = _slot_git(path, "rev-parse", "HEAD", "HEAD^{tree}").split()
     if tree == parent_tree:
@@ -633,5 +639,5 @@ def content_tree(path: Path, keep_paths: list[str]) -> str:
         else:
             _run(("read-tree", "HEAD"), cwd=path, env=env)
         _unpopulate_submodules(path, index=env)
-        _run((*_excluding_kept(keep_paths), "add", "--all"), cwd=path, env=env)
+        _run((*_excluding_kept(keep_paths), *_ADD, "add", "--all"), cwd=path, env=env)
         return _run(("write-tree",), cwd=path, env=env).decode().strip()

@@ -247,3 +247,24 @@ def test_a_reset_empties_the_submodule_folders_a_task_filled(with_submodule, tmp
 
     assert (path / "vendor/lib").is_dir() and not any((path / "vendor/lib").iterdir())
     assert run_git(path, "status", "--porcelain", "--ignored") == ""
+
+
+def test_a_large_file_a_task_staged_leaves_nothing_in_git_after_the_reset(slot, spec):
+    """git add puts a file larger than core.bigFileThreshold (512 MiB by default) into a pack of
+    its own, which prune never removes: the next task's commands (they read .git) would find it.
+    The threshold is made small here, in the slot's own config, to stand for such a file."""
+    path, base = slot
+    trusted = git.trusted_config_path(path)
+    trusted.write_bytes(trusted.read_bytes() + b"[core]\n\tbigFileThreshold = 1k\n")
+    packs = sorted(p.name for p in (path / ".git/objects/pack").iterdir())
+    git.create_branch(path, "agent/abc")
+    write_files(path, {"data/large.bin": "the task's own data\n" * 1000})
+    tree = git.content_tree(path, [".venv"])
+    commit = git.commit_all(path, "task", author_name="a", author_email="a@example.com", keep_paths=[".venv"])
+    assert run_git(path, "rev-parse", f"{commit}^{{tree}}") == tree
+    blob = run_git(path, "rev-parse", f"{commit}:data/large.bin")
+
+    slots.reset(spec, path, base)
+
+    assert subprocess.run(["git", "cat-file", "-e", blob], cwd=path).returncode != 0
+    assert sorted(p.name for p in (path / ".git/objects/pack").iterdir()) == packs
