@@ -45,6 +45,7 @@ def test_auth_required_everywhere_but_health(client, db):
         ({"repository": 999999}, "repository", "Unknown repository"),
         ({"repository": 2**63}, "repository", "Unknown repository"),  # past bigint: no row, not a 500
         ({"repository": str(10**30)}, "repository", "Unknown repository"),
+        ({"repository": "9" * 5000}, "repository", "Unknown repository"),  # past what int() reads
         ({"instructions": "   "}, "instructions", "may not be blank"),
         ({"instructions": ""}, "instructions", "may not be blank"),
         ({"timeout_seconds": -5}, "timeout_seconds", "greater than or equal to 1"),
