@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import base64
 import uuid
+from urllib.parse import urlencode
 
 import pytest
 
@@ -201,3 +203,21 @@ def test_schema_generation_is_clean(tmp_path):
     target = tmp_path / "schema.yml"
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
     assert "/api/artifacts/{id}/content/" in target.read_text()
+
+
+@pytest.mark.parametrize(
+    ("position", "status"),
+    [
+        ("2026-01-01 00:00:00+16:00", 200),  # Python reads the offset, PostgreSQL does not (past 15:59)
+        ("2026-01-01 00:00:00-23:59", 200),
+        ("9999-12-31 23:59:59-23:59", 400),  # past year 9999 once in UTC
+        ("0001-01-01 00:00:00+23:59", 400),
+    ],
+)
+def test_a_task_list_cursor_whose_date_the_database_would_refuse_is_never_a_500(api, repository, position, status):
+    create(api)
+    cursor = base64.b64encode(urlencode({"p": position}).encode()).decode()
+    response = api.get("/api/tasks/", {"cursor": cursor})
+    assert response.status_code == status, response.content[:300]
+    if status == 400:
+        assert "cursor" in response.json()["errors"]
