@@ -4,12 +4,14 @@ No import of rest_framework.views at module level: DRF imports this module while
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import DateTimeField
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponsePermanentRedirect, JsonResponse
 from django.urls import Resolver404, resolve
 from django.views.decorators.csrf import csrf_exempt
@@ -45,11 +47,24 @@ class _CursorPages(CursorPagination):
     max_page_size = 500
 
     def paginate_queryset(self, queryset, request, view=None):
+        self._position_field = queryset.model._meta.get_field(self.ordering[0].lstrip("-"))
         try:
             return super().paginate_queryset(queryset, request, view)
-        # Undecodable, or a position of the wrong type (a date where a number belongs raises ValueError).
-        except (exceptions.NotFound, DjangoValidationError, ValueError, TypeError):
+        # Undecodable, or a position of the wrong type (a date where a number belongs raises ValueError),
+        # or a date out of range once in UTC (OverflowError).
+        except (exceptions.NotFound, DjangoValidationError, ValueError, TypeError, OverflowError):
             raise exceptions.ValidationError({"cursor": ["Invalid cursor: use the next or previous link as given."]})
+
+    def decode_cursor(self, request):
+        """DRF's, with a date position given in UTC, as the links give it: PostgreSQL refuses a UTC
+        offset past 15:59, which Python reads (up to 23:59), and the query failed with a 500."""
+        cursor = super().decode_cursor(request)
+        if cursor is not None and cursor.position is not None and isinstance(self._position_field, DateTimeField):
+            position = self._position_field.to_python(cursor.position)
+            if position.utcoffset() is not None:
+                position = position.astimezone(datetime.UTC)
+            cursor = cursor._replace(position=str(position))
+        return cursor
 
 
 class Pagination(PageNumberPagination):

@@ -33,7 +33,8 @@ class RepositoryRefField(serializers.Field):
         if isinstance(data, str) and "\x00" in data:
             self.fail("invalid")
         repo = None
-        if isinstance(data, int) or (data.isascii() and data.isdigit()):  # not "²" nor "١٢"
+        # Not "²" nor "١٢"; nor more digits than an id has (int() refuses past 4,300: a 500).
+        if isinstance(data, int) or (data.isascii() and data.isdigit() and len(data) <= 20):
             pk = bigint_or_none(int(data))
             repo = None if pk is None else _REPOSITORY_BY_ID.get(pk)
         if repo is None and isinstance(data, str):

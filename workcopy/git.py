@@ -371,6 +371,7 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
     secure_slot(path)  # raises when .git is not a real directory
     clear_operation_state(path)
     checkout_detached(path, commit)
+    _empty_submodule_folders(path, keep_paths)
     clean_args = ["clean", "-ffdxq"]
     for keep in keep_paths:
         clean_args += ["-e", keep.strip("/")]
@@ -382,6 +383,27 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
             _forget_history(path)
         finally:
             cleaning.result()
+
+
+def _empty_submodule_folders(path: Path, keep_paths: list[str]) -> None:
+    """Empty the folder of every submodule of the index (``commit``'s, after its checkout): a slot
+    never checks one out, and ``git clean`` never enters one, so what a task's commands put there
+    (files, a .git) would be left for the next task. A folder in a kept path, or holding one, is
+    the setup's and stays."""
+    kept = [keep.strip("/") for keep in keep_paths if keep.strip("/")]
+    for name in _gitlinks(path):
+        if any(name == keep or name.startswith(f"{keep}/") or keep.startswith(f"{name}/") for keep in kept):
+            continue
+        folder = _real_folder(path, name)  # (a link or a file there, the checkout made a folder again)
+        if folder is None:
+            continue
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries]
+        for entry_name in names:
+            _remove(folder / entry_name)
+        with os.scandir(folder) as entries:
+            if any(True for _ in entries):  # (a folder its owner may not enter): broken, never half-empty
+                raise GitError(f"could not empty the submodule folder {name}")
 
 
 def _forget_history(path: Path) -> None:
@@ -410,6 +432,52 @@ def create_branch(path: Path, branch: str) -> None:
     ref = f"refs/heads/{branch}"
     _slot_git(path, "update-ref", "-m", "branch: Created from HEAD", ref, "HEAD")
     _slot_git(path, "symbolic-ref", "-m", f"checkout: moving to {branch}", "HEAD", ref)
+
+
+def _gitlinks(path: Path, *, env: dict[str, str] | None = None) -> list[str]:
+    """The paths the index holds as submodules (gitlinks), relative to the slot. ``env``: run
+    with that environment (another index) instead of the slot's own."""
+    path = Path(path)
+    if env is None:
+        out = _slot_run(path, ("ls-files", "--stage", "-z"))
+    else:
+        out = _run(("ls-files", "--stage", "-z"), cwd=path, env=env)
+    return [os.fsdecode(entry.split(b"\t", 1)[1]) for entry in out.split(b"\0") if entry.startswith(b"160000 ")]
+
+
+def _real_folder(path: Path, name: str) -> Path | None:
+    """``path / name`` when every step of it is a real folder (no link, nothing missing)."""
+    folder = Path(path)
+    for part in Path(name).parts:
+        if part in ("", ".", "..") or os.path.normcase(part) == ".git":
+            return None
+        folder = folder / part
+        try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                return None
+        except OSError:
+            return None
+    return folder
+
+
+def _unpopulate_submodules(path: Path, *, index: dict[str, str] | None = None) -> None:
+    """Remove the ``.git`` (folder, file or link) of every submodule's folder in the working copy.
+
+    A slot never checks submodules out, so whatever is there was put by the task's commands (the
+    box keeps only the slot's own .git read-only). ``git add --all`` looks into each populated
+    submodule with a ``git status`` that reads that .git, its config and attributes: a clean
+    filter there would be a program git runs on this host, outside the box. Without its .git the
+    folder is an empty submodule to git, which then never looks inside; the files stay."""
+    for name in _gitlinks(path, env=index):
+        folder = _real_folder(path, name)
+        if folder is not None:
+            _remove(folder / ".git")
+
+
+# ``git add`` writes a file larger than core.bigFileThreshold (512 MiB unless set) straight into a
+# pack of its own, and ``prune`` at the reset removes loose objects only: that file's content would
+# stay in .git, for the next task's commands to read. Every object a task's add writes stays loose.
+_ADD = ["-c", "core.bigFileThreshold=1024g"]
 
 
 def _excluding_kept(keep_paths: list[str]) -> list[str]:
@@ -443,10 +511,13 @@ def has_changes(path: Path, keep_paths: list[str]) -> bool:
     commands to read in .git."""
     # A changed tracked file is the usual answer, and ``diff`` finds it without walking every
     # folder for untracked files; only when it finds none does ``status`` look further.
-    if _slot_git(path, "diff", "--name-only", "--no-renames", "--no-ext-diff"):
+    # ``--ignore-submodules=dirty``: a submodule counts only when its commit moved. Its content is
+    # never looked at: that takes a ``git status`` inside the submodule's folder, which reads the
+    # .git a task may have put there (a clean filter there is a program git runs, out of the box).
+    if _slot_git(path, "diff", "--name-only", "--no-renames", "--no-ext-diff", "--ignore-submodules=dirty"):
         return True
     status = ["-c", "core.untrackedCache=false", "status", "--porcelain", "--untracked-files=normal"]
-    return bool(_slot_git(path, *_excluding_kept(keep_paths), *status))
+    return bool(_slot_git(path, *_excluding_kept(keep_paths), *status, "--ignore-submodules=dirty"))
 
 
 def commit_all(path: Path, message: str, *, author_name: str, author_email: str, keep_paths: list[str]) -> str:
@@ -456,7 +527,8 @@ def commit_all(path: Path, message: str, *, author_name: str, author_email: str,
     What ``git commit -m`` does, in plumbing: the files are scanned once (``add``), not again by
     commit's own index refresh. The message is cleaned as ``git commit -m`` cleans it, and a
     tree equal to HEAD's is refused as commit refuses it ("nothing to commit")."""
-    _slot_git(path, *_excluding_kept(keep_paths), "add", "--all")
+    _unpopulate_submodules(path)
+    _slot_git(path, *_excluding_kept(keep_paths), *_ADD, "add", "--all")
     tree = _slot_git(path, "write-tree")
     parent, parent_tree = _slot_git(path, "rev-parse", "HEAD", "HEAD^{tree}").split()
     if tree == parent_tree:
@@ -566,5 +638,6 @@ def content_tree(path: Path, keep_paths: list[str]) -> str:
             shutil.copyfile(own, index)  # its stat cache spares hashing every unchanged file
         else:
             _run(("read-tree", "HEAD"), cwd=path, env=env)
-        _run((*_excluding_kept(keep_paths), "add", "--all"), cwd=path, env=env)
+        _unpopulate_submodules(path, index=env)
+        _run((*_excluding_kept(keep_paths), *_ADD, "add", "--all"), cwd=path, env=env)
         return _run(("write-tree",), cwd=path, env=env).decode().strip()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import base64
 import uuid
+from urllib.parse import urlencode
 
 import pytest
 
@@ -45,6 +47,7 @@ def test_auth_required_everywhere_but_health(client, db):
         ({"repository": 999999}, "repository", "Unknown repository"),
         ({"repository": 2**63}, "repository", "Unknown repository"),  # past bigint: no row, not a 500
         ({"repository": str(10**30)}, "repository", "Unknown repository"),
+        ({"repository": "9" * 5000}, "repository", "Unknown repository"),  # past what int() reads
         ({"instructions": "   "}, "instructions", "may not be blank"),
         ({"instructions": ""}, "instructions", "may not be blank"),
         ({"timeout_seconds": -5}, "timeout_seconds", "greater than or equal to 1"),
@@ -200,3 +203,21 @@ def test_schema_generation_is_clean(tmp_path):
     target = tmp_path / "schema.yml"
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
     assert "/api/artifacts/{id}/content/" in target.read_text()
+
+
+@pytest.mark.parametrize(
+    ("position", "status"),
+    [
+        ("2026-01-01 00:00:00+16:00", 200),  # Python reads the offset, PostgreSQL does not (past 15:59)
+        ("2026-01-01 00:00:00-23:59", 200),
+        ("9999-12-31 23:59:59-23:59", 400),  # past year 9999 once in UTC
+        ("0001-01-01 00:00:00+23:59", 400),
+    ],
+)
+def test_a_task_list_cursor_whose_date_the_database_would_refuse_is_never_a_500(api, repository, position, status):
+    create(api)
+    cursor = base64.b64encode(urlencode({"p": position}).encode()).decode()
+    response = api.get("/api/tasks/", {"cursor": cursor})
+    assert response.status_code == status, response.content[:300]
+    if status == 400:
+        assert "cursor" in response.json()["errors"]

@@ -4,6 +4,7 @@ branch, the change check, the commit, the reset, the fetch and the clone's packi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -187,3 +188,83 @@ def test_no_name_of_a_tasks_files_is_left_in_the_index(slot, spec):
     slots.reset(spec, path, base)
     index = (path / ".git/index").read_bytes()
     assert b"acme-contract-draft" not in index and b"UNTR" not in index
+
+
+@pytest.fixture
+def with_submodule(make_repo):
+    """A repository whose tree holds a submodule at vendor/lib (a gitlink: a slot never checks it
+    out, so its folder is empty), and the repository the gitlink names."""
+    inner = make_repo({"lib.py": "x = 1\n"}, name="inner")
+    origin = make_repo({"calc.py": "def add(a, b):\n    return a - b\n", ".gitignore": IGNORE}, name="outer")
+    run_git(origin, "update-index", "--add", "--cacheinfo", f"160000,{run_git(inner, 'rev-parse', 'HEAD')},vendor/lib")
+    run_git(origin, "commit", "-qm", "a submodule")
+    spec = slots.RepoSpec(name="withsub", url=str(origin), default_branch="main", keep_paths=[".venv"])
+    path = slots.slot_dir("withsub", 0)
+    made = slots.prepare(spec, slots.SlotSeen(path=path), "", fetch_ttl=0)
+    return spec, path, made.commit, inner
+
+
+def _populate_with_a_filter(folder: Path, inner: Path, witness: Path) -> None:
+    """What a command in the box can do (only the slot's own .git is read-only there): make a
+    submodule's folder a repository whose config names a clean filter for every file, with a file
+    whose stat data its index does not know (a status there hashes it through the filter)."""
+    shutil.copytree(inner / ".git", folder / ".git")
+    (folder / "lib.py").write_text("x = 1\n")
+    (folder / ".gitattributes").write_text("* filter=evil\n")
+    run_git(folder, "config", "filter.evil.clean", f"sh -c 'touch {witness}; cat'")
+
+
+def test_our_git_never_runs_what_a_submodule_folder_holds(with_submodule, tmp_path):
+    _spec, path, _base, inner = with_submodule
+    assert (path / "vendor/lib").is_dir() and not any((path / "vendor/lib").iterdir())
+    witness = tmp_path / "ran-outside-the-box"
+    _populate_with_a_filter(path / "vendor/lib", inner, witness)
+
+    changed = git.has_changes(path, [".venv"])
+    assert not witness.exists()
+    assert not changed  # the submodule's commit did not move
+    write_files(path, {"calc.py": "fixed\n"})
+    assert git.has_changes(path, [".venv"])
+    assert not witness.exists()
+    tree = git.content_tree(path, [".venv"])
+    assert not witness.exists()
+    _populate_with_a_filter(path / "vendor/lib", inner, witness)  # again, after the test run
+    git.create_branch(path, "agent/abc")
+    commit = git.commit_all(path, "fix", author_name="a", author_email="a@example.com", keep_paths=[".venv"])
+    assert not witness.exists()
+    assert run_git(path, "rev-parse", f"{commit}^{{tree}}") == tree
+    assert run_git(path, "ls-tree", commit, "vendor/lib").split()[:2] == ["160000", "commit"]
+
+
+def test_a_reset_empties_the_submodule_folders_a_task_filled(with_submodule, tmp_path):
+    """git clean never enters a submodule's folder: what a task's commands left there (its files,
+    a .git) would be read by the next task, maybe another user's."""
+    spec, path, base, inner = with_submodule
+    _populate_with_a_filter(path / "vendor/lib", inner, tmp_path / "witness")
+    write_files(path, {"vendor/lib/notes/secret.txt": "the previous task's\n"})
+
+    slots.reset(spec, path, base)
+
+    assert (path / "vendor/lib").is_dir() and not any((path / "vendor/lib").iterdir())
+    assert run_git(path, "status", "--porcelain", "--ignored") == ""
+
+
+def test_a_large_file_a_task_staged_leaves_nothing_in_git_after_the_reset(slot, spec):
+    """git add puts a file larger than core.bigFileThreshold (512 MiB by default) into a pack of
+    its own, which prune never removes: the next task's commands (they read .git) would find it.
+    The threshold is made small here, in the slot's own config, to stand for such a file."""
+    path, base = slot
+    trusted = git.trusted_config_path(path)
+    trusted.write_bytes(trusted.read_bytes() + b"[core]\n\tbigFileThreshold = 1k\n")
+    packs = sorted(p.name for p in (path / ".git/objects/pack").iterdir())
+    git.create_branch(path, "agent/abc")
+    write_files(path, {"data/large.bin": "the task's own data\n" * 1000})
+    tree = git.content_tree(path, [".venv"])
+    commit = git.commit_all(path, "task", author_name="a", author_email="a@example.com", keep_paths=[".venv"])
+    assert run_git(path, "rev-parse", f"{commit}^{{tree}}") == tree
+    blob = run_git(path, "rev-parse", f"{commit}:data/large.bin")
+
+    slots.reset(spec, path, base)
+
+    assert subprocess.run(["git", "cat-file", "-e", blob], cwd=path).returncode != 0
+    assert sorted(p.name for p in (path / ".git/objects/pack").iterdir()) == packs
