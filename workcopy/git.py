@@ -193,6 +193,54 @@ def _remove(target: Path) -> None:
         target.unlink(missing_ok=True)
 
 
+def unlock_folders(root: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Give the owner read, write and search on ``root`` and every folder under it (never through
+    a link), but not into the top-level names in ``skip``.
+
+    A task's commands may lock folders of their slot (``chmod 000`` on one, ``555`` on one holding
+    a file): a runner that is not root then cannot list or empty them, so ``git clean`` and a
+    removal fail and the slot is lost for good. Nothing of the task runs by then (the reset kills
+    what is left in the slot first); the folders are the runner's own, so it may change their mode."""
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            mode = os.lstat(folder).st_mode
+            if not stat.S_ISDIR(mode):
+                continue
+            if mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False) and not (folder == Path(root) and entry.name in skip):
+                        stack.append(Path(entry.path))
+        except OSError:
+            continue  # gone meanwhile, or not ours: the caller's retry says what is left
+
+
+def remove_tree(target: Path) -> None:
+    """Remove the folder ``target`` whole, even where a task's commands took the owner's
+    permissions away from folders in it; raise OSError when something stays."""
+    target = Path(target)
+    try:
+        shutil.rmtree(target)
+    except FileNotFoundError:
+        return
+    except OSError:
+        unlock_folders(target)
+        shutil.rmtree(target)
+
+
+def _clean_files(path: Path, clean_args: list[str]) -> None:
+    """``git clean`` the working copy; if it fails, unlock the folders a task may have locked
+    and clean once more (its error stands when that fails too)."""
+    try:
+        _slot_git(path, *clean_args)
+    except GitError:
+        unlock_folders(path, skip=(".git",))
+        _slot_git(path, *clean_args)
+
+
 def _holds_exactly(target: Path, content: bytes) -> bool:
     """``target`` is a regular file of its own (no link, no second name) whose bytes are ``content``.
     Opened without following a link and without blocking (a FIFO), read no further than
@@ -259,8 +307,11 @@ def clone(url: str, dest: Path) -> None:
     """Clone ``url`` into ``dest`` (no checkout) and keep the pool's copy of its config."""
     url = _allowed_url(url)
     dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
+    if dest.exists() or dest.is_symlink():
+        if dest.is_symlink() or not dest.is_dir():
+            dest.unlink()
+        else:
+            remove_tree(dest)
     trusted = trusted_config_path(dest)
     trusted.unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +429,7 @@ def reset_clean(path: Path, commit: str, keep_paths: list[str]) -> None:
     # The files' clean (a walk of the working tree) runs beside the history's: the two touch
     # different things (clean only reads the index; refs and objects are not its business).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="git-clean") as side:
-        cleaning = side.submit(_slot_git, path, *clean_args)
+        cleaning = side.submit(_clean_files, path, clean_args)
         try:
             _forget_history(path)
         finally:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
-import shutil
 import stat
 import time
 import uuid
@@ -29,6 +29,8 @@ from common.outcomes import GitError, RefNotFound, SlotBroken
 from common.procs import run_command, safe_env, tail_of
 from common.sandbox import SandboxPolicy
 from workcopy import config, git
+
+log = logging.getLogger(__name__)
 
 # A watched file is a lockfile or a requirements list; past this size only its size counts.
 SETUP_HASH_READ_MAX = 64 * 1024 * 1024
@@ -212,7 +214,10 @@ def remove(path: Path) -> None:
     """Remove a slot from this host's disk, with the pool's copy of its git config."""
     path = Path(path)
     with slot_lock(path):
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            git.remove_tree(path)
+        except OSError as exc:  # what stays is logged; the pool makes the copy again elsewhere or later
+            log.warning("could not remove all of slot %s: %s", path, exc)
         git.trusted_config_path(path).unlink(missing_ok=True)
     (path.parent / f"{path.name}.lock").unlink(missing_ok=True)
 

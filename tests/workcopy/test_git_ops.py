@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -268,3 +270,52 @@ def test_a_large_file_a_task_staged_leaves_nothing_in_git_after_the_reset(slot, 
 
     assert subprocess.run(["git", "cat-file", "-e", blob], cwd=path).returncode != 0
     assert sorted(p.name for p in (path / ".git/objects/pack").iterdir()) == packs
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess:
+    """Run ``argv`` as uid/gid 65534 (a runner that is not root: folder permissions hold for it)."""
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+        cwd="/", capture_output=True, text=True, env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def open_folder():
+    """A folder of /tmp that another user may enter (pytest's own are root's only)."""
+    folder = Path(tempfile.mkdtemp(prefix="ar-locked-"))
+    folder.chmod(0o755)
+    yield folder
+    git.remove_tree(folder)
+
+
+def test_folders_a_task_locked_are_unlocked_so_a_runner_that_is_not_root_can_clean_them(open_folder):
+    """chmod 000 on an untracked folder, 555 on a folder holding an untracked file: git clean fails
+    for a runner that is not root (root ignores the modes), and the slot would be lost for good."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")  # CI runs as root
+    copy = open_folder / "copy"
+    copy.mkdir()
+    run_git(copy, "init", "-q", "-b", "main")
+    write_files(copy, {"src/a.py": "a\n"})
+    run_git(copy, "add", "-A")
+    run_git(copy, "-c", "user.name=a", "-c", "user.email=a@example.com", "commit", "-q", "-m", "a")
+    write_files(copy, {"locked/deep/secret.txt": "s", "src/made.txt": "m"})
+    outside = open_folder / "outside"
+    outside.mkdir(mode=0o500)
+    (copy / "locked" / "link").symlink_to(outside)  # a link to a folder is never followed
+    subprocess.run(["chown", "-R", "65534:65534", str(copy)], check=True)
+    (copy / "locked").chmod(0)
+    (copy / "src").chmod(0o555)
+    safe = ("git", "-c", f"safe.directory={copy}", "-C", str(copy))
+    failed = _as_nobody(*safe, "clean", "-ffdxq")
+    # The failure the slot would otherwise die of.
+    assert failed.returncode != 0 and "Permission denied" in failed.stderr and "cannot change" not in failed.stderr
+
+    git.unlock_folders(copy, skip=(".git",))
+
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o500  # untouched behind the link
+    cleaned = _as_nobody(*safe, "clean", "-ffdxq")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not (copy / "locked").exists() and not (copy / "src/made.txt").exists()
+    assert (copy / "src/a.py").read_text() == "a\n"
