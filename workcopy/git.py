@@ -489,11 +489,37 @@ def _gitlinks(path: Path, *, env: dict[str, str] | None = None) -> list[str]:
     """The paths the index holds as submodules (gitlinks), relative to the slot. ``env``: run
     with that environment (another index) instead of the slot's own."""
     path = Path(path)
+    index = Path(env["GIT_INDEX_FILE"]) if env is not None else path / ".git" / "index"
+    if not _may_hold_gitlinks(index):
+        return []
     if env is None:
         out = _slot_run(path, ("ls-files", "--stage", "-z"))
     else:
         out = _run(("ls-files", "--stage", "-z"), cwd=path, env=env)
     return [os.fsdecode(entry.split(b"\t", 1)[1]) for entry in out.split(b"\0") if entry.startswith(b"160000 ")]
+
+
+# A submodule's index entry has the mode 160000 (octal), stored as four big-endian bytes.
+_GITLINK_MODE = (0o160000).to_bytes(4, "big")
+
+
+def _may_hold_gitlinks(index: Path) -> bool:
+    """False when the index file surely holds no submodule: no entry's mode can be 160000 where
+    its four bytes appear nowhere in the file (the usual repository, answered without a git
+    process). True when they appear anywhere (a submodule, or the bytes by chance in a hash or a
+    size), or the file cannot be read: then ``ls-files`` says. (Every entry is in this one file: a
+    slot's config never turns on git's split index.)"""
+    try:
+        fd = os.open(index, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # no index: no entries
+    except OSError:
+        return True
+    try:
+        with os.fdopen(fd, "rb") as source:
+            return _GITLINK_MODE in source.read()
+    except OSError:
+        return True
 
 
 def _real_folder(path: Path, name: str) -> Path | None:

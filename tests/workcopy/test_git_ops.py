@@ -319,3 +319,25 @@ def test_folders_a_task_locked_are_unlocked_so_a_runner_that_is_not_root_can_cle
     assert cleaned.returncode == 0, cleaned.stderr
     assert not (copy / "locked").exists() and not (copy / "src/made.txt").exists()
     assert (copy / "src/a.py").read_text() == "a\n"
+
+
+def test_without_submodules_no_git_process_looks_for_them(slot, spec, git_runs):
+    """The submodule folders are looked for by ls-files only when the index may hold one: a
+    repository without any pays no process for it at the commit, the tree check and the reset."""
+    path, base = slot
+    git.create_branch(path, "agent/abc")
+    write_files(path, {"calc.py": "fixed\n"})
+    before = len(git_runs())
+    git.content_tree(path, [".venv"])
+    git.commit_all(path, "task", author_name="a", author_email="a@example.com", keep_paths=[".venv"])
+    slots.reset(spec, path, base)
+    ran = git_runs(before)
+    assert ran and not [line for line in ran if "ls-files" in line]
+
+
+def test_a_submodule_is_found_when_the_index_holds_one(slot):
+    path, base = slot
+    commit = run_git(path, "rev-parse", "HEAD")
+    run_git(path, "update-index", "--add", "--cacheinfo", f"160000,{commit},vendor/lib")
+    assert git._may_hold_gitlinks(path / ".git" / "index")
+    assert git._gitlinks(path) == ["vendor/lib"]
