@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from _setup import ROOT, django_in_tempdir, median
+from _setup import ROOT, django_in_tempdir, median, temp_dir
 
 sys.path.insert(0, str(ROOT))
 
@@ -68,7 +66,7 @@ def main() -> None:
     settings.OPENAI_BASE_URL = server.base_url
     settings.OPENAI_API_KEY = "bench"
     settings.AGENTRUNNER_LLM_MODEL = "test-model"
-    work = Path(tempfile.mkdtemp(prefix="bench-realprojects-src-"))
+    work = temp_dir("bench-realprojects-src-")
 
     repos, cold = {}, {}
     for project in projects:

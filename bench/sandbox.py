@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from _setup import ROOT, median, percentile
+from _setup import ROOT, median, percentile, temp_dir
 
 sys.path.insert(0, str(ROOT))
 
@@ -37,7 +35,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
 
-    data = Path(tempfile.mkdtemp(prefix="bench-sandbox-"))
+    data = temp_dir("bench-sandbox-")  # removed at exit, as every bench's folders
     slot = data / "pool" / "sample" / "0"
     slot.mkdir(parents=True)
     for name, content in SAMPLE.items():
