@@ -541,8 +541,13 @@ if _HAS_LEASE_TOKEN:
     _ATTEMPT_COLUMNS += ("lease_token",)
 
 
+# A task that brings its own model (a recorded transcript it replays): what a runner with no live
+# model may claim (``replay_only``).
+_REPLAYS = {"provider": "replay"}
+
+
 @functools.cache
-def _claim_sql(named: bool) -> str:
+def _claim_sql(named: bool, replay_only: bool = False) -> str:
     """The claim as one PostgreSQL statement: pick and lock the next runnable row (skipping rows
     other claimers hold), move it to running, open its attempt and record its ``claimed`` event
     (its number taken in the same UPDATE). Every value comes from a parameter or from the row."""
@@ -559,6 +564,7 @@ WITH claimed AS (
     WHERE t.id = (
         SELECT c.id FROM registry_task c
         WHERE c.status = '{queued}' {"AND c.id = %(task_id)s" if named else ""}
+            {"AND c.llm_config @> %(replays)s::jsonb" if replay_only else ""}
         ORDER BY c.priority DESC, c.created_at
         LIMIT 1 FOR UPDATE SKIP LOCKED
     ) AND t.status = '{queued}'
@@ -580,8 +586,14 @@ SELECT claimed.*, attempt.id AS claimed_attempt_id FROM claimed, attempt
 """
 
 
-def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tuple[Task, Attempt] | None:
+def task_claim(
+    *, runner_id: str, task_id: uuid.UUID | str | None = None, replay_only: bool = False
+) -> tuple[Task, Attempt] | None:
     """Claim the next runnable task (highest priority, then oldest), or the one named.
+
+    ``replay_only``: only a task that replays a recorded transcript (its own ``llm_config``
+    provider), for a runner with no live model: a task that needs one stays queued for others
+    instead of being claimed and given back (which would cost it an attempt).
 
     Returns None when nothing is runnable. Concurrency: on PostgreSQL one statement
     (``_claim_sql``) picks the row with ``SELECT ... FOR UPDATE SKIP LOCKED`` and moves it with an
@@ -594,8 +606,8 @@ def task_claim(*, runner_id: str, task_id: uuid.UUID | str | None = None) -> tup
         _refuse_unless(A.CLAIM, named)
         task_id = named.pk
     if connection.vendor == "postgresql":
-        return _claim_postgresql(runner_id, task_id)
-    return _claim_portable(runner_id, task_id)
+        return _claim_postgresql(runner_id, task_id, replay_only)
+    return _claim_portable(runner_id, task_id, replay_only)
 
 
 def _claim_params(runner_id: str, task_id: uuid.UUID | None) -> dict[str, Any]:
@@ -607,10 +619,13 @@ def _claim_params(runner_id: str, task_id: uuid.UUID | None) -> dict[str, Any]:
 _TASK_ROWS = ModelRows(Task)
 
 
-def _claim_postgresql(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, Attempt] | None:
+def _claim_postgresql(runner_id: str, task_id: uuid.UUID | None, replay_only: bool) -> tuple[Task, Attempt] | None:
     params = _claim_params(runner_id, task_id)
+    replay_only = replay_only and task_id is None  # a task named is claimed as it is (it says why not later)
+    if replay_only:
+        params["replays"] = json.dumps(_REPLAYS)
     with bound_cursor() as cursor:
-        cursor.execute(_claim_sql(task_id is not None), params)
+        cursor.execute(_claim_sql(task_id is not None, replay_only), params)
         row = cursor.fetchone()
     if row is None:
         return None
@@ -628,12 +643,14 @@ def _claim_postgresql(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, 
 _ATTEMPT_ATTNAMES = [field.attname for field in Attempt._meta.concrete_fields]
 
 
-def _claim_portable(runner_id: str, task_id: uuid.UUID | None) -> tuple[Task, Attempt] | None:
+def _claim_portable(runner_id: str, task_id: uuid.UUID | None, replay_only: bool) -> tuple[Task, Attempt] | None:
     claimable = sources(A.CLAIM)
     with transaction.atomic():
         candidates = Task.objects.filter(status__in=claimable)
         if task_id is not None:
             candidates = candidates.filter(pk=task_id)
+        elif replay_only:
+            candidates = candidates.filter(llm_config__provider=_REPLAYS["provider"])
         task = candidates.order_by("-priority", "created_at").select_for_update(skip_locked=True).first()
         if task is None:
             return None

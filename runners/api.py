@@ -149,7 +149,7 @@ class ClaimView(RunnerView):
             from registry.services import task_claim
 
             services.runner_token_check_live(token=request.auth)
-            got = task_claim(runner_id=data["runner_id"], task_id=data["task_id"])
+            got = task_claim(runner_id=data["runner_id"], task_id=data["task_id"], replay_only=data["replay_only"])
             return None if got is None else Response(claim_reply(*got))
 
         response = services.runner_claim_wait(

@@ -75,6 +75,12 @@ class ClaimSerializer(serializers.Serializer):
     wait = serializers.FloatField(
         required=False, default=0, min_value=0, max_value=30, help_text="Seconds to wait for a runnable task."
     )
+    replay_only = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Only a task that replays a recorded transcript (for a runner with no live model): a task "
+        "that needs a model stays queued for other runners. Not applied to a task named by `task_id`.",
+    )
 
 
 class ClaimedTaskSerializer(serializers.Serializer):

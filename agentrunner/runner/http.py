@@ -506,10 +506,12 @@ class HttpRegistry(_HttpPort):
     def announce(self, *, name: str, capacity: dict[str, int], version: str) -> None:
         self._post("hosts/", {"name": name, "capacity": capacity, "version": version})
 
-    def claim(self, *, runner_id, task_id=None, wait: float = 0):
+    def claim(self, *, runner_id, task_id=None, wait: float = 0, replay_only: bool = False):
         body: dict[str, Any] = {"runner_id": runner_id, "wait": wait}
         if task_id:
             body["task_id"] = str(task_id)
+        if replay_only:
+            body["replay_only"] = True
         # A long poll holds the answer up to ``wait`` seconds: the read timeout covers it.
         response = self._post("claim/", body, read_timeout=self.api.config.read_timeout + wait)
         if response.status_code == 204:

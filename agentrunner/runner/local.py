@@ -90,12 +90,12 @@ class LocalRegistry(_LocalPort):
         super().__init__(timed)
         self._beats: dict[int, float] = {}  # attempt id -> when its row was last written
 
-    def claim(self, *, runner_id, task_id, wait=0):
+    def claim(self, *, runner_id, task_id, wait=0, replay_only=False):
         from registry import services
 
         deadline = time.monotonic() + max(0.0, wait)
         while True:
-            got = self._call(services.task_claim, runner_id=runner_id, task_id=task_id)
+            got = self._call(services.task_claim, runner_id=runner_id, task_id=task_id, replay_only=replay_only)
             if got is not None:
                 return claimed_task(*got)
             left = deadline - time.monotonic()

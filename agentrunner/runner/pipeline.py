@@ -30,7 +30,14 @@ from django.conf import settings
 from agentrunner.agent.loop import Agent, Budget
 from agentrunner.agent.workspace import Workspace
 from agentrunner.llm.client import LLMClient, Transcript
-from agentrunner.llm.config import TASK_CONFIG_KEYS, LLMConfig, LLMNotConfigured, config_problem, from_settings
+from agentrunner.llm.config import (
+    TASK_CONFIG_KEYS,
+    LLMConfig,
+    LLMNotConfigured,
+    config_problem,
+    from_settings,
+    lacks_live_model,
+)
 from agentrunner.runner import testreport
 from agentrunner.runner.ports import ClaimedTask, Ports, SlotLease
 from common.outcomes import (
@@ -786,7 +793,10 @@ def run_task(
     ports = ports or Ports.from_settings()
     runner_id = runner_id or default_runner_id()
     claim_started = time.monotonic()
-    task = ports.registry.claim(runner_id=runner_id, task_id=task_id, wait=claim_wait)
+    # With no live model here, only a task that brings its own (a replayed transcript) is taken
+    # from the queue: one that needs a model stays queued for other runners, its attempts intact.
+    replay_only = lacks_live_model(from_settings(**(llm_overrides or {})))
+    task = ports.registry.claim(runner_id=runner_id, task_id=task_id, wait=claim_wait, replay_only=replay_only)
     if task is None:
         return None
     # Known only now: whether the task needs a live model (a replayed one needs none).

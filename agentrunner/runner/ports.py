@@ -76,8 +76,11 @@ class RegistryPort(Protocol):
     # them to a thread of its own. Over HTTP an outbox takes them at once.
     events_block: bool
 
-    def claim(self, *, runner_id: str, task_id: uuid.UUID | str | None, wait: float = 0) -> ClaimedTask | None:
-        """Claim the task named (or the next runnable one), waiting up to ``wait`` seconds for one."""
+    def claim(
+        self, *, runner_id: str, task_id: uuid.UUID | str | None, wait: float = 0, replay_only: bool = False
+    ) -> ClaimedTask | None:
+        """Claim the task named (or the next runnable one), waiting up to ``wait`` seconds for one;
+        ``replay_only``: the next one that replays a recorded transcript (a runner with no live model)."""
 
     def events(self, *, task: ClaimedTask, events: list[dict]) -> None:
         """Append events in order; each ``{"type", "message", "data"}``."""

@@ -31,6 +31,28 @@ def test_claim_takes_highest_priority_then_oldest(repository):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("path", ["one statement", "portable"])
+def test_a_claim_with_no_live_model_takes_only_tasks_that_replay_a_transcript(repository, path):
+    def claim(**kw):
+        if path == "portable":  # SQLite's steps (run here on the test database)
+            return services._claim_portable("r", kw.get("task_id"), kw.get("replay_only", False))
+        return services.task_claim(runner_id="r", **kw)
+
+    live = make(repository, priority=5)
+    openai = make(repository, priority=5, llm_config={"provider": "openai"})
+    replay = make(repository, llm_config={"provider": "replay", "replay_file": "/demo.json"})
+    task, attempt = claim(replay_only=True)
+    assert task.pk == replay.pk and attempt.number == 1
+    assert claim(replay_only=True) is None  # the others need a model: left queued, attempts untouched
+    assert list(Task.objects.filter(pk__in=[live.pk, openai.pk]).values_list("status", "attempts_count")) == [
+        ("queued", 0),
+        ("queued", 0),
+    ]
+    assert claim(task_id=live.pk, replay_only=True)[0].pk == live.pk  # one named is claimed as it is
+    assert claim()[0].pk == openai.pk
+
+
+@pytest.mark.django_db
 def test_claim_named_task_refuses_one_that_is_not_queued(repository):
     a = make(repository)
     b = make(repository, depends_on=[a])

@@ -177,22 +177,39 @@ def test_a_remote_runner_without_a_model_runs_a_replayed_task(api_server, runner
     assert "OPENAI_API_KEY" in done.stderr  # said once at start: only replayed tasks can run here
 
 
-def test_a_remote_runner_without_a_model_gives_a_live_task_back_and_stops(
+def test_a_remote_runner_without_a_model_leaves_tasks_that_need_one_queued(
     api_server, runner_token, llm, sample_repo, tmp_path
 ):
-    task = registry.task_create(repository=sample_repo, title="live", instructions="make add() add")
+    """It claims only tasks that replay a transcript: a task that needs a model stays queued for
+    other runners with all its attempts (it used to be claimed and given back, an attempt spent
+    each time such a runner started). One named is given back and stops the runner."""
+    from agentrunner.management.commands.demo import INSTRUCTIONS, TRANSCRIPT
+    from tests.inspector.runs import demo_repository
+
+    live = registry.task_create(repository=sample_repo, title="live", instructions="make add() add")
+    replayed = registry.task_create(
+        title="Fix calc.add", instructions=INSTRUCTIONS, repository=demo_repository(tmp_path), max_steps=20,
+        max_iterations=1, llm_config={"provider": "replay", "replay_file": str(TRANSCRIPT)},
+    )  # fmt: skip
     env = no_model_env(remote_env(data_dir=tmp_path / "nomodel-host", llm=llm, token=runner_token, database=None))
 
-    for mode in (["--next"], ["--loop"]):
-        done = runagent(*mode, "--server", api_server.base_url, "--quiet", env=env, timeout=60)
-        assert done.returncode == 2, (mode, done.stdout, done.stderr)
-        assert "Traceback" not in done.stderr, done.stderr
-        last = done.stderr.strip().splitlines()[-1]
-        assert "OPENAI_API_KEY" in last and str(task.pk) in last and "queue" in last, done.stderr
+    first = runagent("--next", "--server", api_server.base_url, "--quiet", env=env, timeout=120)
+    assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
+    replayed.refresh_from_db()
+    assert replayed.status == "succeeded"  # the older live task was passed over, not claimed
 
-    task.refresh_from_db()
-    attempts = list(task.attempts.order_by("number"))
-    assert task.status == "queued" and len(attempts) == 2 and llm.requests == []
-    assert all(a.outcome == "retry" and "OPENAI_API_KEY" in a.message for a in attempts), [
-        (a.outcome, a.message) for a in attempts
-    ]
+    for mode in (["--next"], ["--loop", "--until-idle"]):
+        done = runagent(*mode, "--server", api_server.base_url, "--quiet", env=env, timeout=60)
+        assert done.returncode == (3 if mode == ["--next"] else 0), (mode, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
+    assert "transcript" in done.stderr  # said at start: what this runner can run
+    live.refresh_from_db()
+    assert live.status == "queued" and live.attempts.count() == 0 and llm.requests == []
+
+    named = runagent(str(live.pk), "--server", api_server.base_url, "--quiet", env=env, timeout=60)
+    assert named.returncode == 2, (named.stdout, named.stderr)
+    last = named.stderr.strip().splitlines()[-1]
+    assert "OPENAI_API_KEY" in last and str(live.pk) in last and "queue" in last, named.stderr
+    live.refresh_from_db()
+    (attempt,) = live.attempts.all()
+    assert live.status == "queued" and attempt.outcome == "retry" and "OPENAI_API_KEY" in attempt.message

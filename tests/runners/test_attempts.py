@@ -273,3 +273,17 @@ def test_expired_key_is_free_again_and_purged(runner, claimed):
     IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(hours=25))
     records = IdempotencyRecord.objects.count()  # the claim's and the events'
     assert records == 2 and idempotency.purge_expired() == records and not IdempotencyRecord.objects.exists()
+
+
+def test_replay_only_leaves_a_task_that_needs_a_model_queued(runner, repo):
+    live = registry.task_create(title="live", instructions="fix", repository=repo)
+    assert runner.post("claim/", {"runner_id": "host-a:1", "replay_only": True}).status_code == 204
+    replayed = registry.task_create(
+        title="replayed", instructions="fix", repository=repo, llm_config={"provider": "replay", "replay_file": "/t"}
+    )
+    got = claim(runner, replay_only=True)
+    assert got.task_id == replayed.pk
+    live.refresh_from_db()
+    assert live.status == "queued" and live.attempts_count == 0
+    bad = runner.post("claim/", {"runner_id": "host-a:1", "replay_only": "perhaps"})
+    assert bad.status_code == 400 and "replay_only" in bad.json()["errors"], bad.content

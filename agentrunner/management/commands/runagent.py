@@ -219,7 +219,12 @@ class Command(BaseCommand):
                 self.stderr.write("interrupted: the slot was released and the task queued again")
             sys.exit(130)
         if summary is None:
-            self.stderr.write("nothing to run: no queued task")
+            from agentrunner.llm.config import from_settings, lacks_live_model
+
+            if lacks_live_model(from_settings()):
+                self.stderr.write("nothing to run: no queued task that replays a transcript (no live model here)")
+            else:
+                self.stderr.write("nothing to run: no queued task")
             sys.exit(3)
         self._print_summary(summary)
         if summary.status != "succeeded":
@@ -264,10 +269,11 @@ class Command(BaseCommand):
 
         A task may bring its own provider (a replayed transcript, as the demo's): without a live
         model configured here, a runner still runs those. In-process the task to run (or the next
-        one) is looked at before claiming; a remote runner knows it only once claimed, so it says
-        at start what it can run, and the pipeline gives back a task that needs a model and stops
-        the runner (LLMNotConfigured). A configuration that is wrong in itself (an unknown
-        provider, a missing transcript) is refused at once in both modes."""
+        one) is looked at before claiming; a remote runner says at start what it can run and
+        claims only tasks that replay a transcript (a task that needs a model stays queued for
+        other runners; a task named is given back and stops the runner,
+        LLMNotConfigured). A configuration that is wrong in itself (an unknown provider, a missing
+        transcript) is refused at once in both modes."""
         from agentrunner.llm.config import TASK_CONFIG_KEYS, config_problem, from_settings, lacks_live_model
 
         configured = from_settings()
@@ -278,8 +284,8 @@ class Command(BaseCommand):
             raise CommandError(f"no usable LLM: {problem}", returncode=CONFIG_ERROR_EXIT)
         if self.remote is not None:
             self.stderr.write(
-                f"no live model configured: {problem}. Tasks that replay a recorded transcript run here; a "
-                "task that needs a model is given back to the queue and stops this runner"
+                f"no live model configured: {problem}. Only tasks that replay a recorded transcript run here; "
+                "tasks that need a model stay queued for other runners"
             )
             return
         from registry.models import Task
