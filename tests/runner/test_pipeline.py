@@ -466,6 +466,24 @@ def test_each_push_to_the_results_repository_sends_only_new_commits(llm, make_re
     assert run_git(results, "rev-parse", "refs/agentrunner/base") == Slot.objects.get(repository=repo).base_commit
 
 
+def test_a_push_to_the_results_repository_does_not_see_earlier_results(llm, sample_repo, settings):
+    """Every task leaves a branch there; a push must not list them all (receive-pack advertised
+    every ref and walked from all of them, so each push got slower with every task before it)."""
+    summaries = []
+    for _ in range(2):
+        llm.responder = fixer
+        summaries.append(run_task(task_id=new_task(sample_repo).pk))
+        assert summaries[-1].status == "succeeded", summaries[-1].message
+    results = Path(settings.RESULTS_ROOT) / "sample.git"
+    for summary in summaries:  # the branches are there, for fetching, as before
+        assert run_git(results, "rev-parse", summary.branch) == summary.commit
+    assert run_git(results, "for-each-ref", "refs/agentrunner/incoming/") == ""  # no staging ref left
+    shown = subprocess.run(
+        ["git", "receive-pack", "--advertise-refs", str(results)], capture_output=True, check=True
+    ).stdout.decode()
+    assert "refs/agentrunner/base" in shown and "refs/heads/agent/" not in shown, shown
+
+
 def test_push_failure_is_a_git_error_and_the_slot_is_released(llm, make_repo, tmp_path):
     from repopool.services import repository_create
     from tests.runner.conftest import TEST_COMMAND
