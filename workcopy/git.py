@@ -678,32 +678,48 @@ def ensure_bare(path: Path) -> None:
 
 def push(path: Path, remote: str, branch: str, *, base: str = "") -> None:
     """Push HEAD to ``branch`` of ``remote``: a push_url (checked again here) or a results
-    repository of ours.
+    repository of ours (a path in the results folder: through a staging ref, see ``ensure_bare``).
 
     With ``base`` (for a results repository of ours, never a user's push_url) the task's base
     commit is kept there too, as ``refs/agentrunner/base``: git sends what the remote lacks
     judging by the remote's refs the pusher has, and a reset prunes earlier tasks' commits from
     the slot, so without a ref to the shared history every push would send all of it."""
-    remote = _allowed_url(remote, field="push_url", extra_roots=tuple(r for r in (config.current().results_root,) if r))
-    if not base:
+    results_root = config.current().results_root
+    remote = _allowed_url(remote, field="push_url", extra_roots=tuple(r for r in (results_root,) if r))
+    if not _is_results_repository(remote, results_root):
         _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, f"HEAD:refs/heads/{branch}")
         return
     # Ours (ensure_bare): the branch is hidden from pushes, so the commit lands on a staging ref of
     # its own and the branch is set from it, the staging ref dropped, in one ref transaction there.
     staging = f"{STAGING_REFS}{uuid.uuid4().hex}"
-    try:
-        _slot_git(
-            path, "push", "--quiet", "--force", "--no-verify", "--", remote,
-            f"HEAD:{staging}", f"+{base}:refs/agentrunner/base",
-        )  # fmt: skip
-    except GitError:
-        # Another runner updating the base ref at the same moment holds its lock ("cannot
-        # lock ref"): the base is an optimisation, the branch is the result. Push it alone.
+    pushed = False
+    if base:
+        try:
+            _slot_git(
+                path, "push", "--quiet", "--force", "--no-verify", "--", remote,
+                f"HEAD:{staging}", f"+{base}:refs/agentrunner/base",
+            )  # fmt: skip
+            pushed = True
+        except GitError:
+            # Another runner updating the base ref at the same moment holds its lock ("cannot
+            # lock ref"): the base is an optimisation, the branch is the result. Push it alone.
+            pass
+    if not pushed:
         _slot_git(path, "push", "--quiet", "--force", "--no-verify", "--", remote, f"HEAD:{staging}")
     _run(
         ("update-ref", "--stdin"), cwd=remote, env=_env(),
         stdin=f"update refs/heads/{branch} {staging}\ndelete {staging}\n".encode(),
     )  # fmt: skip
+
+
+def _is_results_repository(remote: str, results_root: Path | None) -> bool:
+    """Is ``remote`` a local path inside our results folder (a repository ``ensure_bare`` made)?"""
+    if not results_root or "://" in remote or remote.startswith("file:"):
+        return False
+    try:
+        return Path(remote).resolve().is_relative_to(Path(results_root).resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def bundle_create(path: Path, output: Path, branch: str, *, base: str = "") -> None:
