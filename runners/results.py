@@ -26,7 +26,7 @@ from common.errors import DomainError
 from workcopy import git
 
 SHA_RE = re.compile(r"\A[0-9a-f]{40}(?:[0-9a-f]{24})?\Z")
-STAGING_PREFIX = "refs/agentrunner/incoming/"
+STAGING_PREFIX = git.STAGING_REFS  # the runner's pushes stage there too
 FSCK = ("-c", "transfer.fsckObjects=true", "-c", "fetch.fsckObjects=true")
 
 
